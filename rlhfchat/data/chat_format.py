@@ -79,3 +79,12 @@ def cut_at_stop(text: str, stops: list[str] | tuple[str, ...] = tuple(STOP_SEQUE
         if i != -1:
             cut = min(cut, i)
     return text[:cut], cut < len(text)
+
+
+def reward_text(tokenizer: Any, prompt: list[dict[str, str]], reply: str) -> str:
+    """What the reward model scores: the prompt and the reply rendered as one conversation (ending in EOS).
+
+    Reward training (TRL's RewardTrainer on conversational pairs) and PPO scoring both go through this template,
+    so the reward model sees the same text in both.
+    """
+    return tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=False)

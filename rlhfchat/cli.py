@@ -1,0 +1,149 @@
+"""`rlhfchat SUBCOMMAND ...`: maps each subcommand to the function that does it, and nothing else.
+
+    rlhfchat pipeline RECIPE.yaml [key=value ...]
+    rlhfchat data|sft|reward|ppo|eval|report RECIPE.yaml [key=value ...]
+    rlhfchat delta make|apply|verify ...
+    rlhfchat chat MODEL_DIR | serve MODEL_DIR [MODEL_DIR ...] | discord MODEL_DIR
+    rlhfchat feedback export --db URL --out FILE
+    rlhfchat bench data|ppo|generate|delta ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from rlhfchat import __version__
+from rlhfchat.errors import RlhfchatError
+
+STAGES = {
+    "pipeline": ("rlhfchat.pipeline", "run the whole recipe: data -> sft -> reward -> ppo -> eval -> report"),
+    "data": ("rlhfchat.data.mixture", "read the sources, write canonical JSONL records and card.json"),
+    "sft": ("rlhfchat.train.sft", "supervised fine-tuning (TRL SFTTrainer, loss on assistant tokens)"),
+    "reward": ("rlhfchat.train.reward", "reward model from the SFT checkpoint (TRL RewardTrainer)"),
+    "ppo": ("rlhfchat.train.ppo", "PPO against the reward model, KL-penalised to the SFT model"),
+    "eval": ("rlhfchat.eval.run", "benchmarks, win rates, exact answers of the run's models"),
+    "report": ("rlhfchat.eval.report", "report.md with tables and plots from a run's metrics"),
+}
+BENCHES = {
+    "data": "the data stage on synthetic files of the published sizes",
+    "ppo": "PPO samples/s and memory on any policy and reward folders",
+    "generate": "chat engine latency and throughput, one stream and concurrent",
+    "delta": "delta make/apply throughput and memory against a plain copy",
+}
+
+
+def _stage(args: argparse.Namespace) -> None:
+    from rlhfchat.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    importlib.import_module(STAGES[args.command][0]).main(recipe)
+
+
+def _delta(args: argparse.Namespace) -> None:
+    from rlhfchat import delta
+
+    if args.action == "make":
+        manifest = delta.make_delta(args.base, args.target, args.out)
+        print(f"delta written to {args.out} ({len(manifest.get('tensors', {}))} tensors)")
+    elif args.action == "apply":
+        out = delta.apply_delta(args.base, args.delta, args.out)
+        print(f"model written to {out} and verified against the delta's manifest")
+    else:
+        delta.verify_delta(args.target, args.delta)
+        print(f"{args.target}: matches {args.delta}")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    importlib.import_module(f"rlhfchat.bench.{args.bench}").run(args)
+
+
+def _module_main(module: str):
+    def run(args: argparse.Namespace) -> None:
+        importlib.import_module(module).main(args)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhfchat", description="Build-your-own StableVicuna: data -> SFT -> reward -> PPO -> eval -> chat."
+    )
+    parser.add_argument("--version", action="version", version=f"rlhfchat {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name, (_, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("recipe", metavar="RECIPE.yaml", help="recipe file (see recipes/)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe field, e.g. seed=1")
+        p.set_defaults(func=_stage)
+
+    p = sub.add_parser("delta", help="make, apply or verify a weight delta against a base model")
+    dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    d = dsub.add_parser("make", help="DELTA = TARGET - BASE, with a manifest that checks the base")
+    d.add_argument("--base", required=True)
+    d.add_argument("--target", required=True)
+    d.add_argument("--out", required=True)
+    d = dsub.add_parser("apply", help="TARGET = BASE + DELTA, streamed tensor by tensor and verified")
+    d.add_argument("--base", required=True)
+    d.add_argument("--delta", required=True)
+    d.add_argument("--out", required=True)
+    d = dsub.add_parser("verify", help="check a model folder against a delta's manifest")
+    d.add_argument("--target", required=True)
+    d.add_argument("--delta", required=True)
+    p.set_defaults(func=_delta)
+
+    for name, module, help_text in (
+        ("chat", "rlhfchat.chat.terminal", "chat with a model in the terminal"),
+        ("serve", "rlhfchat.chat.server", "OpenAI-compatible API and web chat page (with an arena for 2+ models)"),
+        ("discord", "rlhfchat.chat.discord_bot", "run the model as a Discord bot (token from DISCORD_TOKEN)"),
+        ("feedback", "rlhfchat.chat.feedback", "export collected votes as preference records"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ImportError as e:  # an optional extra that is not installed: say so when the command runs
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+            p.set_defaults(func=lambda args, e=e, name=name: _missing_extra(name, e))
+            continue
+        # Each module's add_arguments keeps heavy imports (torch, gradio) inside its main, so --help stays fast.
+        p.set_defaults(func=_module_main(module))
+
+    p = sub.add_parser("bench", help="benchmarks; each prints one JSON line")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    for name, help_text in BENCHES.items():
+        b = bsub.add_parser(name, help=help_text, description=help_text)
+        try:
+            importlib.import_module(f"rlhfchat.bench.{name}").add_arguments(b)
+        except ImportError as e:
+            b.add_argument("rest", nargs=argparse.REMAINDER)
+            b.set_defaults(func=lambda args, e=e, name=f"bench {name}": _missing_extra(name, e))
+            continue
+        b.set_defaults(func=_bench)
+    return parser
+
+
+def _missing_extra(name: str, error: ImportError) -> None:
+    raise RlhfchatError(f"`rlhfchat {name}` needs a package that is not installed ({error}); "
+                        f"install with: pip install 'rlhfchat[{'discord' if name == 'discord' else 'chat'}]'")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except RlhfchatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Model folders: the `tiny` base model built locally, and loading any Hugging Face folder with our template.
+
+`tiny` is a random-init Llama (a few million parameters) with a byte-level BPE tokenizer trained on the run's own
+data, built deterministically from the seed, so the demo and the tests need nothing from outside:
+
+    python -m rlhfchat.models OUT_DIR runs/tiny/data/sft.train.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from rlhfchat.config import TinyModelConfig
+from rlhfchat.data.chat_format import SYSTEM_PROMPT, apply_template, render
+from rlhfchat.errors import RlhfchatError
+
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer trained on `texts` (deterministic for the same texts), as a fast HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    # No automatic BOS: the chat template is the whole input, the same in training, serving and evaluation.
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **SPECIAL_TOKENS)
+    hf.padding_side = "left"  # generation pads on the left; trainers set what they need
+    return apply_template(hf)
+
+
+def _texts_from_jsonl(paths: Iterable[Path]) -> Iterable[str]:
+    """Every message text of canonical records, rendered through the chat template."""
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                rec = json.loads(line)
+                if "messages" in rec:
+                    yield render(rec["messages"])
+                else:
+                    yield render(rec["prompt"] + [{"role": "assistant", "content": rec.get("chosen", "")}])
+                    if "rejected" in rec:
+                        yield rec["rejected"]
+
+
+def build_tiny(out_dir: str | Path, corpus: list[Path], cfg: TinyModelConfig, seed: int = 0) -> Path:
+    """Build the tiny base model folder (config, safetensors, tokenizer with chat template)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    texts = [SYSTEM_PROMPT, *list(_texts_from_jsonl(corpus))]
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of a model folder, with our chat template set when the folder has none, and a pad token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except OSError as e:
+        raise RlhfchatError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+    if not tok.chat_template or "{% generation %}" not in tok.chat_template:
+        apply_template(tok)
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+if __name__ == "__main__":
+    build_tiny(sys.argv[1], [Path(p) for p in sys.argv[2:]], TinyModelConfig())
