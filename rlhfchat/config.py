@@ -287,6 +287,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise RlhfchatError(f"{key}: expected a mapping of {_type_name(tp)} fields, got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RlhfchatError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -106,3 +106,29 @@ def torch_dtype(name: str) -> torch.dtype:
 
 if __name__ == "__main__":
     build_tiny(sys.argv[1], [Path(p) for p in sys.argv[2:]], TinyModelConfig())
+
+
+def ensure_base(recipe: Any) -> str:
+    """The base model of a run: `base.model` as given, or the `tiny` model built under `<run>/base/` once.
+
+    The tiny model's tokenizer is trained on the run's SFT and preference data, so the data stage comes first.
+    """
+    from rlhfchat import manifest
+    from rlhfchat.config import config_hash
+
+    if recipe.base.model != "tiny":
+        return recipe.base.model
+    run = recipe.run_dir
+    stage_dir = run / "base"
+    corpus = [run / "data" / "sft.train.jsonl", run / "data" / "preferences.train.jsonl"]
+    for p in corpus:
+        if not p.is_file():
+            raise RlhfchatError(f"{p}: not found; the tiny base model is built from the run's data: "
+                                f"run `rlhfchat data RECIPE.yaml` first")
+    chash = config_hash({"tiny": recipe.base.tiny, "seed": recipe.seed})
+    inputs = manifest.input_hashes(run, corpus)
+    if not manifest.is_complete(stage_dir, chash, inputs):
+        with manifest.running("base", stage_dir, chash, inputs):
+            build_tiny(stage_dir, corpus, recipe.base.tiny, seed=recipe.seed)
+        print(f"[base] tiny Llama built in {stage_dir}")
+    return str(stage_dir)

@@ -1,0 +1,98 @@
+"""Stage manifests: what makes a run resumable and a finished stage skippable.
+
+Each stage folder (`runs/NAME/sft/`, ...) holds `manifest.json`:
+
+    {"stage": "sft", "status": "running" | "complete", "config_hash": "...", "inputs": {"data/sft.train.jsonl": "sha256..."},
+     "started": "...", "finished": "...", "wall_seconds": 12.3, "resumed_from": "checkpoints/checkpoint-40" | null}
+
+A stage whose manifest says complete with the same config hash and the same input hashes is skipped. A model folder
+made by an earlier stage is hashed through that stage's own manifest (cheap, and it covers that stage's inputs); an
+outside model folder by its file names and sizes; a hub id by its name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from rlhfchat.atomic import write_json
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_input(path: str | Path) -> str:
+    """A hash standing for an input: a file's bytes, a stage folder's manifest, a folder's listing, or a hub id."""
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    if p.is_dir():
+        manifest = p / MANIFEST
+        if manifest.is_file():
+            m = json.loads(manifest.read_text())
+            body = json.dumps([m.get("config_hash"), m.get("inputs"), m.get("finished")], sort_keys=True)
+            return hashlib.sha256(body.encode()).hexdigest()
+        listing = sorted((str(f.relative_to(p)), f.stat().st_size) for f in p.rglob("*") if f.is_file())
+        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return hashlib.sha256(f"hub:{path}".encode()).hexdigest()
+
+
+def read(stage_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(stage_dir) / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def input_hashes(run_dir: Path, inputs: list[str | Path]) -> dict[str, str]:
+    """Hashes of a stage's inputs, keyed by their path relative to the run folder where they are inside it."""
+    out = {}
+    for item in inputs:
+        p = Path(item)
+        try:
+            key = str(p.resolve().relative_to(Path(run_dir).resolve()))
+        except ValueError:
+            key = str(item)
+        out[key] = hash_input(p)
+    return out
+
+
+def is_complete(stage_dir: Path, config_hash: str, inputs: dict[str, str]) -> bool:
+    m = read(stage_dir)
+    return bool(m and m.get("status") == "complete" and m.get("config_hash") == config_hash
+                and m.get("inputs") == inputs)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@contextmanager
+def running(stage: str, stage_dir: Path, config_hash: str, inputs: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """Mark the stage running while the body executes, complete when it returns; a failure leaves it running.
+
+    The yielded dict can take extra fields (e.g. `resumed_from`); they are written with the final manifest.
+    """
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    previous = read(stage_dir) or {}
+    manifest = {"stage": stage, "status": "running", "config_hash": config_hash, "inputs": inputs,
+                "started": _now(), "finished": None, "wall_seconds": None,
+                "attempts": int(previous.get("attempts", 0)) + 1}
+    write_json(stage_dir / MANIFEST, manifest)
+    t0 = time.perf_counter()
+    yield manifest
+    manifest.update(status="complete", finished=_now(), wall_seconds=round(time.perf_counter() - t0, 2))
+    write_json(stage_dir / MANIFEST, manifest)

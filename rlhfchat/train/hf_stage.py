@@ -1,0 +1,128 @@
+"""Plumbing shared by the two stages that run a Hugging Face Trainer (SFT and reward): skip/resume, logging, LoRA.
+
+A stage folder looks like
+
+    runs/NAME/sft/  config.json model.safetensors tokenizer.json chat_template.jinja   (the model, HF layout)
+                    metrics.json      final figures (train_loss, eval_loss, ...)
+                    metrics.jsonl     one line per logging step, as the Trainer logs them
+                    manifest.json     status, config hash, input hashes, wall time
+                    checkpoints/      Trainer checkpoints; an interrupted run resumes from the newest
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rlhfchat import manifest
+from rlhfchat.config import LoraConfig
+from rlhfchat.errors import RlhfchatError
+
+
+def prepare(stage: str, stage_dir: Path, chash: str, inputs: dict[str, str]) -> bool:
+    """True when the stage is already complete for this config and these inputs (skip it).
+
+    Otherwise, checkpoints left by a run with another config or other inputs are removed, so that only a run of
+    the same work resumes from them.
+    """
+    if manifest.is_complete(stage_dir, chash, inputs):
+        print(f"[{stage}] complete for this recipe and inputs; skipping ({stage_dir})")
+        return True
+    previous = manifest.read(stage_dir)
+    ckpt = stage_dir / "checkpoints"
+    if previous and (previous.get("config_hash") != chash or previous.get("inputs") != inputs) and ckpt.exists():
+        print(f"[{stage}] recipe or inputs changed since the last attempt; starting over")
+        shutil.rmtree(ckpt)
+    return False
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest complete Trainer checkpoint (`checkpoint-N` with its trainer_state.json), if any."""
+    ckpts = [p for p in (stage_dir / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def metrics_logger(path: Path, resume_step: int = 0):
+    """A TrainerCallback appending every log to `metrics.jsonl`; a resumed run first drops lines past its step."""
+    from transformers import TrainerCallback
+
+    if path.exists():
+        kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+    class JsonlLogger(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+    return JsonlLogger()
+
+
+def peft_config(lora: LoraConfig, task_type: str):
+    """A peft LoraConfig from the recipe's section, or None when LoRA is off."""
+    if not lora.enabled:
+        return None
+    import peft
+
+    return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                           target_modules=list(lora.target_modules), task_type=task_type)
+
+
+def trainer_args(cfg: Any, stage_dir: Path, seed: int, dtype: str) -> dict[str, Any]:
+    """Arguments common to TRL's SFTConfig and RewardConfig, from our stage config."""
+    import warnings
+
+    import torch
+
+    # TRL's configs default gradient_checkpointing to True, so we pass it; transformers warns about the old name.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+    gpu = torch.cuda.is_available()
+    return dict(
+        output_dir=str(stage_dir / "checkpoints"),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        eval_strategy="no",
+        report_to=list(cfg.report_to) or "none",
+        seed=seed,
+        data_seed=seed,
+        bf16=gpu and dtype == "bfloat16",
+        fp16=gpu and dtype == "float16",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        max_length=cfg.max_length,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=gpu,
+        disable_tqdm=False,
+    )
+
+
+def load_jsonl_dataset(path: Path):
+    """A `datasets.Dataset` from a canonical JSONL file (no cache files beside the run)."""
+    import datasets
+
+    from rlhfchat.data.schema import read_jsonl
+
+    if not path.is_file():
+        raise RlhfchatError(f"{path}: not found; run `rlhfchat data RECIPE.yaml` first")
+    return datasets.Dataset.from_list(list(read_jsonl(path)))
+
+
+def save_model_folder(model: Any, tokenizer: Any, stage_dir: Path) -> None:
+    """Save weights (LoRA merged into the base) and the tokenizer with its chat template, HF layout."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(stage_dir, safe_serialization=True)
+    tokenizer.save_pretrained(stage_dir)

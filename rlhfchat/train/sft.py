@@ -1,0 +1,92 @@
+"""Stage 2: supervised fine-tuning on the conversation mixture, loss on assistant tokens only.
+
+    rlhfchat sft recipes/tiny-cpu.yaml [sft.max_steps=50 ...]
+
+Reads `<run>/data/sft.{train,eval}.jsonl` and the base model, runs TRL's SFTTrainer (optional packing, optional
+LoRA merged at the end) and writes a Hugging Face model folder to `<run>/sft/` with the Vicuna v0 chat template,
+`metrics.json` (train_loss, eval_loss), `metrics.jsonl` and `manifest.json`. Re-running a finished stage skips it;
+an interrupted one resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from rlhfchat import manifest
+from rlhfchat.atomic import write_json
+from rlhfchat.config import Recipe, config_hash
+from rlhfchat.models import ensure_base, load_tokenizer, torch_dtype
+from rlhfchat.train import hf_stage
+
+
+def main(recipe: Recipe) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    run = recipe.run_dir
+    stage_dir = run / "sft"
+    train_file, eval_file = run / "data" / "sft.train.jsonl", run / "data" / "sft.eval.jsonl"
+
+    # 1. What this stage depends on: skip when already done for the same recipe section and inputs.
+    base = ensure_base(recipe)
+    inputs = manifest.input_hashes(run, [base, train_file, eval_file])
+    chash = config_hash({"sft": recipe.sft, "seed": recipe.seed, "base": recipe.base})
+    if hf_stage.prepare("sft", stage_dir, chash, inputs):
+        return stage_dir
+
+    with manifest.running("sft", stage_dir, chash, inputs) as m:
+        # 2. Data: canonical conversations; TRL applies the chat template and masks all but assistant tokens.
+        train_ds = hf_stage.load_jsonl_dataset(train_file).select_columns(["messages"])
+        eval_ds = hf_stage.load_jsonl_dataset(eval_file).select_columns(["messages"])
+
+        # 3. Model and tokenizer (the tokenizer carries the template with {% generation %} markers).
+        tokenizer = load_tokenizer(base)
+        tokenizer.padding_side = "right"
+        torch.manual_seed(recipe.seed)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype(recipe.base.dtype))
+
+        cfg = recipe.sft
+        args = SFTConfig(
+            **hf_stage.trainer_args(cfg, stage_dir, recipe.seed, recipe.base.dtype),
+            assistant_only_loss=True,
+            packing=cfg.packing,
+            dataset_num_proc=None,
+        )
+        resume = hf_stage.latest_checkpoint(stage_dir)
+        m["resumed_from"] = str(resume.relative_to(stage_dir)) if resume else None
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds if len(eval_ds) else None,
+            processing_class=tokenizer,
+            peft_config=hf_stage.peft_config(cfg.lora, "CAUSAL_LM"),
+            callbacks=[hf_stage.metrics_logger(stage_dir / "metrics.jsonl",
+                                               int(resume.name.split("-")[-1]) if resume else 0)],
+        )
+
+        # 4. Train (from the newest checkpoint when one exists), then evaluate on the held-out conversations.
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        metrics = {"train_loss": result.training_loss, "steps": result.global_step}
+        if len(eval_ds):
+            metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+
+        # 5. Save the model folder (LoRA merged) with its tokenizer and template, then the figures.
+        tokenizer.padding_side = "left"
+        hf_stage.save_model_folder(trainer.model, tokenizer, stage_dir)
+        write_json(stage_dir / "metrics.json", metrics)
+        print(f"[sft] train_loss {metrics['train_loss']:.4f}"
+              + (f"  eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
+              + f"  -> {stage_dir}")
+    return stage_dir
+
+
+if __name__ == "__main__":
+    import sys
+
+    from rlhfchat.config import load_recipe
+
+    main(load_recipe(sys.argv[1], sys.argv[2:]))

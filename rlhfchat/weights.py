@@ -1,0 +1,274 @@
+"""Read and write Hugging Face checkpoint folders one tensor (or a few rows of one tensor) at a time.
+
+Reading: sharded or single safetensors (`model.safetensors[.index.json]`, read with `safe_open`, which maps the file
+and copies only the rows asked for) and PyTorch `.bin` shards (`pytorch_model[-0000N-of-0000M].bin[.index.json]`,
+loaded with `torch.load(weights_only=True, mmap=True)`, one shard mapped at a time).
+
+Writing: `write_shards` streams safetensors shards in the HF layout (`model-0000N-of-0000M.safetensors` plus
+`model.safetensors.index.json`, or a single `model.safetensors`). The shapes are known before the data, so each
+shard's header is written first and the tensor bytes follow chunk by chunk: nothing holds a whole shard, or even a
+whole tensor, in memory, and the shard size costs no memory at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from rlhfchat.errors import RlhfchatError
+
+# safetensors' dtype names <-> torch dtypes
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+CHUNK_BYTES = 16 << 20  # rows are read, combined and written in pieces of about this size
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.float16` -> "float16" (the spelling used in manifests and config.json)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise RlhfchatError(f"unknown dtype {name!r}")
+    return dtype
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes in one slice along dim 0 (the whole tensor for a scalar)."""
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
+
+
+def row_chunks(rows: int, row_bytes: int, split_at: int | None = None,
+               chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int]]:
+    """[start, stop) row ranges of about `chunk_bytes`; no range crosses `split_at` (where a grown tensor's base ends)."""
+    step = max(1, chunk_bytes // max(1, row_bytes))
+    bounds = [(0, rows)] if split_at is None or not 0 < split_at < rows else [(0, split_at), (split_at, rows)]
+    for lo, hi in bounds:
+        for start in range(lo, hi, step):
+            yield start, min(start + step, hi)
+    if rows == 0:
+        yield 0, 0
+
+
+def as_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's raw little-endian bytes, without a copy (t must be contiguous)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _index_files(folder: Path, index: Path) -> dict[str, Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RlhfchatError(f"{index}: not a valid weight index ({e})") from None
+    files = {fname: folder / fname for fname in sorted(set(weight_map.values()))}
+    for path in files.values():
+        if not path.is_file():
+            raise RlhfchatError(f"{index} names {path.name}, which is missing from {folder}")
+    return files
+
+
+class Checkpoint:
+    """The tensors of one model folder: names, shapes and dtypes up front, data read on demand by rows."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise RlhfchatError(f"{self.folder}: no such folder")
+        f = self.folder
+        if (f / "model.safetensors.index.json").is_file():
+            self.format, files = "safetensors", list(_index_files(f, f / "model.safetensors.index.json").values())
+        elif (f / "model.safetensors").is_file():
+            self.format, files = "safetensors", [f / "model.safetensors"]
+        elif (f / "pytorch_model.bin.index.json").is_file():
+            self.format, files = "bin", list(_index_files(f, f / "pytorch_model.bin.index.json").values())
+        elif (f / "pytorch_model.bin").is_file():
+            self.format, files = "bin", [f / "pytorch_model.bin"]
+        else:
+            raise RlhfchatError(f"{f}: no model weights (expected model.safetensors[.index.json] "
+                                f"or pytorch_model.bin[.index.json])")
+        self.files = files
+        self.tensors: dict[str, TensorInfo] = {}
+        self._handles: dict[Path, object] = {}  # safetensors: every file open (a mapping costs no memory)
+        self._bin: tuple[Path, dict] | None = None  # .bin: one shard mapped at a time
+        for path in files:
+            if self.format == "safetensors":
+                self._scan_safetensors(path)
+            else:
+                for name, t in self._load_bin(path).items():
+                    self.tensors[name] = TensorInfo(name, tuple(t.shape), t.dtype, path)
+
+    def _scan_safetensors(self, path: Path) -> None:
+        # The header is 8 bytes of little-endian length, then JSON: read it without touching the data.
+        try:
+            with open(path, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError) as e:
+            raise RlhfchatError(f"{path}: not a safetensors file ({e})") from None
+        entries = sorted((v["data_offsets"][0], k, v) for k, v in header.items() if k != "__metadata__")
+        for _, name, v in entries:  # in the order of the data, so reading them in this order is sequential
+            if v["dtype"] not in ST_DTYPES:
+                raise RlhfchatError(f"{path}: tensor {name} has unsupported dtype {v['dtype']}")
+            self.tensors[name] = TensorInfo(name, tuple(v["shape"]), ST_DTYPES[v["dtype"]], path)
+
+    def _load_bin(self, path: Path) -> dict:
+        if self._bin is None or self._bin[0] != path:
+            self._bin = None  # drop the previous shard's mapping first
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises many types for a bad file
+                raise RlhfchatError(f"{path}: cannot load PyTorch weights ({type(e).__name__}: {e})") from None
+            self._bin = (path, {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
+        return self._bin[1]
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` along dim 0 (a scalar whole), contiguous, in its own dtype."""
+        info = self.tensors[name]
+        if self.format == "bin":
+            t = self._load_bin(info.file)[name]
+            return (t if t.dim() == 0 else t[start:stop]).contiguous()
+        from safetensors import safe_open
+
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+        if not info.shape:
+            return handle.get_tensor(name)
+        return handle.get_slice(name)[start:stop].contiguous()
+
+    def sha256(self, name: str, progress: Callable[[int], object] | None = None) -> str:
+        """sha256 of the tensor's raw bytes, read a chunk at a time."""
+        info, h = self.tensors[name], hashlib.sha256()
+        for start, stop in row_chunks(info.shape[0] if info.shape else 1, info.row_bytes):
+            chunk = self.rows(name, start, stop)
+            h.update(as_bytes(chunk))
+            if progress:
+                progress(chunk.nbytes)
+        return h.hexdigest()
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._bin = None
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def is_weight_file(path: Path) -> bool:
+    return path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json")
+
+
+def other_files(folder: Path, skip: Iterable[str] = ()) -> list[Path]:
+    """The folder's top-level files that are not weights (config, tokenizer, chat template, ...)."""
+    skip = set(skip)
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.name not in skip and not is_weight_file(p))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- writing ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Spec:
+    """One tensor to write: its name, shape and dtype."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def plan_shards(specs: list[Spec], shard_size: int) -> list[list[Spec]]:
+    """Greedy, in order: a new shard starts when the next tensor would take this one past `shard_size`."""
+    shards: list[list[Spec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    # Largest itemsize first inside a shard keeps every tensor's data aligned to its itemsize.
+    return [sorted(s, key=lambda spec: -spec.dtype.itemsize) for s in shards]
+
+
+def _header(specs: list[Spec]) -> bytes:
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for spec in specs:
+        header[spec.name] = {"dtype": ST_NAMES[spec.dtype], "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors itself writes it
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def write_shards(folder: Path, specs: list[Spec], shard_size: int,
+                 produce: Callable[[Spec], Iterable[torch.Tensor]],
+                 progress: Callable[[int], object] | None = None) -> dict[str, str]:
+    """Write `specs` into `folder` as HF-layout safetensors; return each tensor's sha256.
+
+    `produce(spec)` yields contiguous tensors whose bytes, concatenated, are exactly the tensor's bytes.
+    """
+    shards = plan_shards(specs, shard_size)
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    hashes: dict[str, str] = {}
+    for fname, shard in zip(names, shards):
+        with open(folder / fname, "wb") as f:
+            f.write(_header(shard))
+            for spec in shard:
+                h, written = hashlib.sha256(), 0
+                for chunk in produce(spec):
+                    data = as_bytes(chunk)
+                    h.update(data)
+                    f.write(data)
+                    written += len(data)
+                    if progress:
+                        progress(len(data))
+                if written != spec.nbytes:  # a bug, not a user error: never leave a corrupt file
+                    raise RuntimeError(f"{spec.name}: produced {written} bytes, expected {spec.nbytes}")
+                hashes[spec.name] = h.hexdigest()
+    if n > 1:
+        index = {"metadata": {"total_size": sum(s.nbytes for s in specs)},
+                 "weight_map": {s.name: fname for fname, shard in zip(names, shards) for s in shard}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return hashes
