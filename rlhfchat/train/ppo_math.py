@@ -1,0 +1,262 @@
+"""PPO maths, faithful to trlX: pure functions on tensors, no I/O, no models.
+
+Shapes: `B` samples of a rollout, `R` response tokens (right-padded after the last real token). Every per-token
+tensor is `(B, R)` and comes with a `mask` of the same shape: 1 on real response tokens, 0 on padding.
+
+    rewards     = kl_penalty_rewards(logprobs, ref_logprobs, scores, mask, kl_coef)    # (B, R)
+    adv, ret    = gae(values, rewards, mask, gamma, lam)                              # (B, R), (B, R)
+    adv         = whiten(adv, mask)
+    pg, clipfrac = policy_loss(new_logprobs, logprobs, adv, mask, cliprange)
+    vf, vclip    = value_loss(new_values, values, ret, mask, cliprange_value)
+    loss         = pg + vf_coef * vf
+
+The losses take an optional `n_tokens` denominator so that a minibatch split into micro-batches for gradient
+accumulation gives the same gradient as the whole minibatch in one go (each micro-batch divides by the token
+count of the whole minibatch; the micro-batch gradients then sum to the minibatch gradient).
+
+    python -m pytest tests/test_ppo_math.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of `x` where `mask` is 1. x, mask: (B, R) -> scalar."""
+    return (x * mask).sum()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, n_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of `x` over the real tokens. x, mask: (B, R) -> scalar.
+
+    `n_tokens` replaces the denominator (mask.sum()) for gradient accumulation; see the module docstring.
+    """
+    n = mask.sum() if n_tokens is None else n_tokens
+    return (x * mask).sum() / n
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of `x` over the real tokens (Bessel-corrected by default). x, mask: (B, R) -> scalar."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True,
+           eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the real tokens; padding positions come back as 0. x, mask: (B, R) -> (B, R)."""
+    if mask is None:
+        mask = torch.ones_like(x)
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_penalty_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor,
+                       mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards: -kl_coef * (logp - ref_logp), plus the score at the last real token of each response.
+
+    logprobs, ref_logprobs, mask: (B, R); scores: (B,). Returns (B, R), zero on padding. The last real token is
+    the last position where mask is 1 (responses are right-padded; a response that stopped early is shorter).
+    """
+    log_ratio = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * log_ratio
+    last = last_token_index(mask)  # (B,)
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores.to(rewards.dtype)
+    return rewards * mask
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of a right-padded mask. mask: (B, R) -> (B,) long; 0 for an all-0 row."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return (positions * mask.long()).amax(dim=1)
+
+
+def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(policy || reference) per sequence with trlX's estimator: sum over tokens of exp(r) - 1 - r, r = logp - ref.
+
+    (B, R) -> (B,). Non-negative for every sample (unlike the plain sum of log-ratios), which the adaptive
+    controller and the logs use; the per-token reward uses the log-ratio itself, as trlX does.
+    """
+    log_ratio = (logprobs - ref_logprobs) * mask
+    return ((log_ratio.exp() - 1 - log_ratio) * mask).sum(dim=1)
+
+
+def clip_scores(scores: torch.Tensor, cliprange_reward: float | None) -> torch.Tensor:
+    """Reward-model scores clipped to [-cliprange_reward, cliprange_reward]. (B,) -> (B,). None/0: no clipping."""
+    if not cliprange_reward:
+        return scores
+    return scores.clamp(-cliprange_reward, cliprange_reward)
+
+
+def scale_scores(scores: torch.Tensor, mode: str | None, running_std: float | None = None,
+                 ref_std: float | None = None) -> torch.Tensor:
+    """trlX's scale_reward: none, `running` (divide by the running std of all scores so far) or `ref`
+    (divide by the std of the first batch's scores, or the recipe's ref_std). (B,) -> (B,).
+
+    trlX scales first and clips after: call scale_scores, then clip_scores.
+    """
+    if mode in (None, "none"):
+        return scores
+    if mode == "running":
+        return scores / running_std
+    if mode == "ref":
+        return scores / ref_std
+    raise ValueError(f"scale_reward: expected none, running or ref, got {mode!r}")
+
+
+def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the response tokens (trlX `get_advantages_and_returns`).
+
+    values, rewards, mask: (B, R) -> advantages (B, R), returns (B, R) = advantages + values.
+    Padding is zeroed first, so the value after the last real token is 0 (the episode ends there) and padding
+    positions get advantage 0.
+
+        delta_t = r_t + gamma * V_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * A_{t+1}
+    """
+    values = values * mask
+    rewards = rewards * mask
+    length = rewards.shape[1]
+    last_gae = torch.zeros_like(rewards[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(length)):
+        next_values = values[:, t + 1] if t < length - 1 else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages_reversed.append(last_gae)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1) * mask
+    returns = advantages + values
+    return advantages, returns
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float, n_tokens: float | torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate loss: mean over tokens of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)).
+
+    logprobs (with grad), old_logprobs, advantages, mask: (B, R). Returns (loss, clip fraction, approx KL), all
+    scalars; clip fraction is the share of tokens where the clipped term was the larger one.
+    """
+    n = mask.sum() if n_tokens is None else n_tokens
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = log_ratio.exp()
+    loss1 = -advantages * ratio
+    loss2 = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
+    loss = (torch.max(loss1, loss2) * mask).sum() / n
+    with torch.no_grad():
+        clipfrac = ((loss2 > loss1).float() * mask).sum() / n
+        approx_kl = (((ratio - 1) - log_ratio) * mask).sum() / n
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float, n_tokens: float | torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss: 0.5 * mean over tokens of max((V - G)^2, (clip(V, V_old +- eps) - G)^2).
+
+    values (with grad), old_values, returns, mask: (B, R). Returns (loss, clip fraction), scalars.
+    """
+    n = mask.sum() if n_tokens is None else n_tokens
+    values_clipped = torch.max(torch.min(values, old_values + cliprange_value), old_values - cliprange_value)
+    loss1 = (values - returns) ** 2
+    loss2 = (values_clipped - returns) ** 2
+    loss = 0.5 * (torch.max(loss1, loss2) * mask).sum() / n
+    with torch.no_grad():
+        clipfrac = ((loss2 > loss1).float() * mask).sum() / n
+    return loss, clipfrac
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution at each position. (B, R, V) -> (B, R)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def logprobs_of_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] at each position. logits (B, R, V), labels (B, R) -> (B, R)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, as in trlX).
+
+        error = clip(KL / target - 1, -0.2, 0.2)
+        beta  <- beta * (1 + error * n_steps / horizon)
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class FixedKLController:
+    """A constant KL coefficient (trlX with target=None)."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class RunningMoments:
+    """Running mean and std of every score seen so far (trlX RunningMoments, parallel-variance update).
+
+    Starts at mean 0, var 1, count ~0, so the first update takes the batch's moments. `std` is Bessel-corrected.
+    """
+
+    def __init__(self) -> None:
+        self.mean = 0.0
+        self.var = 1.0
+        self.std = 1.0
+        self.count = 1e-24
+
+    def update(self, xs: torch.Tensor) -> tuple[float, float]:
+        """Fold a batch in; returns the batch's (mean, unbiased std). xs: any shape, all elements count."""
+        xs = xs.detach().double().flatten()
+        n = xs.numel()
+        xs_mean = xs.mean().item()
+        xs_var = xs.var(unbiased=False).item()
+        delta = xs_mean - self.mean
+        total = self.count + n
+        old_sum = self.var * self.count + delta ** 2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var = (old_sum + xs_var * n) / total
+        self.std = math.sqrt(self.var * total / (total - 1)) if total > 1 else math.sqrt(self.var)
+        self.count = total
+        batch_std = math.sqrt(xs_var * n / (n - 1)) if n > 1 else 0.0
+        return xs_mean, batch_std
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "std": self.std, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.std, self.count = (float(state[k]) for k in ("mean", "var", "std", "count"))
