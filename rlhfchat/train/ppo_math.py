@@ -183,9 +183,12 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def logprobs_of_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[label] at each position. logits (B, R, V), labels (B, R) -> (B, R)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    """log softmax(logits)[label] at each position. logits (B, R, V), labels (B, R) -> (B, R).
+
+    Written as logit[label] - logsumexp(logits), which keeps no (B, R, V) log-softmax tensor alive.
+    """
+    logits = logits.float()
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 class AdaptiveKLController:

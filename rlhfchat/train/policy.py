@@ -1,0 +1,241 @@
+"""The policy with a value head, and the frozen reference it is KL-penalised against.
+
+    policy = build_policy("runs/tiny/sft", share_trunk=True, lora=LoraConfig())
+    out = policy(input_ids, attention_mask, n_prompt)     # out.logprobs, out.values: (B, R)
+    reference = Reference(policy, "runs/tiny/sft")          # a frozen copy, or the policy with LoRA disabled
+    ref_logprobs = reference.logprobs(input_ids, attention_mask, n_prompt)
+
+`input_ids` is a left-padded prompt of `n_prompt` columns followed by a right-padded response of R columns.
+Only the R response positions go through the output layer: the hidden state at column t predicts token t + 1, so
+the states of columns n_prompt - 1 .. n_prompt + R - 2 give the logprobs of the response tokens and the values
+of the states before each of them (trlX's alignment: value t is the value of the state that emits token t).
+
+- `share_trunk: true` (trlX default): the value head is a linear layer on the policy's last hidden state; one
+  forward gives logprobs and values.
+- `share_trunk: false`: a separate critic, a copy of the SFT model's trunk with its own linear head.
+- LoRA (`ppo.lora.enabled`): only the adapters (and the value head) train; the reference is the same network with
+  the adapters disabled, so no second copy of the weights is held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhfchat.config import LoraConfig
+from rlhfchat.errors import RlhfchatError
+from rlhfchat.train.ppo_math import entropy_from_logits, logprobs_of_labels
+
+
+@dataclass
+class PolicyOutput:
+    logprobs: torch.Tensor  # (B, R) log p(response token | everything before it)
+    values: torch.Tensor | None  # (B, R) value of the state before each response token
+    entropy: torch.Tensor | None  # (B, R) entropy of the next-token distribution
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions as HF generate counts them under left padding: 0 at the first real token. (B, T) -> (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def causal_parts(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(trunk, output layer) of a HF causal LM, also when peft wraps it (the LoRA layers live inside the trunk)."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    trunk = getattr(base, base.base_model_prefix, None)
+    head = base.get_output_embeddings()
+    if trunk is None or head is None:
+        raise RlhfchatError(f"{type(base).__name__}: expected a causal LM with a trunk and an output layer")
+    return trunk, head
+
+
+def last_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The trunk's last hidden state. (B, T) -> (B, T, H)."""
+    out = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return out.last_hidden_state
+
+
+def response_logits(lm: nn.Module, hidden: torch.Tensor, n_prompt: int, temperature: float) -> torch.Tensor:
+    """Next-token logits at the positions that predict the response. hidden (B, T, H) -> (B, R, V)."""
+    _, head = causal_parts(lm)
+    logits = head(hidden[:, n_prompt - 1 : -1])
+    softcap = getattr(getattr(lm, "config", None), "final_logit_softcapping", None)
+    if softcap:  # Gemma-style models cap their logits in the LM head's forward; do the same here
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def response_logprobs(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Logprobs of the response tokens under any HF causal LM. (B, P + R) -> (B, R)."""
+    trunk, _ = causal_parts(lm)
+    hidden = last_hidden(trunk, input_ids, attention_mask)
+    return logprobs_of_labels(response_logits(lm, hidden, n_prompt, temperature), input_ids[:, n_prompt:])
+
+
+class PolicyWithValueHead(nn.Module):
+    """A HF causal LM (optionally with LoRA adapters) plus a value head, shared trunk or separate critic."""
+
+    def __init__(self, lm: nn.Module, critic: nn.Module | None = None, temperature: float = 1.0):
+        super().__init__()
+        self.lm = lm
+        self.critic = critic  # None: the value head reads the policy's own hidden state (share_trunk)
+        hidden_size = _hidden_size(lm)
+        self.value_head = nn.Linear(hidden_size, 1)
+        self.temperature = temperature
+
+    @property
+    def share_trunk(self) -> bool:
+        return self.critic is None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int,
+                with_values: bool = True, with_entropy: bool = False) -> PolicyOutput:
+        """Logprobs, values and (optionally) entropy on the response positions. (B, P + R) -> (B, R) each."""
+        trunk, _ = causal_parts(self.lm)
+        hidden = last_hidden(trunk, input_ids, attention_mask)  # (B, T, H)
+        logits = response_logits(self.lm, hidden, n_prompt, self.temperature)  # (B, R, V)
+        logprobs = logprobs_of_labels(logits, input_ids[:, n_prompt:])
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits)
+        values = None
+        if with_values:
+            if self.critic is not None:
+                hidden = last_hidden(self.critic, input_ids, attention_mask)
+            states = hidden[:, n_prompt - 1 : -1]  # (B, R, H)
+            values = self.value_head(states.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return PolicyOutput(logprobs, values, entropy)
+
+    def value_state_dict(self) -> dict[str, torch.Tensor]:
+        """What `value_head.safetensors` holds: the head, plus the critic's trunk when it has its own."""
+        state = {f"value_head.{k}": v for k, v in self.value_head.state_dict().items()}
+        if self.critic is not None:
+            state.update({f"critic.{k}": v for k, v in self.critic.state_dict().items()})
+        return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+    def load_value_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.value_head.load_state_dict({k[len("value_head."):]: v for k, v in state.items()
+                                         if k.startswith("value_head.")})
+        if self.critic is not None:
+            self.critic.load_state_dict({k[len("critic."):]: v for k, v in state.items() if k.startswith("critic.")})
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """A plain HF causal-LM folder (LoRA merged into the weights) plus `value_head.safetensors`."""
+        from safetensors.torch import save_file
+
+        if hasattr(self.lm, "merge_and_unload"):
+            # Folds the adapters into the weights in place (no second copy): the policy computes the same
+            # function afterwards, but the adapters are gone, so this is the last thing a run does.
+            self.lm = self.lm.merge_and_unload()
+        self.lm.save_pretrained(out_dir)
+        save_file(self.value_state_dict(), str(Path(out_dir) / "value_head.safetensors"))
+
+
+def _hidden_size(lm: nn.Module) -> int:
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    return int(config.hidden_size)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """PPO's ratio must be 1 on the first update of a fresh rollout: no dropout anywhere (as TRL does)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        config = getattr(module, "config", None)
+        for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop"):
+            if config is not None and isinstance(getattr(config, name, None), float):
+                setattr(config, name, 0.0)
+
+
+def build_policy(sft_dir: str | Path, share_trunk: bool = True, lora: LoraConfig | None = None,
+                 dtype: torch.dtype = torch.float32, temperature: float = 1.0, seed: int = 0,
+                 gradient_checkpointing: bool = False) -> PolicyWithValueHead:
+    """The trainable policy from an SFT folder: LoRA adapters when `lora.enabled`, a value head either way."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    lm = _load(AutoModelForCausalLM, sft_dir, dtype)
+    if lora is not None and lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        lm = get_peft_model(lm, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                               target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    critic = None if share_trunk else _load(AutoModel, sft_dir, dtype)
+    if gradient_checkpointing:
+        for model in (lm, critic):
+            if model is not None:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                if hasattr(model, "enable_input_require_grads"):
+                    model.enable_input_require_grads()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        policy = PolicyWithValueHead(lm, critic, temperature=temperature)
+    policy.value_head.to(torch.float32)  # a small head; float32 keeps the value regression stable in bf16 runs
+    disable_dropout(policy)
+    return policy
+
+
+def _load(auto_cls: Any, path: str | Path, dtype: torch.dtype) -> nn.Module:
+    try:
+        return auto_cls.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise RlhfchatError(f"{path}: cannot load a model ({str(e).splitlines()[0]})") from None
+
+
+class Reference:
+    """The frozen SFT model that the KL penalty measures against.
+
+    With LoRA it is the policy itself under `disable_adapter()` (no second copy); otherwise a frozen copy loaded
+    from the SFT folder. Not an nn.Module on purpose: it is never trained, prepared or checkpointed.
+    """
+
+    def __init__(self, policy: PolicyWithValueHead, sft_dir: str | Path | None = None,
+                 dtype: torch.dtype = torch.float32):
+        self.policy = policy
+        self.uses_adapter = hasattr(policy.lm, "disable_adapter")
+        self.lm = None
+        if not self.uses_adapter:
+            from transformers import AutoModelForCausalLM
+
+            if sft_dir is None:
+                raise RlhfchatError("a reference model needs the SFT folder when LoRA is off")
+            self.lm = _load(AutoModelForCausalLM, sft_dir, dtype)
+            self.lm.requires_grad_(False)
+            self.lm.eval()
+            disable_dropout(self.lm)
+
+    def to(self, device: torch.device) -> "Reference":
+        if self.lm is not None:
+            self.lm.to(device)
+        return self
+
+    @torch.inference_mode()
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int) -> torch.Tensor:
+        """Reference logprobs of the response tokens. (B, P + R) -> (B, R)."""
+        t = self.policy.temperature
+        if self.uses_adapter:
+            with self.policy.lm.disable_adapter():
+                return response_logprobs(self.policy.lm, input_ids, attention_mask, n_prompt, t)
+        return response_logprobs(self.lm, input_ids, attention_mask, n_prompt, t)
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter that trains (LoRA adapters or the whole network, value head, critic), by name."""
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing:
+        raise RlhfchatError(f"checkpoint does not match the model: {len(missing)} parameters missing, "
+                            f"e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)

@@ -1,0 +1,492 @@
+"""`rlhfchat ppo RECIPE.yaml`: PPO against the reward model, KL-penalised to the SFT model (trlX's algorithm).
+
+    rlhfchat ppo recipes/tiny-cpu.yaml ppo.total_steps=16
+    accelerate launch -m rlhfchat.train.ppo recipes/stablevicuna-13b.yaml      # several GPUs (DDP)
+
+Reads  <run>/sft/ (policy and reference), <run>/reward/, <run>/data/prompts.{train,eval}.jsonl.
+Writes <run>/ppo/: the policy as a HF causal-LM folder + tokenizer, value_head.safetensors, metrics.json
+(held-out reward before and after, final KL, steps, wall time), metrics.jsonl (one line per iteration) and
+checkpoints/ (the latest one; a rerun after a crash or a kill resumes from it and ends at the same step).
+
+Each iteration ("step" in the logs) does, as trlX:
+  1. generate   num_rollouts replies, chunk_size prompts at a time (left-padded, cut at stop sequences)
+  2. score      the reward model on (prompt, reply); scale (none / running / ref) and clip to +-cliprange_reward
+  3. forward    old logprobs and values in one policy forward; reference logprobs (frozen copy or LoRA disabled)
+  4. advantages per-token reward -kl_coef * (logp - ref_logp), score on the last real token; GAE; whitening
+  5. update     ppo_epochs over shuffled minibatches of batch_size x grad_accum; clipped policy and value losses;
+                the KL controller moves after every optimizer step
+  6. log        metrics.jsonl and the progress bar; a checkpoint every save_steps iterations and at the end
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from rlhfchat.atomic import atomic_dir, atomic_file, write_json
+from rlhfchat.config import PPOConfig, Recipe
+from rlhfchat.errors import RlhfchatError
+from rlhfchat.train import ppo_math as pm
+from rlhfchat.train.policy import (PolicyWithValueHead, Reference, build_policy, load_trainable_state_dict,
+                                   trainable_state_dict)
+from rlhfchat.train.rollout import (GenerationSettings, Prompt, RewardScorer, check_backend, encode_prompt,
+                                    generate_replies, generate_rollout, left_pad)
+
+
+@dataclass
+class Experience:
+    """One iteration's rollout, every chunk padded to a common width. N samples, P prompt and R response columns."""
+
+    input_ids: torch.Tensor  # (N, P + R) left-padded prompt, right-padded response
+    attention_mask: torch.Tensor  # (N, P + R)
+    n_prompt: int  # P
+    mask: torch.Tensor  # (N, R) float, 1 on real response tokens
+    logprobs: torch.Tensor  # (N, R) policy logprobs at generation time
+    ref_logprobs: torch.Tensor  # (N, R)
+    values: torch.Tensor  # (N, R)
+    scores: torch.Tensor  # (N,) raw reward-model scores
+    entropy: torch.Tensor  # (N, R)
+    rewards: torch.Tensor | None = None  # (N, R) after step 4
+    advantages: torch.Tensor | None = None  # (N, R)
+    returns: torch.Tensor | None = None  # (N, R)
+
+    def select(self, idx: torch.Tensor) -> "Experience":
+        """Rows `idx`, with columns that are padding in every selected row dropped (less work per minibatch)."""
+        attn = self.attention_mask[idx]
+        first = int((attn[:, : self.n_prompt].sum(0) > 0).nonzero()[0])
+        width = max(int(self.mask[idx].sum(1).max()), 1)
+        cols = slice(first, self.n_prompt + width)
+        per_token = {f.name: getattr(self, f.name)[idx][:, :width] for f in fields(self)
+                     if f.name in ("mask", "logprobs", "ref_logprobs", "values", "entropy", "rewards", "advantages",
+                                   "returns") and getattr(self, f.name) is not None}
+        return Experience(input_ids=self.input_ids[idx][:, cols], attention_mask=attn[:, cols],
+                          n_prompt=self.n_prompt - first, scores=self.scores[idx], **per_token)
+
+
+def merge(chunks: Sequence[Experience], pad_id: int) -> Experience:
+    """Concatenate chunks of different widths: prompts re-padded on the left, responses on the right."""
+    p = max(c.n_prompt for c in chunks)
+    r = max(c.mask.shape[1] for c in chunks)
+
+    def pad_seq(c: Experience, name: str, value: int) -> torch.Tensor:
+        x = getattr(c, name)
+        prompt, response = x[:, : c.n_prompt], x[:, c.n_prompt:]
+        left = prompt.new_full((x.shape[0], p - c.n_prompt), value)
+        right = response.new_full((x.shape[0], r - response.shape[1]), value)
+        return torch.cat([left, prompt, response, right], dim=1)
+
+    def pad_tok(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, r - x.shape[1]))
+
+    per_token = ("mask", "logprobs", "ref_logprobs", "values", "entropy")
+    return Experience(
+        input_ids=torch.cat([pad_seq(c, "input_ids", pad_id) for c in chunks]),
+        attention_mask=torch.cat([pad_seq(c, "attention_mask", 0) for c in chunks]),
+        n_prompt=p, scores=torch.cat([c.scores for c in chunks]),
+        **{name: torch.cat([pad_tok(getattr(c, name)) for c in chunks]) for name in per_token},
+    )
+
+
+class PPO:
+    """The models, the optimizer and the PPO state; `make_experience` is steps 1-4, `update` is step 5."""
+
+    def __init__(self, policy: PolicyWithValueHead, reference: Reference, scorer: RewardScorer, tokenizer: Any,
+                 cfg: PPOConfig, accelerator: Any = None):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.accelerator = accelerator or Accelerator()
+        self.tokenizer = tokenizer
+        self.settings = GenerationSettings.from_ppo(cfg)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      weight_decay=cfg.weight_decay)
+        self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.policy.eval()  # train() only inside update(); dropout is off either way
+        self.reference = reference.to(self.accelerator.device)
+        self.scorer = scorer
+        scorer.model.to(self.accelerator.device)
+        self.kl_ctl = (pm.AdaptiveKLController(cfg.init_kl_coef, cfg.target, cfg.horizon) if cfg.target is not None
+                       else pm.FixedKLController(cfg.init_kl_coef))
+        self.moments = pm.RunningMoments()
+        self.ref_std = cfg.ref_std
+        self.mean_kl = 0.0
+        self.optimizer_steps = 0
+
+    @classmethod
+    def from_folders(cls, policy_dir: str | Path, reward_dir: str | Path, cfg: PPOConfig, accelerator: Any = None,
+                     dtype: torch.dtype = torch.float32, seed: int = 0, reward_max_length: int = 512) -> "PPO":
+        from rlhfchat.models import load_tokenizer
+
+        tokenizer = load_tokenizer(policy_dir)
+        policy = build_policy(policy_dir, share_trunk=cfg.share_trunk, lora=cfg.lora, dtype=dtype,
+                              temperature=cfg.temperature, seed=seed,
+                              gradient_checkpointing=cfg.gradient_checkpointing)
+        reference = Reference(policy, policy_dir, dtype=dtype)
+        scorer = RewardScorer(reward_dir, max_length=reward_max_length, dtype=dtype, batch_size=cfg.chunk_size)
+        return cls(policy, reference, scorer, tokenizer, cfg, accelerator)
+
+    @property
+    def unwrapped(self) -> PolicyWithValueHead:
+        return self.accelerator.unwrap_model(self.policy)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def make_experience(self, prompts: Sequence[Prompt]) -> tuple[Experience, dict[str, float]]:
+        """Steps 1-4 for one iteration's prompts (this process's share)."""
+        cfg, device, policy = self.cfg, self.accelerator.device, self.unwrapped
+        chunks, times = [], {"gen_s": 0.0, "score_s": 0.0, "forward_s": 0.0}
+        for start in range(0, len(prompts), cfg.chunk_size):
+            batch = list(prompts[start : start + cfg.chunk_size])
+            # 1. generate: left-padded prompts, sampled replies cut at stop sequences
+            t0 = time.perf_counter()
+            ids = [encode_prompt(self.tokenizer, p, cfg.max_prompt_length) for p in batch]
+            rollout = generate_rollout(policy.lm, self.tokenizer, ids, self.settings, cfg.rollout_backend, device)
+            t1 = time.perf_counter()
+            # 2. score: the reward model reads the rendered conversation, not our token ids
+            scores = self.scorer.score(batch, rollout.texts).to(device)
+            t2 = time.perf_counter()
+            # 3. forward: old logprobs + values (+ entropy) in one pass; the reference's logprobs
+            input_ids, attention_mask, n_prompt = rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1]
+            with torch.inference_mode():
+                out = policy(input_ids, attention_mask, n_prompt, with_entropy=True)
+                ref_logprobs = self.reference.logprobs(input_ids, attention_mask, n_prompt)
+            mask = rollout.response_mask.float()
+            # inference tensors cannot enter autograd later: clone them out of inference mode
+            chunks.append(Experience(input_ids.clone(), attention_mask.clone(), n_prompt, mask, out.logprobs.clone(),
+                                     ref_logprobs.clone(), out.values.clone() * mask, scores,
+                                     out.entropy.clone()))
+            times["gen_s"] += t1 - t0
+            times["score_s"] += t2 - t1
+            times["forward_s"] += time.perf_counter() - t2
+        exp = merge(chunks, self.tokenizer.pad_token_id)
+
+        # 2b. scale and clip the scores (trlX: running moments over every score seen, then the clip)
+        all_scores = self.accelerator.gather(exp.scores)
+        self.moments.update(all_scores)
+        if self.ref_std is None:
+            self.ref_std = float(all_scores.std()) if all_scores.numel() > 1 else 1.0
+        scores = pm.scale_scores(exp.scores, self.cfg.scale_reward, self.moments.std, self.ref_std)
+        scores = pm.clip_scores(scores, cfg.cliprange_reward)
+
+        # 4. rewards and advantages over the whole rollout
+        seq_kl = pm.sequence_kl(exp.logprobs, exp.ref_logprobs, exp.mask)  # (N,)
+        self.mean_kl = float(self.accelerator.gather(seq_kl).mean())
+        exp.rewards = pm.kl_penalty_rewards(exp.logprobs, exp.ref_logprobs, scores, exp.mask, self.kl_ctl.value)
+        exp.advantages, exp.returns = pm.gae(exp.values, exp.rewards, exp.mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            exp.advantages = pm.whiten(exp.advantages, exp.mask)
+        lengths = exp.mask.sum(1)
+        stats = {
+            "score": float(all_scores.mean()), "score_std": float(all_scores.std()) if all_scores.numel() > 1 else 0.0,
+            "kl": self.mean_kl, "kl_coef": self.kl_ctl.value,
+            "response_len": float(lengths.mean()), "entropy": float(pm.masked_mean(exp.entropy, exp.mask)),
+            "returns": float(pm.masked_mean(exp.returns, exp.mask)),
+            "values": float(pm.masked_mean(exp.values, exp.mask)), **times,
+        }
+        return exp, stats
+
+    # ---------------------------------------------------------------------------------------------------------
+    def minibatch_gradients(self, exp: Experience, idx: torch.Tensor) -> dict[str, float]:
+        """Accumulate the gradient of one minibatch (rows `idx`) in micro-batches of cfg.batch_size.
+
+        Every micro-batch divides by the minibatch's token count, so the accumulated gradient equals the gradient
+        of the whole minibatch in one forward.
+        """
+        cfg = self.cfg
+        n_tokens = exp.mask[idx].sum().clamp(min=1)
+        micro = list(idx.split(cfg.batch_size))
+        sums = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "value_clipfrac": 0.0, "approx_kl": 0.0}
+        for i, rows in enumerate(micro):
+            mb = exp.select(rows)
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy)
+            with sync:
+                out = self.policy(mb.input_ids, mb.attention_mask, mb.n_prompt)
+                pg, clipfrac, approx_kl = pm.policy_loss(out.logprobs, mb.logprobs, mb.advantages, mb.mask,
+                                                         cfg.cliprange, n_tokens)
+                vf, vf_clipfrac = pm.value_loss(out.values, mb.values, mb.returns, mb.mask, cfg.cliprange_value,
+                                                n_tokens)
+                self.accelerator.backward(pg + cfg.vf_coef * vf)
+            for key, value in zip(sums, (pg, vf, clipfrac, vf_clipfrac, approx_kl)):
+                sums[key] += float(value.detach())
+        return sums
+
+    def update(self, exp: Experience) -> dict[str, float]:
+        """Step 5: ppo_epochs over shuffled minibatches; one optimizer step per minibatch."""
+        cfg = self.cfg
+        self.policy.train()
+        n = exp.input_ids.shape[0]
+        minibatch = cfg.batch_size * cfg.grad_accum
+        totals: dict[str, float] = {}
+        count = 0
+        for _ in range(cfg.ppo_epochs):
+            for idx in torch.randperm(n).split(minibatch):
+                stats = self.minibatch_gradients(exp, idx)
+                stats["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.policy.parameters(),
+                                                                            cfg.max_grad_norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer_steps += 1
+                self.kl_ctl.update(self.mean_kl, n_steps=minibatch * self.accelerator.num_processes)
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                count += 1
+        self.policy.eval()
+        return {key: value / max(count, 1) for key, value in totals.items()}
+
+    # ---------------------------------------------------------------------------------------------------------
+    def evaluate(self, prompts: Sequence[Prompt], seed: int) -> dict[str, float]:
+        """Mean and std of the reward of sampled replies to held-out prompts (own RNG: training is unaffected)."""
+        if not prompts:
+            return {"reward": float("nan"), "reward_std": float("nan"), "response_len": float("nan")}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            replies = generate_replies(self.unwrapped.lm, self.tokenizer, prompts, self.settings,
+                                       batch_size=self.cfg.chunk_size, max_prompt_length=self.cfg.max_prompt_length)
+        scores = self.scorer.score(prompts, replies)
+        return {"reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+                "response_len": float(np.mean([len(self.tokenizer(r).input_ids) for r in replies]))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kl_ctl": self.kl_ctl.state_dict(), "moments": self.moments.state_dict(), "ref_std": self.ref_std,
+                "mean_kl": self.mean_kl, "optimizer_steps": self.optimizer_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.moments.load_state_dict(state["moments"])
+        self.ref_std, self.mean_kl = state["ref_std"], state["mean_kl"]
+        self.optimizer_steps = state["optimizer_steps"]
+
+
+class PromptSampler:
+    """Endless shuffled passes over the prompt set, reproducible from (seed, epoch, position)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+
+    def next(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+            take = order[self.pos : self.pos + k - len(out)]
+            out.extend(take)
+            self.pos += len(take)
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+
+
+def plan_iterations(cfg: PPOConfig, n_prompts: int, n_processes: int = 1) -> tuple[int, int]:
+    """(iterations, optimizer steps per iteration): as many whole iterations as fit in total_steps, at most
+    `epochs` passes over the prompts, at least one."""
+    per_process = math.ceil(cfg.num_rollouts / n_processes)
+    steps_per_iter = cfg.ppo_epochs * math.ceil(per_process / (cfg.batch_size * cfg.grad_accum))
+    iterations = max(1, cfg.total_steps // steps_per_iter)
+    iterations = min(iterations, max(1, cfg.epochs * n_prompts // cfg.num_rollouts))
+    return iterations, steps_per_iter
+
+
+# -------------------------------------------------------------------------------------------------------------
+# checkpoints: written whole or not at all (atomic_dir); the latest one is kept
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: Path, step: int, ppo: PPO, extra: dict[str, Any]) -> None:
+    """policy + value head (trainable weights), optimizer, KL controller, running stats, RNG states, counters."""
+    from safetensors.torch import save_file
+
+    acc = ppo.accelerator
+    path = root / f"step-{step:06d}"
+    with atomic_dir(path) if acc.is_main_process else contextlib.nullcontext() as tmp:
+        holder = [str(tmp) if tmp is not None else None]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(holder)
+        tmp = Path(holder[0])
+        torch.save(_rng_state(), tmp / f"rng-{acc.process_index}.pt")
+        if acc.is_main_process:
+            save_file(trainable_state_dict(ppo.unwrapped), str(tmp / "trainable.safetensors"))
+            torch.save(ppo.optimizer.state_dict(), tmp / "optimizer.pt")
+            write_json(tmp / "state.json", {"step": step, "ppo": ppo.state_dict(), **extra})
+        acc.wait_for_everyone()
+    if acc.is_main_process:
+        for old in root.glob("step-*"):
+            if old.name != path.name:
+                import shutil
+
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, ppo: PPO) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text())
+    load_trainable_state_dict(ppo.unwrapped, load_file(str(path / "trainable.safetensors")))
+    ppo.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    ppo.load_state_dict(state["ppo"])
+    rng = path / f"rng-{ppo.accelerator.process_index}.pt"
+    _set_rng_state(torch.load(rng if rng.is_file() else path / "rng-0.pt", weights_only=False))
+    return state
+
+
+def _read_prompts(path: Path) -> list[Prompt]:
+    from rlhfchat.data.schema import read_jsonl
+
+    return [rec["prompt"] for rec in read_jsonl(path, "prompts")]
+
+
+def _check_inputs(run: Path) -> None:
+    for rel, what in (("sft/config.json", "the SFT model (run the sft stage first)"),
+                      ("reward/config.json", "the reward model (run the reward stage first)"),
+                      ("data/prompts.train.jsonl", "the training prompts (run the data stage first)")):
+        if not (run / rel).is_file():
+            raise RlhfchatError(f"{run / rel}: not found; PPO needs {what}")
+
+
+# -------------------------------------------------------------------------------------------------------------
+
+
+def main(recipe: Recipe) -> dict[str, Any]:
+    """Run (or resume) the PPO stage of a recipe; returns what it writes to <run>/ppo/metrics.json."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from rlhfchat.models import torch_dtype
+
+    cfg, run = recipe.ppo, recipe.run_dir
+    _check_inputs(run)
+    check_backend(cfg.rollout_backend)
+    out_dir, ckpt_root = run / "ppo", run / "ppo" / "checkpoints"
+    accelerator = Accelerator(log_with=cfg.report_to or None, project_dir=str(out_dir))
+    set_seed(recipe.seed)
+    train_prompts = _read_prompts(run / "data" / "prompts.train.jsonl")
+    eval_path = run / "data" / "prompts.eval.jsonl"
+    eval_prompts = _read_prompts(eval_path)[: cfg.eval_prompts] if eval_path.is_file() else []
+    if not train_prompts:
+        raise RlhfchatError(f"{run / 'data' / 'prompts.train.jsonl'}: no prompts")
+    if cfg.num_rollouts % accelerator.num_processes:
+        raise RlhfchatError(f"ppo.num_rollouts ({cfg.num_rollouts}) must divide by the number of processes "
+                            f"({accelerator.num_processes})")
+
+    ppo = PPO.from_folders(run / "sft", run / "reward", cfg, accelerator, dtype=torch_dtype(recipe.base.dtype),
+                           seed=recipe.seed, reward_max_length=recipe.reward.max_length)
+    iterations, steps_per_iter = plan_iterations(cfg, len(train_prompts), accelerator.num_processes)
+    sampler = PromptSampler(len(train_prompts), recipe.seed)
+    metrics_path = out_dir / "metrics.jsonl"
+
+    # Resume from the latest checkpoint, or start and measure the SFT policy on the held-out prompts.
+    ckpt = latest_checkpoint(ckpt_root)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, ppo)
+        sampler.load_state_dict(state["sampler"])
+        start, before, elapsed = state["step"], state["eval_before"], state["wall_time_s"]
+        if accelerator.is_main_process:  # drop lines logged after the checkpoint: they will be logged again
+            lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
+            with atomic_file(metrics_path) as f:
+                f.writelines(line + "\n" for line in lines if json.loads(line)["step"] <= start)
+        accelerator.print(f"[ppo] resuming from {ckpt} (step {start} of {iterations})")
+    else:
+        start, elapsed = 0, 0.0
+        before = ppo.evaluate(eval_prompts, recipe.seed) if accelerator.is_main_process else {}
+        if accelerator.is_main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_file(metrics_path) as f:
+                pass
+    if cfg.report_to:
+        accelerator.init_trackers("rlhfchat-ppo", config={k: v for k, v in vars(cfg).items()
+                                                          if isinstance(v, (int, float, str, bool))})
+
+    t_start = time.perf_counter()
+    bar = tqdm(range(start, iterations), initial=start, total=iterations, desc="ppo",
+               disable=not accelerator.is_local_main_process)
+    stats: dict[str, Any] = {}
+    for step in bar:
+        t0 = time.perf_counter()
+        idx = sampler.next(cfg.num_rollouts)[accelerator.process_index :: accelerator.num_processes]
+        exp, rollout_stats = ppo.make_experience([train_prompts[i] for i in idx])  # steps 1-4
+        t1 = time.perf_counter()
+        update_stats = ppo.update(exp)  # step 5
+        # 6. log and checkpoint
+        stats = {"step": step + 1, "optimizer_steps": ppo.optimizer_steps, **rollout_stats, **update_stats,
+                 "train_s": time.perf_counter() - t1, "iteration_s": time.perf_counter() - t0}
+        stats = {k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()}
+        if accelerator.is_main_process:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(stats) + "\n")
+        if cfg.report_to:
+            accelerator.log(stats, step=step + 1)
+        bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", pg=f"{stats['policy_loss']:.3f}",
+                        vf=f"{stats['value_loss']:.3f}")
+        if (step + 1) % cfg.save_steps == 0 or step + 1 == iterations:
+            save_checkpoint(ckpt_root, step + 1, ppo, {
+                "sampler": sampler.state_dict(), "eval_before": before,
+                "wall_time_s": elapsed + time.perf_counter() - t_start,
+            })
+    bar.close()
+
+    # The PPO policy on the same held-out prompts, then the model folder.
+    metrics: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        after = ppo.evaluate(eval_prompts, recipe.seed)
+        last = stats or (json.loads(metrics_path.read_text().splitlines()[-1]) if metrics_path.is_file() else {})
+        metrics = {
+            "eval_reward_before": before["reward"], "eval_reward_after": after["reward"],
+            "eval_reward_std_before": before["reward_std"], "eval_reward_std_after": after["reward_std"],
+            "eval_response_len_before": before["response_len"], "eval_response_len_after": after["response_len"],
+            "eval_prompts": len(eval_prompts), "kl": last.get("kl"), "kl_coef": ppo.kl_ctl.value,
+            "steps": iterations, "optimizer_steps": ppo.optimizer_steps, "steps_per_iteration": steps_per_iter,
+            "samples": iterations * cfg.num_rollouts, "resumed_from_step": start or None,
+            "wall_time_s": round(elapsed + time.perf_counter() - t_start, 2),
+        }
+        ppo.unwrapped.save_pretrained(out_dir)
+        ppo.tokenizer.save_pretrained(out_dir)
+        write_json(out_dir / "metrics.json", metrics)
+        accelerator.print(f"[ppo] held-out reward {before['reward']:.4f} -> {after['reward']:.4f}; "
+                          f"KL {metrics['kl']}; {iterations} steps; model in {out_dir}")
+    accelerator.wait_for_everyone()
+    if cfg.report_to:
+        accelerator.end_training()
+    return metrics
+
+
+if __name__ == "__main__":
+    from rlhfchat.config import load_recipe
+
+    main(load_recipe(sys.argv[1], sys.argv[2:]))

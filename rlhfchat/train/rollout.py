@@ -1,0 +1,265 @@
+"""Rollouts: prompts in, left-padded prompt tensors and cut, right-padded response tensors out; and scoring.
+
+    settings = GenerationSettings.from_ppo(recipe.ppo)
+    prompt_ids = [encode_prompt(tokenizer, p, 256) for p in prompts]        # chat messages or a verbatim string
+    rollout = generate_rollout(model, tokenizer, prompt_ids, settings)      # Rollout: (B, P) and (B, R) tensors
+    scores = RewardScorer("runs/tiny/reward").score(prompts, rollout.texts)  # (B,)
+
+    generate_replies(model, tokenizer, prompts, settings)                   # list[str], for evaluation and chat
+
+A response ends at the first EOS (kept, it is a real token the policy chose) or, failing that, at the first stop
+sequence: the tokens are cut where the stop text begins and an EOS takes its place, as trlX does (it trims the
+text and appends EOS). A response that runs to max_new_tokens has no EOS. Everything after the end is padding
+with mask 0, so the reward-model score lands on the last real token and never on padding.
+
+Backends: `hf` (transformers generate with a KV cache) and `vllm` (not part of this build: a clear error).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from rlhfchat.data.chat_format import cut_at_stop, reward_text
+from rlhfchat.errors import RlhfchatError
+
+Prompt = str | list[dict[str, str]]
+"""A list of chat messages (rendered through the chat template) or a string used verbatim as the input."""
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+    do_sample: bool = True
+    stop_sequences: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_ppo(cls, cfg: Any) -> "GenerationSettings":
+        return cls(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, top_k=cfg.top_k,
+                   top_p=cfg.top_p, temperature=cfg.temperature, stop_sequences=list(cfg.stop_sequences))
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, R) right-padded
+    response_mask: torch.Tensor  # (B, R) 1 on real tokens (EOS included), 0 on padding
+    texts: list[str]  # the decoded replies, cut at stop sequences, without surrounding whitespace
+    ended: torch.Tensor  # (B,) bool: EOS or a stop sequence ended the reply (False: ran to max_new_tokens)
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # (B, P + R)
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # (B, P + R)
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt, max_prompt_length: int | None = None) -> list[int]:
+    """Token ids of a prompt: messages through the chat template (ending in the assistant cue), a string verbatim.
+
+    Too-long prompts lose their left end, so the assistant cue at the right end survives.
+    """
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt).input_ids
+    else:
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+    ids = list(ids)
+    if max_prompt_length and len(ids) > max_prompt_length:
+        ids = ids[-max_prompt_length:]
+    return ids
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids, mask), both (B, max_len), padded on the left (what generation needs)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _kept_tokens(tokens: list[int], tokenizer: Any, reply: str) -> int:
+    """How many leading tokens stay when the decoded text is cut to `reply` (a prefix of it).
+
+    The largest k whose decoded tokens[:k], trailing whitespace aside, is still a prefix of the reply (the cut
+    falls on the token boundary at or before where the stop sequence begins; binary search, the test is
+    monotone), less any trailing tokens that are only whitespace.
+    """
+    target = reply.rstrip()
+    lo, hi = 0, len(tokens)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if target.startswith(tokenizer.decode(tokens[:mid], skip_special_tokens=True).rstrip()):
+            lo = mid
+        else:
+            hi = mid - 1
+    while lo > 0 and tokenizer.decode(tokens[: lo - 1], skip_special_tokens=True).rstrip() == target:
+        lo -= 1  # trailing whitespace tokens go too: trlX rstrips the cut text before appending EOS
+    return lo
+
+
+def finish_responses(raw: torch.Tensor, tokenizer: Any, stop_sequences: Sequence[str] = ()
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+    """Find where each generated response ends; cut at stop sequences; pad the rest.
+
+    raw: (B, R) tokens as generate returned them. Returns response_ids (B, R) (an EOS replaces the first token of
+    a stop sequence; pad after the end), response_mask (B, R), the reply texts and `ended` (B,) bool.
+    """
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    width = raw.shape[1]
+    out = torch.full_like(raw, pad_id)
+    mask = torch.zeros_like(raw)
+    texts, ended = [], []
+    for i, row in enumerate(raw.tolist()):
+        # generate fills finished rows with pad; a pad (or EOS) is where the model's own reply ends
+        end = next((j for j, t in enumerate(row) if t == eos_id or t == pad_id), width)
+        body = row[:end]
+        has_eos = end < width and row[end] == eos_id
+        text = tokenizer.decode(body, skip_special_tokens=True)
+        reply, stopped = cut_at_stop(text, stop_sequences) if stop_sequences else (text, False)
+        if stopped:
+            keep = _kept_tokens(body, tokenizer, reply)
+            body = body[:keep]
+            has_eos = eos_id is not None
+        if not body and not has_eos:  # nothing at all to score: keep the first token so the score has a place
+            body = row[:1]
+        tokens = body + ([eos_id] if has_eos else [])
+        tokens = tokens[:width]
+        out[i, : len(tokens)] = torch.tensor(tokens, dtype=raw.dtype)
+        mask[i, : len(tokens)] = 1
+        texts.append(reply.strip())
+        ended.append(has_eos or stopped)
+    return out, mask, texts, torch.tensor(ended)
+
+
+def hf_generate(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                settings: GenerationSettings) -> torch.Tensor:
+    """Sample responses with transformers' generate (KV cache). (B, P) -> raw response tokens (B, R <= max_new)."""
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens or None,
+        do_sample=settings.do_sample, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+    )
+    if settings.do_sample:
+        kwargs.update(top_k=settings.top_k, top_p=settings.top_p, temperature=settings.temperature)
+    else:
+        kwargs.update(top_k=None, top_p=None, temperature=None)
+    if settings.stop_sequences:  # stop each row early; finish_responses does the exact cut
+        kwargs.update(stop_strings=list(settings.stop_sequences), tokenizer=tokenizer)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+    model.train(was_training)
+    return out[:, prompt_ids.shape[1]:]
+
+
+def check_backend(name: str) -> None:
+    """Fail early and clearly for a rollout backend that cannot run here."""
+    if name == "hf":
+        return
+    if name == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise RlhfchatError("ppo.rollout_backend: vllm is not installed; install it with "
+                                "pip install 'rlhfchat[vllm]' (GPU only) or set ppo.rollout_backend=hf") from None
+        raise RlhfchatError("ppo.rollout_backend: vllm rollouts (weight sync into a vLLM engine) are not in this "
+                            "build yet; set ppo.rollout_backend=hf")
+    raise RlhfchatError(f"ppo.rollout_backend: expected hf or vllm, got {name!r}")
+
+
+def generate_rollout(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
+                     settings: GenerationSettings, backend: str = "hf", device: Any = None) -> Rollout:
+    """One generation batch: encoded prompts -> Rollout (left-padded prompts, cut and masked responses)."""
+    check_backend(backend)
+    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
+    raw = hf_generate(model, tokenizer, ids, mask, settings)
+    response_ids, response_mask, texts, ended = finish_responses(raw, tokenizer, settings.stop_sequences)
+    return Rollout(ids, mask, response_ids, response_mask, texts, ended)
+
+
+def generate_replies(model: Any, tokenizer: Any, prompts: Sequence[Prompt], settings: GenerationSettings,
+                     batch_size: int = 16, max_prompt_length: int | None = None) -> list[str]:
+    """Replies to prompts (chat messages or verbatim strings), cut at stop sequences, in order."""
+    device = next(model.parameters()).device
+    replies: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = [encode_prompt(tokenizer, p, max_prompt_length) for p in prompts[start : start + batch_size]]
+        replies.extend(generate_rollout(model, tokenizer, batch, settings, device=device).texts)
+    return replies
+
+
+class RewardScorer:
+    """A sequence-classification model with one label, scoring `reward_text(prompt, reply)`.
+
+    Texts longer than `max_length` tokens lose the left end of the prompt (the reply is what is being judged).
+    A string prompt (benchmarks) is scored as prompt + " " + reply, verbatim.
+    """
+
+    def __init__(self, path: str | Path | Any, tokenizer: Any = None, max_length: int = 512,
+                 dtype: torch.dtype = torch.float32, batch_size: int = 16, device: Any = None):
+        from transformers import AutoModelForSequenceClassification
+
+        from rlhfchat.models import load_tokenizer
+
+        if isinstance(path, (str, Path)):
+            try:
+                self.model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
+            except (OSError, ValueError) as e:
+                raise RlhfchatError(f"{path}: cannot load a reward model ({str(e).splitlines()[0]})") from None
+            tokenizer = tokenizer or load_tokenizer(path)
+        else:
+            self.model = path
+        if self.model.config.num_labels != 1:
+            raise RlhfchatError(f"{path}: a reward model needs num_labels=1, got {self.model.config.num_labels}")
+        self.tokenizer = tokenizer
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = tokenizer.pad_token_id
+        self.model.requires_grad_(False)
+        self.model.eval()
+        if device is not None:
+            self.model.to(device)
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    def text(self, prompt: Prompt, reply: str) -> str:
+        if isinstance(prompt, str):
+            return f"{prompt} {reply}"
+        return reward_text(self.tokenizer, prompt, reply)
+
+    @torch.inference_mode()
+    def score_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Scores of whole texts. N texts -> (N,) float32 on the CPU."""
+        device = next(self.model.parameters()).device
+        tok = self.tokenizer
+        side = tok.truncation_side
+        tok.truncation_side = "left"
+        scores = []
+        try:
+            for start in range(0, len(texts), self.batch_size):
+                enc = tok(list(texts[start : start + self.batch_size]), return_tensors="pt", padding=True,
+                          truncation=True, max_length=self.max_length, add_special_tokens=False).to(device)
+                scores.append(self.model(**enc).logits[:, 0].float().cpu())
+        finally:
+            tok.truncation_side = side
+        return torch.cat(scores) if scores else torch.zeros(0)
+
+    def score(self, prompts: Sequence[Prompt], replies: Sequence[str]) -> torch.Tensor:
+        """Scores of replies to prompts. -> (N,) float32 on the CPU."""
+        return self.score_texts([self.text(p, r) for p, r in zip(prompts, replies)])

@@ -1,0 +1,255 @@
+"""PPO stage on tiny local models: padding and EOS, the score's position, gradient accumulation, every parameter
+training, the saved folder, and resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhfchat.config import load_recipe
+from rlhfchat.data.schema import message, prompt_record, write_jsonl
+from rlhfchat.errors import RlhfchatError
+from rlhfchat.models import load_tokenizer
+from rlhfchat.train import rollout as rollout_mod
+from rlhfchat.train.policy import response_logprobs
+from rlhfchat.train.ppo import PPO
+from rlhfchat.train.rollout import RewardScorer, check_backend, encode_prompt, finish_responses, left_pad
+
+PROMPTS = [
+    [message("user", "What is 2 + 3?")],
+    [message("system", "You add numbers."), message("user", "What is 10 + 11? Please write the sum.")],
+    [message("user", "Fix the grammar: she go to school.")],
+    [message("user", "Write a function that doubles a number.")],
+]
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_model_dir, tiny_reward_dir) -> Path:
+    """A run folder as the earlier stages leave it: sft/, reward/, data/prompts.{train,eval}.jsonl."""
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    os.symlink(tiny_model_dir, run / "sft")
+    os.symlink(tiny_reward_dir, run / "reward")
+    train = [prompt_record(f"t{i}", "test", [message("user", f"What is {i} + {i % 5}?")]) for i in range(24)]
+    write_jsonl(run / "data" / "prompts.train.jsonl", train)
+    write_jsonl(run / "data" / "prompts.eval.jsonl", [prompt_record("e0", "test", PROMPTS[0]),
+                                                      prompt_record("e1", "test", PROMPTS[2])])
+    return run
+
+
+def tiny_recipe(run: Path, *overrides: str):
+    return load_recipe(None, [f"output_dir={run}", "ppo.num_rollouts=8", "ppo.chunk_size=4", "ppo.batch_size=4",
+                              "ppo.ppo_epochs=1", "ppo.max_new_tokens=6", "ppo.eval_prompts=2",
+                              "ppo.learning_rate=0.01", "ppo.max_prompt_length=64", *overrides])
+
+
+def make_ppo(run: Path, *overrides: str) -> PPO:
+    recipe = tiny_recipe(run, *overrides)
+    return PPO.from_folders(run / "sft", run / "reward", recipe.ppo, seed=0)
+
+
+def fake_responses(tok) -> torch.Tensor:
+    """Four raw generations (B=4, R=8) as generate would return them, each ending differently."""
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    words = tok(" 5 is the answer", add_special_tokens=False).input_ids
+    stop = tok(" ok\n### Human: more", add_special_tokens=False).input_ids
+    rows = [
+        words[:3] + [eos] + [pad] * 4,                   # EOS after 3 tokens: 4 real tokens, EOS included
+        (words * 3)[:8],                                  # ran to max_new_tokens: 8 real tokens, no EOS
+        [words[0], eos] + [pad] * 6,                      # 2 real tokens
+        (stop + [pad] * 8)[:8],                           # a stop sequence inside: cut before it, EOS in its place
+    ]
+    return torch.tensor(rows)
+
+
+def test_left_pad_and_encode(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    ids = [encode_prompt(tok, p) for p in PROMPTS[:2]]
+    assert tok.decode(ids[0]) == "### Human: What is 2 + 3?\n### Assistant:"
+    assert encode_prompt(tok, "### Human: hi\n### Assistant:") == tok("### Human: hi\n### Assistant:").input_ids
+    assert encode_prompt(tok, PROMPTS[1], max_prompt_length=5) == ids[1][-5:]  # the left end goes
+    batch, mask = left_pad(ids, tok.pad_token_id)
+    short = min(len(i) for i in ids)
+    assert batch.shape == (2, max(len(i) for i in ids))
+    assert mask[:, -short:].all()  # every row ends with its last prompt token (the assistant cue)
+    row = 0 if len(ids[0]) == short else 1
+    assert (mask[row, : batch.shape[1] - short] == 0).all()
+    assert (batch[row, : batch.shape[1] - short] == tok.pad_token_id).all()
+
+
+def test_finish_responses_eos_stop_and_truncation(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    raw = fake_responses(tok)
+    ids, mask, texts, ended = finish_responses(raw, tok, ["### Human:"])
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    n_stop = len(tok(" ok", add_special_tokens=False).input_ids)
+    assert mask.sum(1).tolist() == [4, 8, 2, n_stop + 1]
+    assert ended.tolist() == [True, False, True, True]
+    assert ids[0, 3] == eos and ids[2, 1] == eos and ids[3, n_stop] == eos  # trlX: a cut reply ends in EOS
+    assert (ids[mask == 0] == pad).all()  # nothing but padding after the end
+    assert texts[3] == "ok" and texts[0] == "5 is"
+    assert tok.decode(ids[3, :n_stop]).strip() == "ok"
+
+
+def test_score_lands_on_last_real_token_never_padding(run_dir, monkeypatch):
+    # kl_coef 0: the per-token rewards are exactly the score at the last real token and 0 elsewhere
+    ppo = make_ppo(run_dir, "ppo.init_kl_coef=0", "ppo.target=null", "ppo.cliprange_reward=0.05")
+    raw = fake_responses(ppo.tokenizer)
+    monkeypatch.setattr(rollout_mod, "hf_generate", lambda *a, **k: raw.clone())
+    exp, stats = ppo.make_experience(PROMPTS)
+    lengths = exp.mask.sum(1).long()
+    assert lengths.tolist() == finish_responses(raw, ppo.tokenizer, ["### Human:"])[1].sum(1).tolist()
+    # prompts left-padded, responses right-padded, in one tensor
+    assert exp.attention_mask[:, exp.n_prompt - 1].all()
+    assert (exp.attention_mask[:, exp.n_prompt:] == exp.mask).all()
+    expected_scores = ppo.scorer.score(PROMPTS, finish_responses(raw, ppo.tokenizer, ["### Human:"])[2])
+    assert torch.allclose(exp.scores, expected_scores, atol=1e-5)
+    clipped = expected_scores.clamp(-0.05, 0.05)
+    for i, n in enumerate(lengths.tolist()):
+        assert exp.rewards[i, n - 1] == pytest.approx(float(clipped[i]), abs=1e-6)
+        assert (exp.rewards[i, : n - 1] == 0).all() and (exp.rewards[i, n:] == 0).all()
+        assert (exp.advantages[i, n:] == 0).all() and (exp.values[i, n:] == 0).all()
+    # the logprobs of a padded row are those of the same row alone, without any padding
+    policy = ppo.unwrapped
+    for i in range(4):
+        real = exp.attention_mask[i].bool()
+        alone = exp.input_ids[i][real][None]
+        n_prompt = int(exp.attention_mask[i, : exp.n_prompt].sum())
+        with torch.no_grad():
+            lp = policy(alone, torch.ones_like(alone), n_prompt).logprobs[0]
+        assert torch.allclose(lp, exp.logprobs[i, : lengths[i]], atol=1e-5)
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before any update
+
+
+def test_reward_scorer_truncates_the_left_of_long_prompts(tiny_reward_dir):
+    scorer = RewardScorer(tiny_reward_dir, max_length=24)
+    long_prompt = [message("user", "What is 1 + 1? " * 30)]
+    text = scorer.text(long_prompt, "2")
+    ids = scorer.tokenizer(text, add_special_tokens=False).input_ids
+    assert len(ids) > 24
+    with torch.no_grad():
+        expected = scorer.model(input_ids=torch.tensor([ids[-24:]])).logits[0, 0]
+    assert scorer.score([long_prompt], ["2"])[0] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_minibatch_of_4_equals_4_accumulated_micro_batches(run_dir, monkeypatch):
+    raw = fake_responses(load_tokenizer(run_dir / "sft"))
+    monkeypatch.setattr(rollout_mod, "hf_generate", lambda *a, **k: raw.clone())
+    whole = make_ppo(run_dir, "ppo.batch_size=4", "ppo.grad_accum=1")
+    split = make_ppo(run_dir, "ppo.batch_size=1", "ppo.grad_accum=4")
+    exp, _ = whole.make_experience(PROMPTS)
+    # move the policy off the rollout point so that ratios, clipping and value clipping all take part
+    with torch.no_grad():
+        exp.logprobs += torch.linspace(-0.3, 0.3, exp.logprobs.numel()).view_as(exp.logprobs) * exp.mask
+        exp.values += 0.5 * exp.mask
+    idx = torch.tensor([2, 0, 3, 1])
+    stats_whole = whole.minibatch_gradients(exp, idx)
+    stats_split = split.minibatch_gradients(exp, idx)
+    assert stats_whole["policy_loss"] == pytest.approx(stats_split["policy_loss"], abs=1e-5)
+    assert stats_whole["value_loss"] == pytest.approx(stats_split["value_loss"], abs=1e-5)
+    assert 0 < stats_whole["clipfrac"] < 1
+    grads_split = dict(split.unwrapped.named_parameters())
+    for name, p in whole.unwrapped.named_parameters():
+        assert p.grad is not None, name
+        assert torch.allclose(p.grad, grads_split[name].grad, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("overrides", [(), ("ppo.share_trunk=false",), ("ppo.lora.enabled=true",)],
+                         ids=["shared-trunk", "separate-critic", "lora"])
+def test_every_trainable_parameter_changes(run_dir, tmp_path, overrides):
+    ppo = make_ppo(run_dir, *overrides)
+    before = {n: p.detach().clone() for n, p in ppo.unwrapped.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in ppo.unwrapped.named_parameters() if not p.requires_grad}
+    exp, _ = ppo.make_experience(PROMPTS * 2)
+    stats = ppo.update(exp)  # 8 samples / minibatch 4: two optimizer steps
+    assert ppo.optimizer_steps == 2 and all(v == v for v in stats.values())
+    after = dict(ppo.unwrapped.named_parameters())
+    unchanged = [n for n, p in before.items() if torch.equal(p, after[n])]
+    assert not unchanged, unchanged
+    assert all(torch.equal(p, after[n]) for n, p in frozen.items())
+    if "ppo.lora.enabled=true" in overrides:
+        assert frozen and all("lora_" in n or "value_head" in n for n in before)
+        # the reference is the SFT model itself: LoRA disabled gives its logprobs exactly
+        from transformers import AutoModelForCausalLM
+
+        sft = AutoModelForCausalLM.from_pretrained(run_dir / "sft")
+        ids, attn = exp.input_ids, exp.attention_mask
+        with torch.no_grad():
+            assert torch.allclose(ppo.reference.logprobs(ids, attn, exp.n_prompt),
+                                  response_logprobs(sft, ids, attn, exp.n_prompt), atol=1e-5)
+            trained = ppo.unwrapped(ids, attn, exp.n_prompt).logprobs
+        # the saved folder is a plain causal LM with the adapters merged in
+        ppo.unwrapped.save_pretrained(tmp_path / "out")
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+        with torch.no_grad():
+            assert torch.allclose(response_logprobs(merged, ids, attn, exp.n_prompt), trained, atol=1e-4)
+
+
+def test_vllm_backend_is_a_clear_error():
+    with pytest.raises(RlhfchatError, match="vllm"):
+        check_backend("vllm")
+
+
+def test_sigkill_mid_run_resumes_to_the_same_step_count(run_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(
+        f"output_dir: {run_dir}\n"
+        "ppo:\n  num_rollouts: 8\n  chunk_size: 8\n  batch_size: 8\n  ppo_epochs: 1\n  total_steps: 10\n"
+        "  max_new_tokens: 6\n  eval_prompts: 2\n  save_steps: 1\n  learning_rate: 0.001\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "rlhfchat.train.ppo", str(recipe_path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpts = run_dir / "ppo" / "checkpoints"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and not list(ckpts.glob("step-*/state.json")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    step = json.loads(next(ckpts.glob("step-*/state.json")).read_text())["step"]
+    assert 1 <= step < 10
+
+    from rlhfchat.train.ppo import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the killed process: the same float sums, so the runs can match exactly
+    try:
+        metrics = main(load_recipe(recipe_path))
+        # the same recipe without the kill ends with the same weights
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        for name in ("sft", "reward", "data"):
+            os.symlink((run_dir / name).resolve(), fresh / name)
+        main(load_recipe(recipe_path, [f"output_dir={fresh}"]))
+    finally:
+        torch.set_num_threads(threads)
+    from safetensors.torch import load_file
+
+    resumed = load_file(run_dir / "ppo" / "model.safetensors")
+    uninterrupted = load_file(fresh / "ppo" / "model.safetensors")
+    assert all(torch.allclose(resumed[k], uninterrupted[k], atol=1e-6) for k in resumed)
+    assert metrics["steps"] == 10 and metrics["resumed_from_step"] >= step
+    assert metrics["optimizer_steps"] == 10
+    lines = [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, 11))
+    for key in ("score", "kl", "policy_loss", "value_loss", "clipfrac", "response_len", "entropy"):
+        assert key in lines[-1]
+    saved = json.loads((run_dir / "ppo" / "metrics.json").read_text())
+    for key in ("eval_reward_before", "eval_reward_after", "eval_reward_std_before", "kl", "steps", "wall_time_s"):
+        assert key in saved
+    assert [p.name for p in ckpts.iterdir()] == ["step-000010"]
+    assert (run_dir / "ppo" / "value_head.safetensors").is_file()
+    assert load_tokenizer(run_dir / "ppo").chat_template
+    AutoModelForCausalLM.from_pretrained(run_dir / "ppo")
