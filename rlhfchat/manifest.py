@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -75,6 +76,35 @@ def is_complete(stage_dir: Path, config_hash: str, inputs: dict[str, str]) -> bo
                 and m.get("inputs") == inputs)
 
 
+def distributed_state():
+    """accelerate's process state; on a machine without GPUs the ranks talk over gloo on the CPU."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    """Rank 0 under `accelerate launch`/torchrun (and a plain single process): the only one that writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the body first (building, writing); the other ranks run it after, and find the work done."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        yield
+        return
+    with distributed_state().main_process_first():
+        yield
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        distributed_state().wait_for_everyone()
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -91,8 +121,11 @@ def running(stage: str, stage_dir: Path, config_hash: str, inputs: dict[str, str
     manifest = {"stage": stage, "status": "running", "config_hash": config_hash, "inputs": inputs,
                 "started": _now(), "finished": None, "wall_seconds": None,
                 "attempts": int(previous.get("attempts", 0)) + 1}
-    write_json(stage_dir / MANIFEST, manifest)
+    main = is_main_process()
+    if main:
+        write_json(stage_dir / MANIFEST, manifest)
     t0 = time.perf_counter()
     yield manifest
     manifest.update(status="complete", finished=_now(), wall_seconds=round(time.perf_counter() - t0, 2))
-    write_json(stage_dir / MANIFEST, manifest)
+    if main:
+        write_json(stage_dir / MANIFEST, manifest)

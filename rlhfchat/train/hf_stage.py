@@ -32,7 +32,8 @@ def prepare(stage: str, stage_dir: Path, chash: str, inputs: dict[str, str]) -> 
         return True
     previous = manifest.read(stage_dir)
     ckpt = stage_dir / "checkpoints"
-    if previous and (previous.get("config_hash") != chash or previous.get("inputs") != inputs) and ckpt.exists():
+    changed = previous and (previous.get("config_hash") != chash or previous.get("inputs") != inputs)
+    if changed and ckpt.exists() and manifest.is_main_process():
         print(f"[{stage}] recipe or inputs changed since the last attempt; starting over")
         shutil.rmtree(ckpt)
     return False
@@ -48,7 +49,7 @@ def metrics_logger(path: Path, resume_step: int = 0):
     """A TrainerCallback appending every log to `metrics.jsonl`; a resumed run first drops lines past its step."""
     from transformers import TrainerCallback
 
-    if path.exists():
+    if path.exists() and manifest.is_main_process():
         kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
         path.write_text("".join(ln + "\n" for ln in kept))
 
@@ -105,6 +106,7 @@ def trainer_args(cfg: Any, stage_dir: Path, seed: int, dtype: str) -> dict[str, 
         max_length=cfg.max_length,
         dataloader_num_workers=0,
         dataloader_pin_memory=gpu,
+        use_cpu=not gpu,  # also what makes `accelerate launch` on a CPU machine run data-parallel over gloo
         disable_tqdm=False,
     )
 
@@ -121,7 +123,9 @@ def load_jsonl_dataset(path: Path):
 
 
 def save_model_folder(model: Any, tokenizer: Any, stage_dir: Path) -> None:
-    """Save weights (LoRA merged into the base) and the tokenizer with its chat template, HF layout."""
+    """Save weights (LoRA merged into the base) and the tokenizer with its chat template, HF layout (rank 0 only)."""
+    if not manifest.is_main_process():
+        return
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.save_pretrained(stage_dir, safe_serialization=True)

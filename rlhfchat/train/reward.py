@@ -91,10 +91,12 @@ def main(recipe: Recipe) -> Path:
         # 5. Save the folder (LoRA merged), tokenizer and template, and the figures.
         tokenizer.padding_side = "left"
         hf_stage.save_model_folder(trainer.model, tokenizer, stage_dir)
-        write_json(stage_dir / "metrics.json", metrics)
+        if manifest.is_main_process():
+            write_json(stage_dir / "metrics.json", metrics)
         print(f"[reward] train_loss {metrics['train_loss']:.4f}"
               + (f"  eval_accuracy {metrics['eval_accuracy']:.3f}" if "eval_accuracy" in metrics else "")
               + f"  -> {stage_dir}")
+    manifest.barrier()  # every rank goes on to the next stage only once this one's manifest says complete
     return stage_dir
 
 

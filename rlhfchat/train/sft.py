@@ -30,7 +30,8 @@ def main(recipe: Recipe) -> Path:
     train_file, eval_file = run / "data" / "sft.train.jsonl", run / "data" / "sft.eval.jsonl"
 
     # 1. What this stage depends on: skip when already done for the same recipe section and inputs.
-    base = ensure_base(recipe)
+    with manifest.main_process_first():
+        base = ensure_base(recipe)
     inputs = manifest.input_hashes(run, [base, train_file, eval_file])
     chash = config_hash({"sft": recipe.sft, "seed": recipe.seed, "base": recipe.base})
     if hf_stage.prepare("sft", stage_dir, chash, inputs):
@@ -77,10 +78,12 @@ def main(recipe: Recipe) -> Path:
         # 5. Save the model folder (LoRA merged) with its tokenizer and template, then the figures.
         tokenizer.padding_side = "left"
         hf_stage.save_model_folder(trainer.model, tokenizer, stage_dir)
-        write_json(stage_dir / "metrics.json", metrics)
+        if manifest.is_main_process():
+            write_json(stage_dir / "metrics.json", metrics)
         print(f"[sft] train_loss {metrics['train_loss']:.4f}"
               + (f"  eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
               + f"  -> {stage_dir}")
+    manifest.barrier()  # every rank goes on to the next stage only once this one's manifest says complete
     return stage_dir
 
 
