@@ -1,0 +1,452 @@
+"""Streaming chat generation for every front end (web, API, terminal, Discord, evaluation).
+
+    from rlhfchat.chat.engine import load_engine, SamplingParams
+    engine = load_engine("runs/tiny/ppo")                       # any HF causal-LM folder, or a LoRA adapter folder
+    for piece in engine.stream([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0.7)):
+        print(piece, end="", flush=True)
+    engine.generate(messages).text                              # the whole reply
+    engine.generate_many([messages, ...])                       # many prompts, batched, in order
+    req = engine.submit(messages, params)                       # a handle: iterate it (sync or async),
+                                                                # .cancel(), .result()
+
+One worker thread per engine decodes every running request together, step by step, with one KV cache
+(continuous batching): a request that arrives while others are decoding is prefilled on its own, its cache is
+left-padded to the batch's length and joined to the batch at the next step; a finished request leaves the batch at
+once. Rows are left-padded, with an attention mask and per-row position ids, so a request decodes the same text
+alone or in a batch. At most `max_batch` requests decode together; up to `max_queue` more wait, and past that
+`submit` raises `EngineBusy` (the API answers 429).
+
+Stop handling: a reply ends at EOS or at a stop sequence of the chat template ("### Human:"); while streaming, text
+that could be the start of a stop sequence (and trailing whitespace) is held back, so no part of it ever leaks.
+
+With vLLM installed and a CUDA GPU present, `load_engine` returns the vLLM backend (engine_vllm.py) instead, with
+the same methods.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import json
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from rlhfchat.chat.request import (  # noqa: F401  (re-exported: callers import everything from engine)
+    DEFAULT_MAX_NEW_TOKENS, Completion, EngineBusy, PromptTooLong, Request, SamplingParams, check_messages,
+    stop_sequences, stream_safe,
+)
+from rlhfchat.data.chat_format import cut_at_stop
+from rlhfchat.errors import RlhfchatError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Row:
+    """A request in the running batch (worker-thread state)."""
+
+    req: Request
+    generator: Any  # torch.Generator
+    seen: Any  # (V,) bool: tokens of the prompt and the reply, for the repetition penalty
+    stops: list[str]
+    tokens: list[int] = field(default_factory=list)
+    sampled: int = 0
+    shown: str = ""
+
+
+class ChatEngine:
+    """A Hugging Face causal LM behind a continuous-batching worker thread (see the module docstring)."""
+
+    backend = "hf"
+
+    def __init__(self, model_dir: str | Path, *, name: str | None = None, max_batch: int = 8, max_queue: int = 64,
+                 device: str | None = None, dtype: str | None = None, threads: int | None = None):
+        import torch
+
+        from rlhfchat.models import load_tokenizer
+
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "config.json").is_file() and not (self.model_dir / "adapter_config.json").is_file():
+            raise RlhfchatError(f"{model_dir}: not a model folder (no config.json or adapter_config.json)")
+        self.name = name or self.model_dir.name
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        default_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        torch_dtype = getattr(torch, dtype) if dtype else default_dtype
+        if self.device.type == "cpu":
+            # One core is left to the HTTP server and the tokenizer: on a busy machine, intra-op threads that
+            # outnumber free cores spin and wait on each other (we measured 20x slower decoding on 2 shared cores).
+            torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) - 1))
+        self.model, tok_dir = _load_model(self.model_dir, torch_dtype)
+        self.model.to(self.device).eval()
+        self.tokenizer = load_tokenizer(tok_dir)
+        cfg = self.model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        window = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        self.context_window = int(min(window, tok_max) if tok_max and tok_max < 1_000_000 else window)
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {int(e) for e in [*eos, self.tokenizer.eos_token_id] if e is not None}
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._has_position_ids = "position_ids" in params
+        self._has_logits_to_keep = "logits_to_keep" in params
+
+        self._cond = threading.Condition()
+        self._pending: collections.deque[Request] = collections.deque()
+        self._closed = False
+        self._running = 0
+        # batch state, touched only by the worker thread
+        self._rows: list[_Row] = []
+        self._cache: Any = None
+        self._mask: Any = None  # (B, T) 1 for real tokens, 0 for left padding
+        self._pos: Any = None  # (B,) position id of the next token each row feeds
+        self._next: Any = None  # (B,) the token each row feeds next
+        self._worker = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ public API
+    def fit(self, messages: list[dict[str, str]], max_new_tokens: int | None = None,
+            truncate: bool = True) -> tuple[list[dict[str, str]], list[int], int]:
+        """The prompt that fits the context window: (messages used, prompt token ids, reply token budget).
+
+        truncate=True keeps the system prompt and the last user message and drops the oldest turns until the prompt
+        plus the reply length fits (or only the last exchange is left); truncate=False (the API) never drops
+        anything and raises PromptTooLong instead."""
+        messages = check_messages(messages)
+        system, turns = (messages[:1], messages[1:]) if messages[0]["role"] == "system" else ([], messages)
+        want = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        ids = self.encode(system + turns)
+        while truncate and len(ids) + want > self.context_window and len(turns) > 1:
+            turns = turns[1:]
+            while turns[0]["role"] != "user":  # a kept conversation starts with the user
+                turns = turns[1:]
+            ids = self.encode(system + turns)
+        room = self.context_window - len(ids)
+        if room < 1 or (not truncate and max_new_tokens is not None and max_new_tokens > room):
+            asked = f" plus max_tokens {max_new_tokens}" if max_new_tokens and not truncate else ""
+            raise PromptTooLong(f"messages: the prompt is {len(ids)} tokens{asked}; {self.name} takes at most "
+                                f"{self.context_window} tokens in all")
+        return system + turns, ids, min(want, room)
+
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of the messages rendered through the chat template, ending with the assistant's cue."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def submit(self, messages: list[dict[str, str]], params: SamplingParams | None = None, *, truncate: bool = True,
+               block: bool = False) -> Request:
+        """Queue one reply. Raises PromptTooLong, RlhfchatError (bad messages), EngineBusy (queue full; with
+        block=True it waits for room instead)."""
+        params = params or SamplingParams()
+        used, ids, budget = self.fit(messages, params.max_new_tokens, truncate)
+        req = Request(used, params, ids, self.name, budget)
+        with self._cond:
+            if self._closed:
+                raise RlhfchatError(f"{self.name}: the engine is closed")
+            if len(self._pending) >= self.max_queue:
+                if not block:
+                    raise EngineBusy(f"{self.name}: busy ({self.max_queue} requests waiting); try again shortly")
+                self._cond.wait_for(lambda: len(self._pending) < self.max_queue or self._closed)
+            self._pending.append(req)
+            self._cond.notify_all()
+        return req
+
+    def stream(self, messages: list[dict[str, str]], params: SamplingParams | None = None, **kw: Any) -> Iterator[str]:
+        """Text pieces of one reply as they are generated."""
+        return iter(self.submit(messages, params, **kw))
+
+    def generate(self, messages: list[dict[str, str]], params: SamplingParams | None = None, **kw: Any) -> Completion:
+        return self.submit(messages, params, **kw).result()
+
+    def generate_many(self, conversations: list[list[dict[str, str]]],
+                      params: SamplingParams | None = None) -> list[Completion]:
+        """Replies to many prompts (e.g. evaluation), decoded in batches; results in input order."""
+        reqs = [self.submit(m, params, block=True) for m in conversations]
+        return [r.result() for r in reqs]
+
+    def load(self) -> dict[str, int]:
+        """How busy the engine is: requests decoding and waiting."""
+        with self._cond:
+            return {"running": self._running, "waiting": len(self._pending)}
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._worker.join(timeout=30)
+
+    # ------------------------------------------------------------------ worker
+    def _loop(self) -> None:
+        import torch
+
+        while True:
+            with self._cond:
+                while not self._pending and not self._rows and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    break
+                new = []
+                while self._pending and len(self._rows) + len(new) < self.max_batch:
+                    new.append(self._pending.popleft())
+                self._running = len(self._rows) + len(new)
+                self._cond.notify_all()  # room in the queue for blocked submitters
+            try:
+                with torch.inference_mode():
+                    for req in [r for r in new if r.cancelled]:
+                        req._finish("", "cancelled", 0)
+                    new = [r for r in new if not r.cancelled]
+                    if new:
+                        self._prefill(new)
+                    if self._rows:
+                        self._decode()
+            except Exception as e:  # a failed step fails its requests, not the engine
+                log.exception("generation step failed")
+                err = RlhfchatError(f"{self.name}: generation failed ({type(e).__name__}: {e})")
+                for req in [*(r.req for r in self._rows), *new]:
+                    if not req.done:
+                        req._push(error=err)
+                self._rows, self._cache = [], None
+        err = RlhfchatError(f"{self.name}: the engine is closed")
+        for req in [*(r.req for r in self._rows), *self._pending]:
+            req._push(error=err)
+
+    def _forward(self, input_ids: Any, mask: Any, pos: Any, cache: Any) -> tuple[Any, Any]:
+        kw: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, self._cache_kw: cache, "use_cache": True}
+        if self._has_position_ids:
+            kw["position_ids"] = pos
+        if self._has_logits_to_keep:
+            kw["logits_to_keep"] = 1
+        out = self.model(**kw)
+        return out.logits[:, -1, :].float(), getattr(out, self._cache_kw)
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        """Run the new prompts together (left-padded), sample their first tokens, join them to the batch."""
+        import torch
+        from transformers import DynamicCache
+
+        n, length = len(reqs), max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((n, length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, length), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, length - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[i, length - len(r.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, L): each row counts from 0 at its first real token
+        logits, cache = self._forward(ids, mask, pos, DynamicCache())
+        rows = []
+        for r in reqs:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(r.params.seed if r.params.seed is not None else random.randrange(2**63))
+            seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            seen[torch.tensor([t for t in r.prompt_ids if t < self.vocab_size], dtype=torch.long,
+                              device=self.device)] = True
+            rows.append(_Row(r, gen, seen, stop_sequences(r.params)))
+        tokens = self._sample(logits, rows)
+        keep = [i for i, (row, t) in enumerate(zip(rows, tokens)) if not self._accept(row, t)]
+        if not keep:
+            return
+        idx = torch.tensor(keep, device=self.device)
+        kv = [(k[idx], v[idx]) for k, v in _layers(cache)]
+        mask = mask[idx]
+        pos = torch.tensor([len(rows[i].req.prompt_ids) for i in keep], device=self.device)
+        nxt = torch.tensor([tokens[i] for i in keep], device=self.device)
+        self._join(kv, mask, pos, nxt, [rows[i] for i in keep])
+
+    def _join(self, kv: list[tuple[Any, Any]], mask: Any, pos: Any, nxt: Any, rows: list[_Row]) -> None:
+        """Append rows to the running batch, left-padding whichever cache is shorter."""
+        import torch
+        import torch.nn.functional as F
+        from transformers import DynamicCache
+
+        if not self._rows:
+            self._cache = DynamicCache(ddp_cache_data=kv)
+            self._mask, self._pos, self._next, self._rows = mask, pos, nxt, rows
+            return
+        old = list(_layers(self._cache))
+        t_old, t_new = self._mask.shape[1], mask.shape[1]
+        t = max(t_old, t_new)
+
+        def pad(x: Any, have: int) -> Any:  # (B, H, T, D): pad T on the left with zeros
+            return F.pad(x, (0, 0, t - have, 0)) if have < t else x
+
+        merged = [(torch.cat([pad(k0, t_old), pad(k1, t_new)]), torch.cat([pad(v0, t_old), pad(v1, t_new)]))
+                  for (k0, v0), (k1, v1) in zip(old, kv)]
+        self._cache = DynamicCache(ddp_cache_data=merged)
+        self._mask = torch.cat([F.pad(self._mask, (t - t_old, 0)), F.pad(mask, (t - t_new, 0))])
+        self._pos = torch.cat([self._pos, pos])
+        self._next = torch.cat([self._next, nxt])
+        self._rows = self._rows + rows
+
+    def _decode(self) -> None:
+        """One token for every running row; finished and cancelled rows leave the batch."""
+        import torch
+        from transformers import DynamicCache
+
+        b = len(self._rows)
+        self._mask = torch.cat([self._mask, torch.ones((b, 1), dtype=self._mask.dtype, device=self.device)], dim=1)
+        logits, self._cache = self._forward(self._next.view(b, 1), self._mask, self._pos.view(b, 1), self._cache)
+        self._pos = self._pos + 1
+        tokens = self._sample(logits, self._rows)
+        keep = [i for i, (row, t) in enumerate(zip(self._rows, tokens)) if not self._accept(row, t)]
+        if len(keep) == b:
+            self._next = torch.tensor(tokens, device=self.device)
+            return
+        with self._cond:
+            self._running = len(keep)
+        if not keep:
+            self._rows, self._cache = [], None
+            return
+        idx = torch.tensor(keep, device=self.device)
+        mask = self._mask[idx]
+        start = int(mask.any(dim=0).long().argmax())  # columns that are padding in every remaining row go
+        self._cache = DynamicCache(ddp_cache_data=[(k[idx, :, start:], v[idx, :, start:])
+                                                   for k, v in _layers(self._cache)])
+        self._mask = mask[:, start:]
+        self._pos = self._pos[idx]
+        self._next = torch.tensor([tokens[i] for i in keep], device=self.device)
+        self._rows = [self._rows[i] for i in keep]
+
+    def _sample(self, logits: Any, rows: list[_Row]) -> list[int]:
+        """One token per row from (B, V) float logits, each row with its own settings and random generator.
+
+        The HF order: repetition penalty, temperature, top-k, then top-p on what top-k left. Vectorised over
+        rows; each row draws one uniform number from its own generator and inverts its CDF, so a seeded request
+        samples the same way alone or in a batch."""
+        import torch
+
+        params = [r.req.params for r in rows]
+        b, v = logits.shape
+        dev = logits.device
+        x = logits
+        if any(p.repetition_penalty != 1.0 for p in params):
+            pen = torch.tensor([p.repetition_penalty for p in params], device=dev).unsqueeze(1)  # (B, 1)
+            seen = torch.stack([r.seen for r in rows])  # (B, V)
+            x = torch.where(seen, torch.where(x > 0, x / pen, x * pen), x)
+        greedy = x.argmax(dim=-1)  # (B,)
+        if all(p.temperature == 0 for p in params):
+            return greedy.tolist()
+        temp = torch.tensor([p.temperature or 1.0 for p in params], device=dev).unsqueeze(1)
+        x = x / temp
+        use_k = any(0 < p.top_k < v for p in params)
+        use_p = any(p.top_p < 1.0 for p in params)
+        order = None
+        if use_k or use_p:
+            x, order = torch.sort(x, dim=-1, descending=True)  # (B, V), order maps sorted -> token id
+            if use_k:
+                k = torch.tensor([p.top_k if 0 < p.top_k < v else v for p in params], device=dev).unsqueeze(1)
+                x = x.masked_fill(torch.arange(v, device=dev).unsqueeze(0) >= k, float("-inf"))
+            if use_p:
+                top_p = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
+                probs = x.softmax(dim=-1)
+                x = x.masked_fill(probs.cumsum(dim=-1) - probs > top_p, float("-inf"))  # keeps >= 1 token
+        cdf = x.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+        u = torch.stack([torch.rand((), generator=r.generator, device=dev) for r in rows]).unsqueeze(1)
+        idx = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=v - 1)  # (B, 1)
+        sampled = (order.gather(1, idx) if order is not None else idx).squeeze(1)
+        is_greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
+        return torch.where(is_greedy, greedy, sampled).tolist()
+
+    def _accept(self, row: _Row, token: int) -> bool:
+        """Add a sampled token to a row, stream what is safe to show; True when the row is finished."""
+        req, p = row.req, row.req.params
+        row.sampled += 1
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        if req.cancelled:
+            req._finish(row.shown, "cancelled", row.sampled)
+            return True
+        if token in self.eos_ids and not p.ignore_eos:
+            return self._end(row, self._text(row), "stop")
+        row.tokens.append(token)
+        if token < self.vocab_size:
+            row.seen[token] = True
+        text = self._text(row)
+        if row.stops:
+            text, hit = cut_at_stop(text, row.stops)
+            if hit:
+                return self._end(row, text, "stop")
+        if len(row.tokens) >= req.max_new_tokens:
+            return self._end(row, text, "length")
+        safe = stream_safe(text, row.stops)
+        if len(safe) > len(row.shown) and safe.startswith(row.shown):
+            req._push(safe[len(row.shown):])
+            row.shown = safe
+        return False
+
+    def _text(self, row: _Row) -> str:
+        # the template puts a space before the reply; a reply never starts with whitespace
+        return self.tokenizer.decode(row.tokens, skip_special_tokens=True).lstrip()
+
+    def _end(self, row: _Row, text: str, reason: str) -> bool:
+        # cut off mid-way ("length"), a reply may end in part of a stop sequence: that part goes too
+        text = stream_safe(text, row.stops)
+        if text.startswith(row.shown) and len(text) > len(row.shown):
+            row.req._push(text[len(row.shown):])
+        row.req._finish(text, reason, row.sampled)
+        return True
+
+
+def _layers(cache: Any) -> Iterator[tuple[Any, Any]]:
+    """(keys, values) of each layer of a DynamicCache, each (B, heads, T, head_dim)."""
+    for layer in cache.layers:
+        yield layer.keys, layer.values
+
+
+def _load_model(model_dir: Path, dtype: Any) -> tuple[Any, Path]:
+    """The causal LM of a folder, or of a LoRA adapter folder merged into its base; and the tokenizer's folder."""
+    from transformers import AutoModelForCausalLM
+
+    adapter = model_dir / "adapter_config.json"
+    if not adapter.is_file():
+        try:
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype), model_dir
+        except (OSError, ValueError) as e:
+            raise RlhfchatError(f"{model_dir}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+    from peft import PeftModel
+
+    base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise RlhfchatError(f"{adapter}: no base_model_name_or_path, so the base model is unknown")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise RlhfchatError(f"{model_dir}: cannot load the adapter's base model {base} "
+                            f"({str(e).splitlines()[0]})") from None
+    model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
+    has_tokenizer = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return model, model_dir if has_tokenizer else Path(base)
+
+
+def vllm_available() -> bool:
+    try:
+        import importlib.util
+
+        import torch
+
+        return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def load_engine(model_dir: str | Path, *, backend: str = "auto", **kw: Any) -> Any:
+    """A chat engine for a model folder: vLLM when installed with a GPU present (backend="auto"), else HF."""
+    if backend not in ("auto", "hf", "vllm"):
+        raise RlhfchatError(f"backend: expected auto, hf or vllm, got {backend!r}")
+    if backend == "vllm" or (backend == "auto" and vllm_available()):
+        from rlhfchat.chat.engine_vllm import VLLMEngine
+
+        kw.pop("dtype", None)
+        kw.pop("device", None)
+        kw.pop("threads", None)
+        return VLLMEngine(model_dir, **kw)
+    return ChatEngine(model_dir, **kw)

@@ -1,0 +1,156 @@
+"""The vLLM backend of the chat engine: same methods as engine.ChatEngine, for GPU serving.
+
+`load_engine` picks it when vLLM is installed and a CUDA GPU is present. vLLM does its own continuous batching and
+paged KV cache; this class runs vLLM's async engine on an event loop in a background thread and feeds the same
+`Request` handles as the HF backend, with the same stop handling (stop sequences held back while streaming).
+A LoRA adapter folder is served on its base model through vLLM's LoRA support.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+from rlhfchat.chat.request import (
+    Completion, EngineBusy, Request, SamplingParams, check_messages, stop_sequences, stream_safe,
+)
+from rlhfchat.errors import RlhfchatError
+
+
+class VLLMEngine:
+    """vLLM's AsyncLLMEngine behind the ChatEngine interface (fit/encode/submit/stream/generate/generate_many)."""
+
+    backend = "vllm"
+
+    def __init__(self, model_dir: str | Path, *, name: str | None = None, max_batch: int = 256, max_queue: int = 64,
+                 gpu_memory_utilization: float = 0.85):
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+        from transformers import AutoConfig
+
+        from rlhfchat.models import load_tokenizer
+
+        self.model_dir = Path(model_dir)
+        self.name = name or self.model_dir.name
+        self.max_batch, self.max_queue = max_batch, max_queue
+        adapter = self.model_dir / "adapter_config.json"
+        self._lora = None
+        base = self.model_dir
+        if adapter.is_file():
+            from vllm.lora.request import LoRARequest
+
+            base = Path(json.loads(adapter.read_text())["base_model_name_or_path"])
+            self._lora = LoRARequest(self.name, 1, str(self.model_dir))
+        has_tokenizer = any((self.model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        self.tokenizer = load_tokenizer(self.model_dir if has_tokenizer else base)
+        cfg = AutoConfig.from_pretrained(base)
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        self.context_window = int(getattr(cfg, "max_position_embeddings", 2048))
+        args = AsyncEngineArgs(model=str(base), tokenizer=str(self.model_dir if has_tokenizer else base),
+                               max_model_len=self.context_window, max_num_seqs=max_batch,
+                               gpu_memory_utilization=gpu_memory_utilization, enable_lora=self._lora is not None)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"vllm-{self.name}", daemon=True)
+        self._thread.start()
+        self._llm = asyncio.run_coroutine_threadsafe(self._create(AsyncLLMEngine, args), self._loop).result()
+        self._ids = itertools.count()
+        self._lock = threading.Condition()
+        self._inflight = 0
+        self._closed = False
+
+    @staticmethod
+    async def _create(cls: Any, args: Any) -> Any:
+        return cls.from_engine_args(args)
+
+    # the same prompt handling as the HF backend
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def fit(self, messages: list[dict[str, str]], max_new_tokens: int | None = None,
+            truncate: bool = True) -> tuple[list[dict[str, str]], list[int], int]:
+        from rlhfchat.chat.engine import ChatEngine
+
+        messages = check_messages(messages)
+        return ChatEngine.fit(self, messages, max_new_tokens, truncate)  # type: ignore[arg-type]
+
+    def submit(self, messages: list[dict[str, str]], params: SamplingParams | None = None, *, truncate: bool = True,
+               block: bool = False) -> Request:
+        params = params or SamplingParams()
+        used, ids, budget = self.fit(messages, params.max_new_tokens, truncate)
+        req = Request(used, params, ids, self.name, budget)
+        with self._lock:
+            if self._closed:
+                raise RlhfchatError(f"{self.name}: the engine is closed")
+            limit = self.max_batch + self.max_queue
+            if self._inflight >= limit:
+                if not block:
+                    raise EngineBusy(f"{self.name}: busy ({self._inflight} requests in flight); try again shortly")
+                self._lock.wait_for(lambda: self._inflight < limit)
+            self._inflight += 1
+        asyncio.run_coroutine_threadsafe(self._run(req, f"{self.name}-{next(self._ids)}"), self._loop)
+        return req
+
+    def stream(self, messages: list[dict[str, str]], params: SamplingParams | None = None, **kw: Any) -> Iterator[str]:
+        return iter(self.submit(messages, params, **kw))
+
+    def generate(self, messages: list[dict[str, str]], params: SamplingParams | None = None, **kw: Any) -> Completion:
+        return self.submit(messages, params, **kw).result()
+
+    def generate_many(self, conversations: list[list[dict[str, str]]],
+                      params: SamplingParams | None = None) -> list[Completion]:
+        reqs = [self.submit(m, params, block=True) for m in conversations]
+        return [r.result() for r in reqs]
+
+    def load(self) -> dict[str, int]:
+        return {"running": self._inflight, "waiting": 0}
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        shutdown = getattr(self._llm, "shutdown", None)
+        if shutdown:
+            shutdown()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    async def _run(self, req: Request, rid: str) -> None:
+        import time
+
+        from vllm import SamplingParams as VllmParams
+
+        p, stops = req.params, stop_sequences(req.params)
+        sp = VllmParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k if p.top_k > 0 else -1,
+                        repetition_penalty=p.repetition_penalty, seed=p.seed, max_tokens=req.max_new_tokens,
+                        stop=stops or None, ignore_eos=p.ignore_eos, skip_special_tokens=True)
+        shown, text, reason, n = "", "", "length", 0
+        try:
+            async for out in self._llm.generate({"prompt_token_ids": req.prompt_ids}, sp, rid, lora_request=self._lora):
+                o = out.outputs[0]
+                n = len(o.token_ids)
+                if n and req.first_token_at is None:
+                    req.first_token_at = time.perf_counter()
+                if req.cancelled:
+                    await self._llm.abort(rid)
+                    req._finish(shown, "cancelled", n)
+                    return
+                text = o.text.lstrip()
+                safe = stream_safe(text, stops)
+                if len(safe) > len(shown) and safe.startswith(shown):
+                    req._push(safe[len(shown):])
+                    shown = safe
+                if out.finished:
+                    reason = "length" if o.finish_reason == "length" else "stop"
+            final = stream_safe(text, stops)
+            if final.startswith(shown) and len(final) > len(shown):
+                req._push(final[len(shown):])
+            req._finish(final, reason, n)
+        except Exception as e:  # noqa: BLE001 - the request fails, the engine goes on
+            req._push(error=RlhfchatError(f"{self.name}: generation failed ({type(e).__name__}: {e})"))
+        finally:
+            with self._lock:
+                self._inflight -= 1
+                self._lock.notify_all()
+

@@ -1,0 +1,271 @@
+"""The feedback store: every reply the chat front ends give, with thumbs and arena votes, in one SQL database.
+
+    store = FeedbackStore("runs/tiny/feedback.db")            # a path (SQLite, WAL) or any SQLAlchemy URL
+    conv = store.new_conversation(source="web")
+    reply = store.add_reply(conv, completion)                 # an engine Completion: prompt, text, model, settings
+    store.thumb(reply, up=True)                               # up=False: thumbs down; up=None: taken back
+    store.arena_vote(reply_a, reply_b, "a")                   # a, b, tie, both_bad
+    store.export("prefs.jsonl")                               # canonical preference records, "source": "feedback"
+
+    rlhfchat feedback export --db URL --out prefs.jsonl
+
+Export pairs: an arena vote for A or B gives (chosen = the winner's reply, rejected = the other's) on the prompt
+both models saw; thumbs give every (up, down) pair of replies to the same prompt (the same messages, system prompt
+included), where a reply's score is the sum of each user's latest thumb. Ties and "both bad" give no pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import uuid
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, event, func, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from rlhfchat.data.schema import preference, write_jsonl
+from rlhfchat.errors import RlhfchatError
+
+WINNERS = ("a", "b", "tie", "both_bad")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = sub.add_parser("export", help="write arena votes and thumbs as canonical preference records (JSONL)")
+    p.add_argument("--db", required=True, help="database URL (postgresql://...) or a SQLite file path")
+    p.add_argument("--out", required=True, help="output JSONL file")
+
+
+def main(args: argparse.Namespace) -> None:
+    store = FeedbackStore(args.db, create=False)
+    try:
+        records = store.preference_records()
+        n = write_jsonl(args.out, records)
+        arena = sum(r["id"].startswith("feedback-arena-") for r in records)
+        print(f"{n} preference records written to {args.out} ({arena} from arena votes, {n - arena} from thumbs)")
+    finally:
+        store.close()
+
+
+def db_url(db: str | Path) -> str:
+    """A SQLAlchemy URL from a URL or a file path (a path means SQLite)."""
+    db = str(db)
+    if "://" in db:
+        return db
+    return f"sqlite:///{Path(db).expanduser().resolve()}"
+
+
+def default_db(model_dirs: list[str | Path]) -> Path:
+    """Where `serve` keeps feedback without --db: feedback.db in the run folder of the first model
+    (runs/NAME/ when serving runs/NAME/ppo), else in the current folder."""
+    parent = Path(model_dirs[0]).resolve().parent
+    if (parent / "recipe.yaml").is_file():
+        return parent / "feedback.db"
+    return Path.cwd() / "feedback.db"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_new_id)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    source: Mapped[str] = mapped_column(String(32))  # web, arena, terminal, discord, api
+    client: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+
+
+class Reply(Base):
+    __tablename__ = "replies"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_new_id)
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    model: Mapped[str] = mapped_column(String(200))
+    prompt: Mapped[list] = mapped_column(JSON)  # the messages the model saw
+    content: Mapped[str] = mapped_column(Text)
+    sampling: Mapped[dict] = mapped_column(JSON)
+    finish_reason: Mapped[str] = mapped_column(String(16))
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Thumb(Base):
+    __tablename__ = "thumbs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    reply_id: Mapped[str] = mapped_column(ForeignKey("replies.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    value: Mapped[int] = mapped_column(Integer)  # +1 up, -1 down, 0 taken back
+    user: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+
+
+class ArenaVote(Base):
+    __tablename__ = "arena_votes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    reply_a_id: Mapped[str] = mapped_column(ForeignKey("replies.id"))
+    reply_b_id: Mapped[str] = mapped_column(ForeignKey("replies.id"))
+    model_a: Mapped[str] = mapped_column(String(200))
+    model_b: Mapped[str] = mapped_column(String(200))
+    winner: Mapped[str] = mapped_column(String(16))  # a, b, tie, both_bad
+    user: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+
+
+class FeedbackStore:
+    """Conversations, replies, thumbs and arena votes in SQLite (WAL) or any SQLAlchemy database. Thread-safe."""
+
+    def __init__(self, db: str | Path, *, create: bool = True):
+        self.url = db_url(db)
+        if self.url.startswith("sqlite:///") and not create:
+            path = Path(self.url[len("sqlite:///"):])
+            if not path.is_file():
+                raise RlhfchatError(f"--db: {path} does not exist")
+        if self.url.startswith("sqlite:///"):
+            Path(self.url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.engine = create_engine(self.url, pool_pre_ping=True)
+        except Exception as e:  # bad URL, missing driver
+            raise RlhfchatError(f"--db: cannot use {self.safe_url()} ({str(e).splitlines()[0]})") from None
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        try:
+            Base.metadata.create_all(self.engine)
+        except Exception as e:
+            raise RlhfchatError(f"--db: cannot open {self.safe_url()} ({str(e).splitlines()[0]})") from None
+        self.Session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def safe_url(self) -> str:
+        """The URL with any password hidden, for messages."""
+        from sqlalchemy.engine import make_url
+
+        try:
+            return make_url(self.url).render_as_string(hide_password=True)
+        except Exception:
+            return "the database URL"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ writing
+    def new_conversation(self, source: str = "web", client: str | None = None) -> str:
+        with self.Session.begin() as s:
+            conv = Conversation(source=source, client=client)
+            s.add(conv)
+        return conv.id
+
+    def add_reply(self, conversation_id: str, completion: Any = None, *, model: str | None = None,
+                  prompt: list[dict[str, str]] | None = None, content: str | None = None,
+                  sampling: dict[str, Any] | None = None, finish_reason: str = "stop",
+                  reply_id: str | None = None) -> str:
+        """Record one reply: from an engine Completion, or from the keyword fields; returns its id."""
+        if completion is not None:
+            model, prompt, content = completion.model, completion.messages, completion.text
+            sampling, finish_reason = completion.params.to_dict(), completion.finish_reason
+            tokens = (completion.prompt_tokens, completion.completion_tokens)
+        else:
+            tokens = (0, 0)
+        with self.Session.begin() as s:
+            reply = Reply(id=reply_id or _new_id(), conversation_id=conversation_id, model=model, prompt=prompt,
+                          content=content, sampling=sampling or {}, finish_reason=finish_reason,
+                          prompt_tokens=tokens[0], completion_tokens=tokens[1])
+            s.add(reply)
+        return reply.id
+
+    def thumb(self, reply_id: str, up: bool | None, user: str | None = None) -> None:
+        """Thumbs up (True), down (False) or taken back (None) on a reply; a user's latest thumb counts."""
+        with self.Session.begin() as s:
+            if s.get(Reply, reply_id) is None:
+                raise RlhfchatError(f"reply_id: no reply {reply_id!r}")
+            s.add(Thumb(reply_id=reply_id, value=0 if up is None else (1 if up else -1), user=user))
+
+    def arena_vote(self, reply_a_id: str, reply_b_id: str, winner: str, user: str | None = None) -> int:
+        if winner not in WINNERS:
+            raise RlhfchatError(f"winner: expected one of {', '.join(WINNERS)}, got {winner!r}")
+        with self.Session.begin() as s:
+            a, b = s.get(Reply, reply_a_id), s.get(Reply, reply_b_id)
+            if a is None or b is None:
+                raise RlhfchatError(f"reply_{'a' if a is None else 'b'}_id: no such reply")
+            vote = ArenaVote(reply_a_id=a.id, reply_b_id=b.id, model_a=a.model, model_b=b.model, winner=winner,
+                                  user=user)
+            s.add(vote)
+        return vote.id
+
+    # ------------------------------------------------------------------ reading
+    def counts(self) -> dict[str, int]:
+        with self.Session() as s:
+            return {name: s.scalar(select(func.count()).select_from(t)) or 0 for name, t in (
+                ("conversations", Conversation), ("replies", Reply), ("thumbs", Thumb),
+                ("arena_votes", ArenaVote))}
+
+    def arena_votes(self) -> list[dict[str, Any]]:
+        with self.Session() as s:
+            return [{"id": v.id, "created_at": v.created_at, "reply_a_id": v.reply_a_id, "reply_b_id": v.reply_b_id,
+                     "model_a": v.model_a, "model_b": v.model_b, "winner": v.winner, "user": v.user}
+                    for v in s.scalars(select(ArenaVote).order_by(ArenaVote.id))]
+
+    def reply(self, reply_id: str) -> dict[str, Any] | None:
+        with self.Session() as s:
+            r = s.get(Reply, reply_id)
+            return None if r is None else {c.name: getattr(r, c.name) for c in Reply.__table__.columns}
+
+    def preference_records(self) -> list[dict[str, Any]]:
+        """Canonical preference records from arena votes (A or B) and thumbs (up vs down on the same prompt)."""
+        records = []
+        with self.Session() as s:
+            latest_vote: dict[tuple[str, str], Any] = {}
+            for v in s.scalars(select(ArenaVote).order_by(ArenaVote.id)):
+                latest_vote[(v.reply_a_id, v.reply_b_id)] = v  # a re-vote on the same pair replaces the first
+            for (a_id, b_id), v in sorted(latest_vote.items(), key=lambda kv: kv[1].id):
+                if v.winner not in ("a", "b"):
+                    continue
+                a, b = s.get(Reply, a_id), s.get(Reply, b_id)
+                chosen, rejected = (a, b) if v.winner == "a" else (b, a)
+                if chosen.content != rejected.content:
+                    records.append(preference(f"feedback-arena-{v.id}", "feedback", chosen.prompt, chosen.content,
+                                              rejected.content))
+
+            latest_thumb: dict[tuple[str, str | None], int] = {}
+            for t in s.scalars(select(Thumb).order_by(Thumb.id)):
+                latest_thumb[(t.reply_id, t.user)] = t.value
+            score: dict[str, int] = defaultdict(int)
+            for (reply_id, _), value in latest_thumb.items():
+                score[reply_id] += value
+            by_prompt: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
+            rated = [r for r in s.scalars(select(Reply).where(Reply.id.in_(list(score)))
+                                          .order_by(Reply.created_at, Reply.id)) if score[r.id]]
+            for r in rated:
+                ups, downs = by_prompt[json.dumps(r.prompt, sort_keys=True, ensure_ascii=False)]
+                (ups if score[r.id] > 0 else downs).append(r)
+            for ups, downs in by_prompt.values():
+                for up in ups:
+                    for down in downs:
+                        if up.content != down.content:
+                            records.append(preference(f"feedback-thumbs-{up.id}-{down.id}", "feedback", up.prompt,
+                                                      up.content, down.content))
+        return records
+
+    def export(self, out: str | Path) -> int:
+        """Write the preference records to a JSONL file; returns how many."""
+        return write_jsonl(out, self.preference_records())
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """WAL lets the web server write while an export reads; a busy timeout instead of 'database is locked'."""
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()

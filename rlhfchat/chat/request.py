@@ -1,0 +1,233 @@
+"""What one generation request is, for every chat backend (engine.py's HF batcher, engine_vllm.py's vLLM):
+its sampling settings, the handle a caller iterates for streamed text, the finished Completion, the message checks,
+and the stop-sequence hold-back that keeps "### Human:" out of every stream.
+
+    req = engine.submit(messages, SamplingParams(temperature=0.7))
+    for piece in req: ...            # or `async for piece in req`; leaving the loop early cancels the request
+    req.result().text                # the whole reply
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterator
+
+from rlhfchat.data.chat_format import STOP_SEQUENCES
+from rlhfchat.errors import RlhfchatError
+
+DEFAULT_MAX_NEW_TOKENS = 512
+"""The reply length when a request does not say (and the context window leaves room)."""
+
+
+class EngineBusy(RlhfchatError):
+    """The engine's waiting queue is full: try again later (HTTP 429)."""
+
+
+class PromptTooLong(RlhfchatError):
+    """The prompt (plus the requested reply length) does not fit the model's context window (HTTP 400)."""
+
+
+@dataclass
+class SamplingParams:
+    """How one reply is sampled. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int | None = None
+    """None: up to DEFAULT_MAX_NEW_TOKENS, or what the context window leaves."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages tokens already in the prompt or the reply (the CTRL / HF definition)."""
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    """Extra stop sequences, on top of the template's."""
+    ignore_eos: bool = False
+    """Benchmarks: ignore EOS and stop sequences, always generate max_new_tokens."""
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("temperature", isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100, ">= 0"),
+            ("top_p", isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
+            ("max_new_tokens", self.max_new_tokens is None
+             or (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1), "an integer >= 1"),
+            ("repetition_penalty", isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
+             "> 0"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
+            ("stop", isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop),
+             "a list of non-empty strings"),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise RlhfchatError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+        self.stop = list(self.stop)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Completion:
+    """A finished reply. finish_reason: "stop" (EOS or a stop sequence), "length", "cancelled"."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    messages: list[dict[str, str]]
+    """The prompt the model saw: the request's messages less any oldest turns dropped to fit the context."""
+    model: str
+    params: SamplingParams
+    ttft_s: float | None = None
+    """Seconds from submission to the first generated token."""
+    elapsed_s: float = 0.0
+
+
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    """Messages the template can render: system (first only), then user/assistant, ending with a user turn."""
+    if not isinstance(messages, list) or not messages:
+        raise RlhfchatError("messages: expected a non-empty list of {'role', 'content'} messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise RlhfchatError(f"messages[{i}]: expected {{'role': ..., 'content': str}}, got {m!r}")
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise RlhfchatError(f"messages[{i}].role: expected system, user or assistant, got {m.get('role')!r}")
+        if m["role"] == "system" and i != 0:
+            raise RlhfchatError(f"messages[{i}].role: a system message may only come first")
+    if messages[-1]["role"] != "user":
+        raise RlhfchatError(f"messages[{len(messages) - 1}].role: the last message must be the user's")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def stream_safe(text: str, stops: list[str]) -> str:
+    """The part of a growing reply that can be shown now: hold back a trailing incomplete UTF-8 character, any
+    suffix that could be the start of a stop sequence, and trailing whitespace (so "### Human:" never leaks, even in
+    part, and the streamed pieces add up to the final reply)."""
+    text = text.rstrip("\ufffd")
+    end = len(text)
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                end = min(end, len(text) - k)
+                break
+    return text[:end].rstrip()
+
+
+class Request:
+    """One submitted reply: iterate it (sync or async) for text pieces; closing the iterator cancels it."""
+
+    def __init__(self, messages: list[dict[str, str]], params: SamplingParams, prompt_ids: list[int], model: str,
+                 max_new_tokens: int):
+        self.messages = messages
+        self.params = params
+        self.prompt_ids = prompt_ids
+        self.model = model
+        self.max_new_tokens = max_new_tokens
+        self.created = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.cancelled = False
+        self._cond = threading.Condition()
+        self._pieces: list[str] = []
+        self._done = False
+        self._completion: Completion | None = None
+        self._error: BaseException | None = None
+        self._wakers: list[Any] = []
+
+    # --- called by the backend ---
+    def _push(self, piece: str = "", completion: Completion | None = None, error: BaseException | None = None):
+        with self._cond:
+            if piece:
+                self._pieces.append(piece)
+            if completion is not None or error is not None:
+                self._completion, self._error, self._done = completion, error, True
+            self._cond.notify_all()
+            wakers = list(self._wakers)
+        for wake in wakers:
+            wake()
+
+    def _finish(self, text: str, reason: str, completion_tokens: int) -> None:
+        now = time.perf_counter()
+        self._push(completion=Completion(
+            text=text, finish_reason=reason, prompt_tokens=len(self.prompt_ids), completion_tokens=completion_tokens,
+            messages=self.messages, model=self.model, params=self.params,
+            ttft_s=None if self.first_token_at is None else self.first_token_at - self.created,
+            elapsed_s=now - self.created))
+
+    # --- called by the consumer ---
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def cancel(self) -> None:
+        """Stop generating; the reply so far is the result, with finish_reason "cancelled"."""
+        self.cancelled = True
+
+    def result(self, timeout: float | None = None) -> Completion:
+        """Wait for the whole reply."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._done, timeout):
+                raise TimeoutError("the reply did not finish in time")
+        if self._error is not None:
+            raise self._error
+        assert self._completion is not None
+        return self._completion
+
+    @property
+    def completion(self) -> Completion | None:
+        return self._completion
+
+    def __iter__(self) -> Iterator[str]:
+        i, finished = 0, False
+        try:
+            while True:
+                with self._cond:
+                    # a timeout so that Ctrl-C reaches the waiting thread
+                    while i == len(self._pieces) and not self._done:
+                        self._cond.wait(0.1)
+                    new, done = self._pieces[i:], self._done
+                    i += len(new)
+                yield from new
+                if done:
+                    finished = True
+                    break
+        finally:
+            if not finished:
+                self.cancel()
+        if self._error is not None:
+            raise self._error
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(event.set)
+
+        with self._cond:
+            self._wakers.append(wake)
+        i, finished = 0, False
+        try:
+            while True:
+                event.clear()
+                with self._cond:
+                    new, done = self._pieces[i:], self._done
+                    i += len(new)
+                for piece in new:
+                    yield piece
+                if done:
+                    finished = True
+                    break
+                await event.wait()
+        finally:
+            if not finished:
+                self.cancel()
+        if self._error is not None:
+            raise self._error
+
+
+def stop_sequences(params: SamplingParams) -> list[str]:
+    return [] if params.ignore_eos else list(dict.fromkeys([*STOP_SEQUENCES, *params.stop]))

@@ -1,0 +1,176 @@
+"""`rlhfchat chat MODEL_DIR`: chat with a model in the terminal, the reply streaming as it is written.
+
+    rlhfchat chat runs/tiny/ppo --temperature 0.7
+
+Type a message and press Enter. A line ending in a backslash continues on the next line; a line with only \"\"\"
+starts and ends a block of several lines. Ctrl-C stops a reply (the part so far is kept) without leaving;
+Ctrl-D or /quit leaves. Commands:
+
+    /reset                 forget the conversation
+    /system [TEXT|off]     show, set or remove the system prompt
+    /set NAME VALUE        temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed (none = random)
+    /save FILE             write the conversation as a canonical conversation record (JSONL)
+    /help, /quit
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from typing import Any, Callable, TextIO
+
+from rlhfchat.data.chat_format import SYSTEM_PROMPT
+from rlhfchat.errors import RlhfchatError
+
+SETTABLE = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed")
+HELP = __doc__.split("Commands:\n", 1)[1].rstrip()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face causal-LM folder (or LoRA adapter)")
+    parser.add_argument("--system", default=SYSTEM_PROMPT, help="system prompt (default: the Vicuna one)")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+class TerminalChat:
+    """The chat loop, with input and output passed in (so tests can drive it)."""
+
+    def __init__(self, engine: Any, system: str, params: Any, out: TextIO = sys.stdout):
+        self.engine, self.system, self.params, self.out = engine, system, params, out
+        self.messages: list[dict[str, str]] = []
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def conversation(self) -> list[dict[str, str]]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False when it asks to leave."""
+        from rlhfchat.chat.engine import SamplingParams
+
+        name, _, arg = line[1:].partition(" ")
+        arg = arg.strip()
+        if name in ("quit", "exit"):
+            return False
+        if name == "reset":
+            self.messages = []
+            self.say("(conversation cleared)")
+        elif name == "system":
+            if arg:
+                self.system = "" if arg == "off" else arg
+                self.say("(system prompt removed)" if not self.system else "(system prompt set)")
+            else:
+                self.say(f"system prompt: {self.system or '(none)'}")
+        elif name == "set":
+            key, _, value = arg.partition(" ")
+            if key not in SETTABLE or not value.strip():
+                self.say(f"usage: /set NAME VALUE, NAME one of {', '.join(SETTABLE)}")
+                return True
+            try:
+                parsed: Any = None if value.strip().lower() == "none" and key == "seed" else (
+                    int(value) if key in ("top_k", "max_new_tokens", "seed") else float(value))
+                self.params = SamplingParams(**{**dataclasses.asdict(self.params), key: parsed})
+            except (ValueError, RlhfchatError) as e:
+                self.say(f"error: {key}: {e}")
+                return True
+            self.say(f"({key} = {parsed})")
+        elif name == "save":
+            if not arg:
+                self.say("usage: /save FILE")
+                return True
+            from rlhfchat.data.schema import conversation, write_jsonl
+
+            record = conversation(f"terminal-{int(time.time())}", "terminal", self.conversation())
+            write_jsonl(arg, [record])
+            self.say(f"(conversation saved to {arg})")
+        elif name == "help":
+            self.say(HELP)
+        else:
+            self.say(f"unknown command /{name}; /help lists them")
+        return True
+
+    def reply(self, text: str) -> None:
+        """Send a user message and stream the reply; Ctrl-C stops it and keeps what was written."""
+        self.messages.append({"role": "user", "content": text})
+        try:
+            req = self.engine.submit(self.conversation(), self.params)
+        except RlhfchatError as e:
+            self.messages.pop()
+            self.say(f"error: {e}")
+            return
+        self.out.write("\n")
+        pieces = []
+        try:
+            for piece in req:
+                pieces.append(piece)
+                self.out.write(piece)
+                self.out.flush()
+        except KeyboardInterrupt:
+            req.cancel()
+            self.out.write(" [stopped]")
+        except RlhfchatError as e:
+            self.out.write(f"\nerror: {e}")
+        self.out.write("\n\n")
+        self.out.flush()
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+
+    def run(self, read: Callable[[str], str] = input) -> None:
+        self.say(f"Chatting with {self.engine.name}. /help lists commands; Ctrl-C stops a reply; Ctrl-D leaves.")
+        while True:
+            try:
+                text = read_message(read)
+            except EOFError:
+                self.say("")
+                return
+            except KeyboardInterrupt:
+                self.say("\n(Ctrl-D or /quit leaves)")
+                continue
+            if not text.strip():
+                continue
+            if text.startswith("/") and "\n" not in text:
+                if not self.command(text.strip()):
+                    return
+                continue
+            self.reply(text)
+
+
+def read_message(read: Callable[[str], str]) -> str:
+    """One message: a line; lines ending in a backslash joined; or a \"\"\" ... \"\"\" block."""
+    line = read(">>> ")
+    if line.strip() == '"""':
+        lines = []
+        while (line := read("... ")).strip() != '"""':
+            lines.append(line)
+        return "\n".join(lines)
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = read("... ")
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> None:
+    from rlhfchat.chat.engine import SamplingParams, load_engine
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed)
+    engine = load_engine(args.model_dir, max_batch=1, max_queue=1)
+    try:
+        TerminalChat(engine, args.system, params).run()
+    finally:
+        engine.close()
