@@ -1,0 +1,213 @@
+"""What the eval stage asks of a model: replies to prompts, reward scores of replies, log-probs of replies.
+
+    replies = generate_replies(model, tokenizer, prompts, max_new_tokens=48)           # greedy, left-padded batches
+    scores = score_replies(reward_model, reward_tokenizer, prompts, [r.text for r in replies])
+    kl = kl_to_reference(ppo_model, sft_model, tokenizer, prompts, max_new_tokens=48, seed=0)
+
+Prompts are canonical message lists rendered through the tokenizer's chat template with the generation prompt
+("### Assistant:"); replies are cut at the stop sequences and stripped, so `Reply.text` is what a user would see and
+what the reward model scores (through `chat_format.reward_text`, the same text reward training and PPO use).
+
+KL of the PPO model to its reference is estimated as trlX and the PPO stage see it, on the policy's own samples:
+    KL(ppo || ref) ~= mean over prompts of  sum over sampled reply tokens of  (log p_ppo(y_t) - log p_ref(y_t))
+with replies sampled at temperature 1 and no top-k/top-p truncation (the policy's own distribution), up to and
+including EOS or the stop sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from rlhfchat.data.chat_format import STOP_SEQUENCES, cut_at_stop, reward_text
+from rlhfchat.errors import RlhfchatError
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Reply:
+    text: str
+    """The reply as a user sees it: cut at the first stop sequence, special tokens and outer spaces removed."""
+    n_tokens: int
+    """Generated tokens that make up the reply (before the stop sequence; EOS not counted)."""
+    stopped: bool
+    """Ended by EOS or a stop sequence (False: ran into max_new_tokens)."""
+    token_ids: list[int] = field(default_factory=list, repr=False)
+    """Generated token ids up to and including EOS (before the text cut; what the log-probs are taken over)."""
+    prompt_ids: list[int] = field(default_factory=list, repr=False)
+    """The prompt's token ids as the model saw them (left-truncated to max_prompt_length)."""
+
+
+def device_for(device: str | None = None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_causal_lm(path: str | Path, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
+    """(model in eval mode on `device`, tokenizer with our chat template and a pad token) of a folder or hub id."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhfchat.models import load_tokenizer, torch_dtype
+
+    tokenizer = load_tokenizer(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
+    except OSError as e:
+        raise RlhfchatError(f"{path}: cannot load a causal language model ({str(e).splitlines()[0]})") from None
+    return model.to(device_for(device)).eval(), tokenizer
+
+
+def load_reward_model(path: str | Path, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
+    """(sequence-classification model with one label, tokenizer) of a reward model folder."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfchat.models import load_tokenizer, torch_dtype
+
+    tokenizer = load_tokenizer(path)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch_dtype(dtype))
+    except OSError as e:
+        raise RlhfchatError(f"{path}: cannot load a reward model ({str(e).splitlines()[0]})") from None
+    if model.config.num_labels != 1:
+        raise RlhfchatError(f"{path}: a reward model has num_labels=1, this one has {model.config.num_labels}")
+    if model.config.pad_token_id is None:  # the head reads the last non-pad token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device_for(device)).eval(), tokenizer
+
+
+def _batches(n: int, size: int, desc: str | None):
+    from tqdm.auto import tqdm
+
+    starts = range(0, n, max(1, size))
+    return tqdm(starts, desc=desc, total=len(starts), leave=False, disable=desc is None)
+
+
+def last_user_text(prompt: Messages) -> str:
+    """The text of the last user message of a prompt (what the math grader reads)."""
+    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+
+
+def _tokens_within(tokenizer: Any, ids: list[int], n_chars: int) -> int:
+    """How many of the generated tokens `ids` decode to at most `n_chars` characters (the reply before its stop)."""
+    k = 0
+    while k < len(ids) and len(tokenizer.decode(ids[:k + 1], skip_special_tokens=True)) <= n_chars:
+        k += 1
+    return k
+
+
+@torch.no_grad()
+def generate_replies(model: Any, tokenizer: Any, prompts: Sequence[Messages], *, max_new_tokens: int,
+                     batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0, seed: int = 0, stop_sequences: Sequence[str] = tuple(STOP_SEQUENCES),
+                     max_prompt_length: int | None = None, desc: str | None = None) -> list[Reply]:
+    """One reply per prompt, in order. Greedy by default; sampled replies are reproducible for the same seed.
+
+    Each batch is seeded with `seed + batch index`, so a reply does not depend on the batches before it.
+    """
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    sampling = ({"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample
+                else {"do_sample": False, "temperature": None, "top_k": None, "top_p": None})
+    side = (tokenizer.padding_side, tokenizer.truncation_side)
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"  # the prompt's end meets the reply
+    out: list[Reply] = []
+    try:
+        for b, start in enumerate(_batches(len(texts), batch_size, desc)):
+            enc = tokenizer(texts[start:start + batch_size], add_special_tokens=False, padding=True,
+                            truncation=max_prompt_length is not None, max_length=max_prompt_length,
+                            return_tensors="pt").to(model.device)
+            if do_sample:
+                torch.manual_seed(seed + b)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                                 stop_strings=list(stop_sequences) or None, tokenizer=tokenizer, **sampling)
+            width = enc["input_ids"].shape[1]  # (B, width) left-padded prompts; generated tokens follow
+            for row, mask, ids in zip(enc["input_ids"], enc["attention_mask"], gen[:, width:].tolist()):
+                if eos in ids:
+                    ids = ids[:ids.index(eos) + 1]
+                else:  # finished by a stop string or the length limit: the rest is padding
+                    while ids and ids[-1] == pad:
+                        ids.pop()
+                text, hit = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop_sequences)
+                n_tokens = _tokens_within(tokenizer, ids, len(text)) if hit else len(ids) - (eos in ids)
+                out.append(Reply(text=text.strip(), n_tokens=n_tokens, stopped=hit or eos in ids, token_ids=ids,
+                                 prompt_ids=row[mask.bool()].tolist()))
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = side
+    return out
+
+
+@torch.no_grad()
+def score_replies(model: Any, tokenizer: Any, prompts: Sequence[Messages], replies: Sequence[str], *,
+                  batch_size: int = 16, max_length: int | None = None, desc: str | None = None) -> list[float]:
+    """Reward-model scores of (prompt, reply) pairs, each rendered by `chat_format.reward_text`."""
+    if len(prompts) != len(replies):
+        raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
+    texts = [reward_text(tokenizer, p, r) for p, r in zip(prompts, replies)]
+    side = (tokenizer.padding_side, tokenizer.truncation_side)
+    # Right padding as in reward training; an over-long text loses its start, never the reply's end.
+    tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
+    scores: list[float] = []
+    try:
+        for start in _batches(len(texts), batch_size, desc):
+            enc = tokenizer(texts[start:start + batch_size], add_special_tokens=False, padding=True,
+                            truncation=max_length is not None, max_length=max_length,
+                            return_tensors="pt").to(model.device)
+            scores.extend(model(**enc).logits[:, 0].float().tolist())  # (B, 1) -> B scores
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = side
+    return scores
+
+
+@torch.no_grad()
+def sequence_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]], reply_ids: Sequence[Sequence[int]], *,
+                      pad_id: int, batch_size: int = 16, desc: str | None = None) -> list[float]:
+    """Sum over each reply's tokens of log p(token | prompt, reply so far) under `model`.
+
+    Sequences are prompt + reply, right-padded, so positions count from 0 at the first prompt token as they do
+    in generation (where left padding is masked out of the positions).
+    """
+    out: list[float] = []
+    for start in _batches(len(prompt_ids), batch_size, desc):
+        seqs = [list(p) + list(r) for p, r in zip(prompt_ids[start:start + batch_size],
+                                                  reply_ids[start:start + batch_size])]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros_like(ids)
+        reply_mask = torch.zeros_like(ids, dtype=torch.bool)  # True where the token is a reply token
+        for i, (s, p) in enumerate(zip(seqs, prompt_ids[start:start + batch_size])):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+            reply_mask[i, len(p):len(s)] = True
+        ids, mask, reply_mask = ids.to(model.device), mask.to(model.device), reply_mask.to(model.device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V) predicts ids[:, 1:]
+        token_logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+        out.extend((token_logp * reply_mask[:, 1:]).sum(dim=1).tolist())
+    return out
+
+
+def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, prompts: Sequence[Messages], *,
+                    max_new_tokens: int, seed: int = 0, batch_size: int = 16, max_prompt_length: int | None = None,
+                    stop_sequences: Sequence[str] = tuple(STOP_SEQUENCES), desc: str | None = None) -> dict[str, Any]:
+    """Monte-Carlo KL(policy || reference) per reply on replies sampled from the policy (temperature 1, no top-k/p).
+
+    Returns {"kl": mean over prompts of the per-reply KL, "kl_std", "kl_per_token": total over total tokens,
+    "n": prompts, "tokens": reply tokens}. Both models must share the tokenizer (the PPO model is the SFT model's
+    fine-tune).
+    """
+    replies = generate_replies(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               do_sample=True, temperature=1.0, top_k=0, top_p=1.0, seed=seed,
+                               stop_sequences=stop_sequences, max_prompt_length=max_prompt_length,
+                               desc=desc and f"{desc}: samples")
+    p_ids, r_ids = [r.prompt_ids for r in replies], [r.token_ids for r in replies]
+    pad = tokenizer.pad_token_id
+    lp_policy = torch.tensor(sequence_logprobs(policy, p_ids, r_ids, pad_id=pad, batch_size=batch_size,
+                                               desc=desc and f"{desc}: policy log-probs"))
+    lp_ref = torch.tensor(sequence_logprobs(reference, p_ids, r_ids, pad_id=pad, batch_size=batch_size,
+                                            desc=desc and f"{desc}: reference log-probs"))
+    kl = (lp_policy - lp_ref).double()  # (n,) per-reply KL samples
+    tokens = sum(len(r) for r in r_ids)
+    return {"kl": float(kl.mean()), "kl_std": float(kl.std(unbiased=False)),
+            "kl_per_token": float(kl.sum() / max(tokens, 1)), "n": len(replies), "tokens": tokens}

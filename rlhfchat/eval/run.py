@@ -1,0 +1,282 @@
+"""Stage 5: the closing comparison of a run's models on held-out prompts and benchmarks.
+
+    rlhfchat eval recipes/tiny-cpu.yaml [eval.prompts=64 eval.tasks=[rlhfchat_math,hellaswag] ...]
+
+Evaluates the run's base (when there is one), SFT and PPO models, plus any folders in `eval.models`, and writes
+`<run>/eval/`:
+
+    results.json     one row per model (reward-model score, length, math exact match, KL to the reference for
+                     PPO, lm-eval task scores) and the pairwise win rates with bootstrap 95% intervals
+    replies.jsonl    every held-out prompt with each model's reply and its reward (the report's examples)
+    manifest.json    skipped when complete for the same eval section and inputs
+
+Steps: 1. inputs and skip  2. each model answers the held-out prompts (greedy) and runs the lm-eval tasks
+3. the reward model scores every reply  4. KL(PPO || SFT) on replies sampled from PPO  5. win rates, math exact
+match, results.json  6. the comparison table on stdout (also when the stage is skipped).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rlhfchat import manifest
+from rlhfchat.atomic import write_json
+from rlhfchat.config import Recipe, config_hash
+from rlhfchat.data.schema import read_jsonl, write_jsonl
+from rlhfchat.errors import RlhfchatError
+
+
+def batch_size() -> int:
+    """Prompts per generation / scoring batch: wider on CPU (tiny models, where fewer steps win), 16 on a GPU."""
+    import torch
+
+    return 16 if torch.cuda.is_available() else 32
+
+
+def _is_model_folder(path: Path) -> bool:
+    """A finished stage folder holding a model (its manifest, when it has one, says complete)."""
+    if not (path / "config.json").is_file():
+        return False
+    m = manifest.read(path)
+    return m is None or m.get("status") == "complete"
+
+
+def models_to_evaluate(recipe: Recipe) -> list[tuple[str, str]]:
+    """[(name, model folder or hub id)] in table order: base, sft, ppo, then `eval.models` (named by folder)."""
+    run = recipe.run_dir
+    models: list[tuple[str, str]] = []
+    if recipe.base.model == "tiny":
+        if _is_model_folder(run / "base"):
+            models.append(("base", str(run / "base")))
+    else:
+        models.append(("base", recipe.base.model))
+    for stage in ("sft", "ppo"):
+        if _is_model_folder(run / stage):
+            models.append((stage, str(run / stage)))
+    names = {n for n, _ in models}
+    for path in recipe.eval.models:
+        if not Path(path).exists():
+            raise RlhfchatError(f"eval.models: {path}: no such model folder")
+        name, k = Path(path).resolve().name, 2
+        while name in names:
+            name, k = f"{Path(path).resolve().name}-{k}", k + 1
+        names.add(name)
+        models.append((name, str(path)))
+    return models
+
+
+def load_prompts(path: Path, n: int) -> list[dict[str, Any]]:
+    """The first `n` held-out prompt records (the data stage has already shuffled them)."""
+    if not path.is_file():
+        raise RlhfchatError(f"{path}: not found; run `rlhfchat data RECIPE.yaml` first")
+    records = []
+    for rec in read_jsonl(path, "prompts"):
+        if len(records) == n:
+            break
+        records.append(rec)
+    if not records:
+        raise RlhfchatError(f"{path}: no held-out prompts (set data.eval_fraction above 0)")
+    return records
+
+
+def math_exact_match(prompts: list[list[dict[str, str]]], replies: list[str]) -> tuple[float | None, int]:
+    """(share of math prompts whose reply's last integer is the answer, number of math prompts)."""
+    from rlhfchat.data.samples import expected_math_answer, extract_answer
+    from rlhfchat.eval.generate import last_user_text
+
+    graded = [(expected_math_answer(last_user_text(p)), r) for p, r in zip(prompts, replies)]
+    graded = [(want, r) for want, r in graded if want is not None]
+    if not graded:
+        return None, 0
+    return sum(extract_answer(r) == want for want, r in graded) / len(graded), len(graded)
+
+
+def _files_hash(root: Path, patterns: list[str]) -> str:
+    """sha256 over the names and bytes of the files matching `patterns` under `root` (the local task definitions)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(p for pattern in patterns for p in root.glob(pattern)):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def _release_memory() -> None:
+    """Return the memory of models the caller has just `del`eted (one model is loaded at a time, two for KL)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main(recipe: Recipe) -> dict[str, Any]:
+    import numpy as np
+
+    from rlhfchat.eval import benchmarks, generate, winrate
+    from rlhfchat.eval.tasks import TASKS_DIR
+
+    run = recipe.run_dir
+    stage_dir = run / "eval"
+    cfg = recipe.eval
+    prompts_file = run / "data" / "prompts.eval.jsonl"
+    reward_dir = run / "reward"
+    has_reward = _is_model_folder(reward_dir)
+
+    # 1. Inputs and skip: the same eval section, seed and inputs as a finished evaluation.
+    models = models_to_evaluate(recipe)
+    if not models:
+        raise RlhfchatError(f"{run}: no finished model to evaluate (sft/, ppo/ or eval.models); "
+                            f"run `rlhfchat sft RECIPE.yaml` first")
+    inputs = manifest.input_hashes(run, [prompts_file, *(p for _, p in models),
+                                         *([reward_dir] if has_reward else [])])
+    chash = config_hash({"eval": cfg, "seed": recipe.seed, "dtype": recipe.base.dtype,
+                         "max_prompt_length": recipe.ppo.max_prompt_length,
+                         "reward_max_length": recipe.reward.max_length,
+                         "local_tasks": _files_hash(TASKS_DIR, ["*.yaml", "*.py", "data/*.jsonl"]),
+                         "models": [n for n, _ in models]})
+    if manifest.is_complete(stage_dir, chash, inputs) and (stage_dir / "results.json").is_file():
+        print(f"[eval] complete for this recipe and inputs; skipping ({stage_dir})")
+        results = json.loads((stage_dir / "results.json").read_text())
+        print(format_table(results))
+        return results
+    if not manifest.is_main_process():  # under accelerate/torchrun rank 0 evaluates; the others wait for it
+        manifest.barrier()
+        return {}
+    manager = benchmarks.task_manager(cfg.tasks) if cfg.tasks else None
+    if cfg.tasks:
+        benchmarks.check_tasks(cfg.tasks, manager)  # a misspelt task fails now, not after the first model's replies
+
+    with manifest.running("eval", stage_dir, chash, inputs) as m:
+        t0 = time.perf_counter()
+        records = load_prompts(prompts_file, cfg.prompts)
+        prompts = [rec["prompt"] for rec in records]
+        print(f"[eval] {len(models)} models ({', '.join(n for n, _ in models)}) on {len(prompts)} held-out prompts"
+              + (f" and lm-eval tasks {', '.join(cfg.tasks)}" if cfg.tasks else ""))
+
+        # 2. Each model answers the held-out prompts (greedy, reproducible) and runs the benchmarks.
+        rows: dict[str, dict[str, Any]] = {}
+        replies: dict[str, list[generate.Reply]] = {}
+        bs = batch_size()
+        for name, path in models:
+            model, tokenizer = generate.load_causal_lm(path, recipe.base.dtype)
+            replies[name] = generate.generate_replies(
+                model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=bs,
+                seed=recipe.seed, max_prompt_length=recipe.ppo.max_prompt_length, desc=f"[eval] {name}: replies")
+            texts = [r.text for r in replies[name]]
+            em, n_math = math_exact_match(prompts, texts)
+            rows[name] = {
+                "model": name, "path": path, "n_prompts": len(prompts),
+                "reward_mean": None, "reward_std": None,
+                "mean_length": float(np.mean([r.n_tokens for r in replies[name]])),
+                "mean_chars": float(np.mean([len(t) for t in texts])),
+                "stopped": float(np.mean([r.stopped for r in replies[name]])),
+                "math_exact_match": em, "math_n": n_math, "kl_to_ref": None,
+                "tasks": benchmarks.run_tasks(model, cfg.tasks, tokenizer=tokenizer, limit=cfg.limit,
+                                              dtype=recipe.base.dtype, seed=recipe.seed, bootstrap=cfg.bootstrap,
+                                              batch_size=bs, manager=manager) if cfg.tasks else {},
+            }
+            del model, tokenizer
+            _release_memory()
+
+        # 3. The reward model scores every model's replies (one load for all).
+        rewards: dict[str, list[float]] = {}
+        if has_reward:
+            rm, rtok = generate.load_reward_model(reward_dir, recipe.base.dtype)
+            for name, _ in models:
+                rewards[name] = generate.score_replies(
+                    rm, rtok, prompts, [r.text for r in replies[name]], batch_size=bs,
+                    max_length=recipe.reward.max_length, desc=f"[eval] {name}: reward")
+                rows[name].update(reward_mean=float(np.mean(rewards[name])), reward_std=float(np.std(rewards[name])))
+            del rm, rtok
+            _release_memory()
+        else:
+            print(f"[eval] {reward_dir}: no finished reward model; reward scores and win rates left out")
+
+        # 4. KL of the PPO model to its reference (the SFT model), on the PPO model's own samples.
+        if "ppo" in rows and "sft" in rows:
+            policy, tokenizer = generate.load_causal_lm(rows["ppo"]["path"], recipe.base.dtype)
+            reference, _ = generate.load_causal_lm(rows["sft"]["path"], recipe.base.dtype)
+            kl = generate.kl_to_reference(policy, reference, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                                          seed=recipe.seed, batch_size=bs,
+                                          max_prompt_length=recipe.ppo.max_prompt_length, desc="[eval] KL(ppo||sft)")
+            rows["ppo"].update(kl_to_ref=kl["kl"], kl_per_token=kl["kl_per_token"], kl_reference="sft")
+            del policy, reference, tokenizer
+            _release_memory()
+
+        # 5. Win rates of every later model over every earlier one (ppo over sft first), and the files.
+        names = [n for n, _ in models]
+        pairs = [(a, b) for j, a in enumerate(names) for b in names[:j]]
+        pairs.sort(key=lambda ab: ab != ("ppo", "sft"))
+        win_rates = {f"{a}_vs_{b}": {"a": a, "b": b, **winrate.win_rate(rewards[a], rewards[b], cfg.bootstrap,
+                                                                         recipe.seed)}
+                     for a, b in pairs if rewards}
+        results = {
+            "run": recipe.name,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "settings": {"prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy",
+                         "tasks": list(cfg.tasks), "limit": cfg.limit, "bootstrap": cfg.bootstrap,
+                         "seed": recipe.seed, "reward_model": str(reward_dir) if has_reward else None},
+            "models": [rows[n] for n in names],
+            "win_rates": win_rates,
+            "wall_seconds": round(time.perf_counter() - t0, 1),
+        }
+        write_jsonl(stage_dir / "replies.jsonl", (
+            {"id": rec["id"], "source": rec.get("source"), "prompt": rec["prompt"],
+             "replies": {n: {"text": replies[n][i].text, "n_tokens": replies[n][i].n_tokens,
+                             "reward": rewards[n][i] if rewards else None} for n in names}}
+            for i, rec in enumerate(records)))
+        write_json(stage_dir / "results.json", results)
+        m["models"] = names
+
+    # 6. The comparison, printed.
+    print(format_table(results))
+    print(f"[eval] results in {stage_dir / 'results.json'} ({results['wall_seconds']:.0f}s)")
+    return results
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The comparison as a fixed-width text table plus one line per win rate (what `rlhfchat eval` prints)."""
+    rows = results["models"]
+    tasks = list(results["settings"].get("tasks") or [])
+    task_cols = sorted({t for r in rows for t in r.get("tasks", {})}, key=lambda t: tasks.index(t) if t in tasks
+                       else len(tasks))
+    head = ["model", "reward", "±sd", "length", "math EM", "KL(ref)", *task_cols]
+    table = [head]
+    for r in rows:
+        cells = [r["model"], _fmt(r["reward_mean"]), _fmt(r["reward_std"]), _fmt(r["mean_length"], ".1f"),
+                 _fmt(r["math_exact_match"]) + (f" /{r['math_n']}" if r.get("math_n") else ""),
+                 _fmt(r.get("kl_to_ref"))]
+        for t in task_cols:
+            s = r.get("tasks", {}).get(t, {})
+            cells.append("error" if "error" in s else _fmt(s.get("score")))
+        table.append(cells)
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = [(f"held-out prompts: {results['settings']['prompts']}  (reward: reward-model score; length: reply "
+              "tokens; math EM: exact answers /math prompts; KL(ref): KL to the SFT model per reply)")]
+    for k, row in enumerate(table):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    for w in results.get("win_rates", {}).values():
+        lo, hi = w["ci95"]
+        lines.append(f"win rate {w['a']} over {w['b']}: {w['win_rate']:.3f}  95% CI [{lo:.3f}, {hi:.3f}]  "
+                     f"(n={w['n']}: {w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from rlhfchat.config import load_recipe
+
+    main(load_recipe(sys.argv[1], sys.argv[2:]))
