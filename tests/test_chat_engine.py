@@ -240,10 +240,13 @@ def test_lora_adapter_folder_loads_on_its_base(tiny_model_dir, tmp_path):
 
 
 def test_bench_generate_prints_one_json_line(tiny_model_dir, capsys):
+    import torch
+
     from rlhfchat.cli import main as cli
 
+    threads = str(torch.get_num_threads())  # (the bench sets torch's threads for the whole process)
     assert cli(["bench", "generate", str(tiny_model_dir), "--streams", "2", "--max-new-tokens", "4",
-                "--rounds", "1"]) == 0
+                "--rounds", "1", "--threads", threads]) == 0
     [line] = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
     result = json.loads(line)
     assert result["bench"] == "generate" and result["concurrent"]["streams"] == 2

@@ -162,3 +162,15 @@ def test_sqlite_store_uses_wal(tmp_path):
 def test_export_of_a_missing_database_is_a_one_line_error(tmp_path, capsys):
     assert cli(["feedback", "export", "--db", str(tmp_path / "none.db"), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_keeps_feedback_in_the_run_folder_by_default(tmp_path, monkeypatch):
+    from rlhfchat.chat.feedback import db_url, default_db
+
+    run = tmp_path / "runs" / "tiny"
+    (run / "ppo").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("name: tiny\n")
+    assert default_db([run / "ppo", run / "sft"]) == run / "feedback.db"
+    monkeypatch.chdir(tmp_path)
+    assert default_db([tmp_path / "some-model"]) == tmp_path / "feedback.db"  # not a run: the current folder
+    assert db_url("fb.db") == f"sqlite:///{tmp_path / 'fb.db'}" and db_url("postgresql://h/db") == "postgresql://h/db"

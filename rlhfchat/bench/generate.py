@@ -46,9 +46,9 @@ def _consume(req: Any, out: list[Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from rlhfchat.chat.engine import SamplingParams, load_engine
+    from rlhfchat.chat.engine import SamplingParams, load_engine, server_threads
 
-    kw = {k: v for k, v in (("threads", args.threads), ("dtype", args.dtype)) if v}
+    kw = {k: v for k, v in (("threads", args.threads or server_threads()), ("dtype", args.dtype)) if v}
     engine = load_engine(args.model_dir, backend=args.backend, max_batch=max(1, args.streams),
                          max_queue=max(64, args.streams), **kw)
     try:

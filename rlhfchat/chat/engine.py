@@ -79,10 +79,8 @@ class ChatEngine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         default_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         torch_dtype = getattr(torch, dtype) if dtype else default_dtype
-        if self.device.type == "cpu":
-            # One core is left to the HTTP server and the tokenizer: on a busy machine, intra-op threads that
-            # outnumber free cores spin and wait on each other (we measured 20x slower decoding on 2 shared cores).
-            torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) - 1))
+        if threads and self.device.type == "cpu":
+            torch.set_num_threads(threads)  # process-wide: the commands pass server_threads()
         self.model, tok_dir = _load_model(self.model_dir, torch_dtype)
         self.model.to(self.device).eval()
         self.tokenizer = load_tokenizer(tok_dir)
@@ -394,6 +392,13 @@ class ChatEngine:
             row.req._push(text[len(row.shown):])
         row.req._finish(text, reason, row.sampled)
         return True
+
+
+def server_threads() -> int:
+    """CPU threads for a serving process: all cores but one, which is left to the HTTP server and the tokenizer.
+    On a busy machine, intra-op threads that outnumber the free cores spin and wait on each other: we measured
+    decoding 20x slower with 2 threads than with 1 on 2 shared cores."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def _layers(cache: Any) -> Iterator[tuple[Any, Any]]:

@@ -90,7 +90,7 @@ def main(args: argparse.Namespace) -> None:
 
     import uvicorn
 
-    from rlhfchat.chat.engine import load_engine
+    from rlhfchat.chat.engine import load_engine, server_threads
     from rlhfchat.chat.feedback import FeedbackStore, default_db
 
     store = FeedbackStore(args.db or default_db(args.model_dirs))
@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> None:
     try:
         for name, d in zip(model_names(args.model_dirs), args.model_dirs):
             engines[name] = load_engine(d, name=name, backend=args.backend, max_batch=args.max_batch,
-                                        max_queue=args.max_queue)
+                                        max_queue=args.max_queue, threads=server_threads())
         app = build_app(engines, store, api_key)
         base = f"http://{args.host if ':' not in args.host else f'[{args.host}]'}:{args.port}"
         print(f"rlhfchat serve: {', '.join(f'{n} ({e.backend})' for n, e in engines.items())}\n"

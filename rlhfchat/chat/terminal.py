@@ -160,7 +160,7 @@ def read_message(read: Callable[[str], str]) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    from rlhfchat.chat.engine import SamplingParams, load_engine
+    from rlhfchat.chat.engine import SamplingParams, load_engine, server_threads
 
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -169,7 +169,7 @@ def main(args: argparse.Namespace) -> None:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                             seed=args.seed)
-    engine = load_engine(args.model_dir, max_batch=1, max_queue=1)
+    engine = load_engine(args.model_dir, max_batch=1, max_queue=1, threads=server_threads())
     try:
         TerminalChat(engine, args.system, params).run()
     finally:
