@@ -19,9 +19,8 @@ from __future__ import annotations
 import importlib
 import time
 
-from rlhfchat import manifest
 from rlhfchat.atomic import atomic_file
-from rlhfchat.config import Recipe, config_hash, dump_recipe
+from rlhfchat.config import Recipe, dump_recipe
 
 STAGES = [
     ("data", "rlhfchat.data.mixture"),
@@ -33,25 +32,6 @@ STAGES = [
 ]
 
 
-def run_data(recipe: Recipe) -> None:
-    """The data stage, skipped when the data section, the seed and the source files are unchanged."""
-    from rlhfchat.data import mixture
-
-    run = recipe.run_dir
-    stage_dir = run / "data"
-    sources = [s.path for kind in ("sft", "preferences", "prompts") for s in getattr(recipe.data, kind)]
-    inputs = manifest.input_hashes(run, sources)
-    chash = config_hash({"data": recipe.data, "seed": recipe.seed})
-    if manifest.is_complete(stage_dir, chash, inputs):
-        print(f"[data] complete for this recipe and inputs; skipping ({stage_dir})")
-        return
-    t0 = time.perf_counter()
-    mixture.main(recipe)
-    # The data folder is replaced whole by the data stage, so its manifest is written once it is in place.
-    with manifest.running("data", stage_dir, chash, inputs) as m:
-        m["build_seconds"] = round(time.perf_counter() - t0, 2)
-
-
 def main(recipe: Recipe) -> None:
     run = recipe.run_dir
     run.mkdir(parents=True, exist_ok=True)
@@ -60,8 +40,5 @@ def main(recipe: Recipe) -> None:
     t0 = time.perf_counter()
     for name, module in STAGES:
         print(f"\n=== {name} ===", flush=True)
-        if name == "data":
-            run_data(recipe)
-        else:
-            importlib.import_module(module).main(recipe)
+        importlib.import_module(module).main(recipe)
     print(f"\npipeline finished in {time.perf_counter() - t0:.0f}s; run folder: {run}")
