@@ -1,8 +1,12 @@
 """Read and write Hugging Face checkpoint folders one tensor (or a few rows of one tensor) at a time.
 
-Reading: sharded or single safetensors (`model.safetensors[.index.json]`, read with `safe_open`, which maps the file
-and copies only the rows asked for) and PyTorch `.bin` shards (`pytorch_model[-0000N-of-0000M].bin[.index.json]`,
-loaded with `torch.load(weights_only=True, mmap=True)`, one shard mapped at a time).
+Reading: sharded or single safetensors (`model.safetensors[.index.json]`) and PyTorch `.bin` shards
+(`pytorch_model[-0000N-of-0000M].bin[.index.json]`, loaded with `torch.load(weights_only=True, mmap=True)`, one
+shard mapped at a time). Safetensors are mapped into memory and rows are handed out as views of the mapping, from
+the offsets in the file's header: hashing and adding read the page cache directly, without a copy. Pages of a
+mapping count in the process's RSS for as long as they stay mapped (read through `safe_open`, RSS grows with the
+bytes read); here the reader calls `release` when done with a chunk, which drops its pages from the process
+(MADV_DONTNEED: they stay in the page cache), so RSS stays at a few chunks.
 
 Writing: `write_shards` streams safetensors shards in the HF layout (`model-0000N-of-0000M.safetensors` plus
 `model.safetensors.index.json`, or a single `model.safetensors`). The shapes are known before the data, so each
@@ -12,9 +16,12 @@ whole tensor, in memory, and the shard size costs no memory at all.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures as cf
 import hashlib
 import json
 import math
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +40,8 @@ ST_DTYPES = {
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 CHUNK_BYTES = 16 << 20  # rows are read, combined and written in pieces of about this size
+HASH_THREADS = max(2, min(4, os.cpu_count() or 1))  # sha256 runs at ~1.5 GB/s a core: the slowest step
+_WINDOW = 2 << 20  # release mapped pages in whole 2 MiB blocks (see Checkpoint.release)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -53,6 +62,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
+    offset: int = 0  # safetensors: byte offset of the data in the file
 
     @property
     def nbytes(self) -> int:
@@ -114,11 +124,14 @@ class Checkpoint:
                                 f"or pytorch_model.bin[.index.json])")
         self.files = files
         self.tensors: dict[str, TensorInfo] = {}
-        self._handles: dict[Path, object] = {}  # safetensors: every file open (a mapping costs no memory)
+        self._maps: dict[Path, mmap.mmap] = {}  # safetensors: one read-only mapping per shard
         self._bin: tuple[Path, dict] | None = None  # .bin: one shard mapped at a time
         for path in files:
             if self.format == "safetensors":
                 self._scan_safetensors(path)
+                with open(path, "rb") as fh:
+                    # copy-on-write, so torch sees writable memory; nothing ever writes to it
+                    self._maps[path] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
             else:
                 for name, t in self._load_bin(path).items():
                     self.tensors[name] = TensorInfo(name, tuple(t.shape), t.dtype, path)
@@ -131,11 +144,18 @@ class Checkpoint:
                 header = json.loads(fh.read(n))
         except (OSError, ValueError) as e:
             raise RlhfchatError(f"{path}: not a safetensors file ({e})") from None
-        entries = sorted((v["data_offsets"][0], k, v) for k, v in header.items() if k != "__metadata__")
-        for _, name, v in entries:  # in the order of the data, so reading them in this order is sequential
+        try:
+            entries = sorted((v["data_offsets"][0], k, v) for k, v in header.items() if k != "__metadata__")
+        except (KeyError, TypeError, AttributeError) as e:
+            raise RlhfchatError(f"{path}: damaged safetensors header ({e})") from None
+        end = max((v["data_offsets"][1] for _, _, v in entries), default=0)
+        if 8 + n + end > path.stat().st_size:
+            raise RlhfchatError(f"{path} is truncated: its header describes {8 + n + end} bytes, the file has "
+                                f"{path.stat().st_size}")
+        for start, name, v in entries:  # in the order of the data, so reading them in this order is sequential
             if v["dtype"] not in ST_DTYPES:
                 raise RlhfchatError(f"{path}: tensor {name} has unsupported dtype {v['dtype']}")
-            self.tensors[name] = TensorInfo(name, tuple(v["shape"]), ST_DTYPES[v["dtype"]], path)
+            self.tensors[name] = TensorInfo(name, tuple(v["shape"]), ST_DTYPES[v["dtype"]], path, 8 + n + start)
 
     def _load_bin(self, path: Path) -> dict:
         if self._bin is None or self._bin[0] != path:
@@ -153,14 +173,33 @@ class Checkpoint:
         if self.format == "bin":
             t = self._load_bin(info.file)[name]
             return (t if t.dim() == 0 else t[start:stop]).contiguous()
-        from safetensors import safe_open
+        begin, size, shape = self._span(info, start, stop)
+        mm = self._maps[info.file]
+        if size == 0:
+            return torch.empty(shape, dtype=info.dtype)
+        # A view of the mapping; the tensor keeps the mapping alive (frombuffer holds a reference) while it lives.
+        return torch.frombuffer(mm, dtype=torch.uint8, count=size, offset=begin).view(info.dtype).reshape(shape)
 
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-        if not info.shape:
-            return handle.get_tensor(name)
-        return handle.get_slice(name)[start:stop].contiguous()
+    @staticmethod
+    def _span(info: TensorInfo, start: int, stop: int) -> tuple[int, int, tuple[int, ...]]:
+        stop = stop if info.shape else 1
+        shape = (stop - start,) + info.shape[1:] if info.shape else ()
+        return info.offset + start * info.row_bytes, (stop - start) * info.row_bytes, shape
+
+    def release(self, name: str, start: int, stop: int) -> None:
+        """Done with rows [start, stop) of `name`: drop their pages from this process (not from the page cache).
+
+        Whoever still holds a view of them faults them back in, reading the same bytes."""
+        info = self.tensors[name]
+        mm = self._maps.get(info.file)
+        if mm is not None:
+            begin, size, _ = self._span(info, start, stop)
+            # A page fault maps the cached pages around it too ("fault-around", never past a 2 MiB page-table
+            # boundary): widen the range to those boundaries so that none of them linger.
+            lo = begin - begin % _WINDOW
+            hi = min(len(mm), begin + size + (-(begin + size)) % _WINDOW)
+            if hi > lo:
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def sha256(self, name: str, progress: Callable[[int], object] | None = None) -> str:
         """sha256 of the tensor's raw bytes, read a chunk at a time."""
@@ -168,12 +207,36 @@ class Checkpoint:
         for start, stop in row_chunks(info.shape[0] if info.shape else 1, info.row_bytes):
             chunk = self.rows(name, start, stop)
             h.update(as_bytes(chunk))
+            self.release(name, start, stop)
             if progress:
                 progress(chunk.nbytes)
         return h.hexdigest()
 
+    def sha256_all(self, names: list[str], progress: Callable[[int], object] | None = None) -> Iterator[tuple[str, str]]:
+        """(name, sha256) in the order given; safetensors are hashed HASH_THREADS tensors at a time (hashlib and
+        page faults release the GIL), `.bin` one at a time (one shard is mapped at a time)."""
+        if self.format == "bin":
+            yield from ((n, self.sha256(n, progress)) for n in names)
+            return
+        with cf.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="rlhfchat-hash") as pool:
+            futures = collections.deque()
+            try:
+                for name in names:
+                    futures.append((name, pool.submit(self.sha256, name, progress)))
+                    if len(futures) > 2 * HASH_THREADS:
+                        name0, fut = futures.popleft()
+                        yield name0, fut.result()
+                while futures:
+                    name0, fut = futures.popleft()
+                    yield name0, fut.result()
+            finally:
+                for _, fut in futures:
+                    fut.cancel()
+
     def close(self) -> None:
-        self._handles.clear()
+        # Mappings are never closed by hand: a tensor still in a writer's queue may point into one. Dropping our
+        # references unmaps each as soon as its last view is gone.
+        self._maps.clear()
         self._bin = None
 
     def __enter__(self) -> "Checkpoint":
@@ -241,32 +304,82 @@ def _header(specs: list[Spec]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
+def _write(f, data: memoryview) -> int:
+    n = f.write(data)
+    if hasattr(os, "posix_fadvise"):  # start writing these pages to the disk now, not all at the final fsync
+        f.flush()
+        end = f.tell()
+        os.posix_fadvise(f.fileno(), end - n, n, os.POSIX_FADV_DONTNEED)
+    return n
+
+
+def _finish(f) -> int:
+    """Flush a finished shard to the disk before it can be renamed into place, then close it."""
+    try:
+        f.flush()
+        os.fsync(f.fileno())
+    finally:
+        f.close()
+    return 0
+
+
 def write_shards(folder: Path, specs: list[Spec], shard_size: int,
                  produce: Callable[[Spec], Iterable[torch.Tensor]],
                  progress: Callable[[int], object] | None = None) -> dict[str, str]:
-    """Write `specs` into `folder` as HF-layout safetensors; return each tensor's sha256.
+    """Write `specs` into `folder` as HF-layout safetensors, each shard fsynced; return each tensor's sha256.
 
     `produce(spec)` yields contiguous tensors whose bytes, concatenated, are exactly the tensor's bytes.
     """
     shards = plan_shards(specs, shard_size)
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    hashes: dict[str, str] = {}
-    for fname, shard in zip(names, shards):
-        with open(folder / fname, "wb") as f:
-            f.write(_header(shard))
-            for spec in shard:
-                h, written = hashlib.sha256(), 0
-                for chunk in produce(spec):
-                    data = as_bytes(chunk)
-                    h.update(data)
-                    f.write(data)
-                    written += len(data)
-                    if progress:
-                        progress(len(data))
-                if written != spec.nbytes:  # a bug, not a user error: never leave a corrupt file
-                    raise RuntimeError(f"{spec.name}: produced {written} bytes, expected {spec.nbytes}")
-                hashes[spec.name] = h.hexdigest()
+    hashers: dict[str, "hashlib._Hash"] = {}
+    # Helper threads hash and write a chunk while the caller computes the next one (hashlib, file writes and
+    # torch all release the GIL). Each helper runs its jobs in order; at most three chunks wait. sha256 costs the
+    # most, so tensors take turns between two hashers (one tensor's chunks always go to the same one). The writer
+    # hands each finished shard to a fourth thread that fsyncs and closes it while the next one is written.
+    # On an error, leaving the `with` waits for every queued job, so all files are closed before the caller
+    # removes the folder (the syncer is entered first so that it shuts down last).
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="rlhfchat-fsync") as syncer, \
+            cf.ThreadPoolExecutor(1, thread_name_prefix="rlhfchat-hash") as hasher0, \
+            cf.ThreadPoolExecutor(1, thread_name_prefix="rlhfchat-hash") as hasher1, \
+            cf.ThreadPoolExecutor(1, thread_name_prefix="rlhfchat-write") as writer:
+        pending: collections.deque = collections.deque()  # (futures, bytes) in order
+        syncs: list[cf.Future] = []
+
+        def drain(keep: int) -> None:
+            while len(pending) > keep:
+                futures, size = pending.popleft()
+                for fut in futures:
+                    result = fut.result()  # re-raises a helper's error (a full disk) here
+                    if isinstance(result, cf.Future):
+                        syncs.append(result)
+                if progress and size:
+                    progress(size)
+
+        for fname, shard in zip(names, shards):
+            f = open(folder / fname, "wb")
+            try:
+                f.write(_header(shard))
+                for spec in shard:
+                    h = hashers[spec.name] = hashlib.sha256()
+                    hasher = hasher1 if len(hashers) % 2 else hasher0
+                    size = 0
+                    for chunk in produce(spec):
+                        data = as_bytes(chunk)  # the memoryview keeps the chunk alive until both are done
+                        pending.append(([hasher.submit(h.update, data), writer.submit(_write, f, data)], len(data)))
+                        size += len(data)
+                        drain(3)
+                    if size != spec.nbytes:  # a bug, not a user error: never leave a corrupt file
+                        raise RuntimeError(f"{spec.name}: produced {size} bytes, expected {spec.nbytes}")
+            except BaseException:
+                writer.submit(f.close)  # after the writes already queued
+                raise
+            pending.append(([writer.submit(syncer.submit, _finish, f)], 0))  # after this file's writes
+        drain(0)
+        for fut in syncs:
+            fut.result()
+    hashes = {name: h.hexdigest() for name, h in hashers.items()}
     if n > 1:
         index = {"metadata": {"total_size": sum(s.nbytes for s in specs)},
                  "weight_map": {s.name: fname for fname, shard in zip(names, shards) for s in shard}}

@@ -1,0 +1,448 @@
+"""Weight deltas: publish a fine-tune as TARGET - BASE when the base's licence forbids sharing it; rebuild TARGET.
+
+    python -m rlhfchat.delta make   --base BASE --target TARGET --out DELTA
+    python -m rlhfchat.delta apply  --base BASE --delta DELTA --out TARGET
+    python -m rlhfchat.delta verify --target TARGET --delta DELTA
+
+A delta folder is a Hugging Face model folder whose weights are TARGET - BASE (safetensors shards in the target's
+dtypes), plus the target's config, tokenizer and chat template, plus:
+  delta.json                the manifest: format version, each tensor's shape and dtype, the sha256 of each base
+                            tensor (a wrong base is refused before anything is written) and of each target tensor
+                            (the result is verified), how the vocabulary grew, the sha256 of each copied file.
+  delta-fixes.safetensors   the exact target values of the few elements the delta cannot reproduce (see below).
+
+Exactness. Apply computes, per element, round_to_target_dtype(float32(base) + float32(delta)). A delta stored in
+the target's dtype cannot always make that exact: when |delta| is much larger than |target| (a weight that crossed
+zero), the delta's rounding error is larger than the target's last bit. Make runs apply's own arithmetic on every
+chunk, compares bit patterns with the target and stores the elements that differ (flat index, target value) in
+delta-fixes.safetensors; apply writes them back. So make -> apply is bit for bit for every dtype, and a real
+fine-tune costs well under 1% in fixes.
+
+Vocabulary growth: a target tensor with more rows than its base (an added [PAD] token) is the base grown with zero
+rows plus the delta, so the new rows are stored whole. The published StableVicuna delta (`.bin` shards, no
+manifest) is applied the way its own apply_delta.py does it: base rounded to the delta's dtype, embedding and
+output matrices grown with zero rows, delta added; nothing can be checked without a manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tqdm import tqdm
+
+from rlhfchat.atomic import atomic_dir, write_json
+from rlhfchat.errors import RlhfchatError
+from rlhfchat.weights import (Checkpoint, Spec, as_bytes, dtype_from_name, dtype_name, file_sha256, other_files,
+                              row_chunks, write_shards)
+
+log = logging.getLogger(__name__)
+
+FORMAT = "rlhfchat-delta"
+FORMAT_VERSION = 1
+MANIFEST = "delta.json"
+FIXES = "delta-fixes.safetensors"
+DEFAULT_SHARD_SIZE = 500 << 20  # output shard size in bytes; streaming writes make it cost no memory
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+# ---- arithmetic (one chunk at a time) -------------------------------------------------------------------------
+
+def combine(base: torch.Tensor | None, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """TARGET = BASE + DELTA for one chunk: each sum computed in float32 and rounded once to `dtype`.
+
+    `base` None means rows that the base does not have (a grown vocabulary): they are zeros. Adding 0.0 rather
+    than copying keeps the reference script's arithmetic (0 + -0.0 = +0.0); make stores a fix where that matters.
+    Same-dtype float16/bfloat16 inputs use torch's native add, which converts to float32, adds and rounds once:
+    the same bits as the explicit float32 formula (tests check it), at several times its speed.
+    """
+    if base is None:
+        base = torch.zeros((), dtype=delta.dtype)
+    if base.dtype != delta.dtype and base.dtype.itemsize < 4 and delta.dtype.itemsize < 4:
+        base = base.to(torch.float32)  # float16 + bfloat16 would round to one of them
+    out = torch.add(base, delta)  # mixed dtypes promote to the wider one (float32 for our dtypes)
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+def subtract(target: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """DELTA = TARGET - BASE for one chunk, computed in float32 and rounded once to `dtype` (as `combine`)."""
+    if base.dtype != target.dtype and base.dtype.itemsize < 4 and target.dtype.itemsize < 4:
+        base = base.to(torch.float32)
+    out = torch.sub(target, base)
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+def _differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Flat indices where the bit patterns differ (so -0.0 vs 0.0 and NaN payloads count)."""
+    bits = _BITS[a.dtype.itemsize]
+    return (a.reshape(-1).view(bits) != b.reshape(-1).view(bits)).nonzero().squeeze(1)
+
+
+# ---- planning: which tensors, which shapes, checked before anything is read in bulk -----------------------------
+
+def _check_shapes(name: str, base: tuple, other: tuple, what: str) -> None:
+    """Equal, or `other` has more rows along dim 0 (vocabulary growth); anything else is the wrong base."""
+    grown = len(base) == len(other) >= 1 and base[1:] == other[1:] and base[0] < other[0]
+    if base != other and not grown:
+        raise RlhfchatError(f"shape mismatch for {name}: base {list(base)} vs {what} {list(other)}")
+
+
+def _entry(e: dict) -> dict:
+    """A manifest entry with shapes as tuples and dtypes as torch dtypes."""
+    out = dict(e, shape=tuple(e["shape"]), dtype=dtype_from_name(e["dtype"]))
+    if e.get("base_shape") is not None:
+        out.update(base_shape=tuple(e["base_shape"]), base_dtype=dtype_from_name(e["base_dtype"]))
+    return out
+
+
+def _read_manifest(delta: Path, required: bool) -> dict | None:
+    if not delta.is_dir():
+        raise RlhfchatError(f"{delta}: no such folder")
+    path = delta / MANIFEST
+    if not path.is_file():
+        if required:
+            raise RlhfchatError(f"{delta} has no {MANIFEST} manifest to verify against")
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        version = manifest.get("format_version")
+    except (OSError, ValueError, AttributeError) as e:
+        raise RlhfchatError(f"{path}: not a valid manifest ({e})") from None
+    if manifest.get("format") != FORMAT or version != FORMAT_VERSION:
+        raise RlhfchatError(f"{path}: format {manifest.get('format')!r} version {version!r}; this rlhfchat reads "
+                            f"{FORMAT!r} version {FORMAT_VERSION}")
+    try:
+        manifest["tensors"] = {k: _entry(v) for k, v in manifest["tensors"].items()}
+    except (KeyError, TypeError, AttributeError, RlhfchatError) as e:
+        raise RlhfchatError(f"{path}: damaged tensor list ({e})") from None
+    return manifest
+
+
+def _refuse_existing(out: Path) -> None:
+    if out.exists():
+        raise RlhfchatError(f"{out} already exists; remove it or choose another output folder")
+
+
+def _check_space(out: Path, need: int) -> None:
+    where = out.resolve().parent
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise RlhfchatError(f"not enough disk space for {out}: needs {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+
+
+@contextlib.contextmanager
+def _disk_errors(out: Path) -> Iterator[None]:
+    """A full disk mid-write is a one-line error; atomic_dir has already removed the partial folder."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RlhfchatError(f"disk full while writing {out}; nothing was left behind") from None
+        raise
+
+
+def _rows(shape: tuple) -> int:
+    """Length along dim 0; a scalar is one row."""
+    return shape[0] if shape else 1
+
+
+def _main_dtype(specs: list[Spec]) -> str | None:
+    """The dtype holding most of the bytes (a model may keep a few tensors in another one)."""
+    by = {}
+    for s in specs:
+        by[s.dtype] = by.get(s.dtype, 0) + s.nbytes
+    return dtype_name(max(by, key=by.get)) if by else None
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Elementwise work on a chunk is memory-bound: extra intra-op threads only spin and fight the I/O for cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _bar(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None)
+
+
+def _copy_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """Copy every non-weight file (config, tokenizer, chat template ...) and return name -> sha256."""
+    files = {}
+    for path in other_files(src, skip=skip):
+        shutil.copyfile(path, dst / path.name)
+        files[path.name] = file_sha256(dst / path.name)
+    return files
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _vocab(target: Path, grown: dict[str, tuple[int, int]]) -> dict:
+    """How the vocabulary changed: rows before and after, and the tokenizer's added tokens among the new rows."""
+    if grown:
+        base_rows, target_rows = next(iter(grown.values()))
+    else:
+        base_rows = target_rows = (_read_json(target / "config.json") or {}).get("vocab_size")
+    added = {}
+    for tok in (_read_json(target / "tokenizer.json") or {}).get("added_tokens", []):
+        added[tok["id"]] = tok["content"]
+    for content, idx in (_read_json(target / "added_tokens.json") or {}).items():
+        added[idx] = content
+    new = [{"id": i, "content": added[i]} for i in sorted(added) if base_rows is not None and i >= base_rows]
+    return {"base_rows": base_rows, "target_rows": target_rows, "grown_tensors": sorted(grown), "added_tokens": new}
+
+
+# ---- make -------------------------------------------------------------------------------------------------------
+
+def make_delta(base: str | Path, target: str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE) -> dict:
+    """Write DELTA = TARGET - BASE to `out` (with manifest, fixes and the target's files); return the manifest."""
+    base, target, out = Path(base), Path(target), Path(out)
+    _refuse_existing(out)
+    with Checkpoint(base) as B, Checkpoint(target) as T:
+        # 1. match tensors by name; shapes must agree except for rows added along dim 0
+        entries: dict[str, dict] = {}
+        for name, ti in T.tensors.items():
+            bi = B.tensors.get(name)
+            if bi is None:
+                raise RlhfchatError(f"target tensor {name} has no counterpart in base {base}: is this the right base?")
+            _check_shapes(name, bi.shape, ti.shape, "target")
+            entries[name] = {"shape": ti.shape, "dtype": ti.dtype, "base_shape": bi.shape, "base_dtype": bi.dtype,
+                             "mode": "add" if ti.dtype.is_floating_point else "copy"}
+        grown = {n: (e["base_shape"][0], e["shape"][0]) for n, e in entries.items() if e["shape"] != e["base_shape"]}
+        specs = [Spec(n, e["shape"], e["dtype"]) for n, e in entries.items()]
+        total = sum(s.nbytes for s in specs)
+        _check_space(out, total)
+
+        # 2. stream: each delta chunk is computed, checked against apply's arithmetic and written
+        fixes: dict[str, torch.Tensor] = {}
+
+        def produce(spec: Spec) -> Iterator[torch.Tensor]:
+            name, e = spec.name, entries[spec.name]
+            rows, row_elems, base_rows = _rows(spec.shape), math.prod(spec.shape[1:]), _rows(e["base_shape"])
+            hb, ht, idx, val = hashlib.sha256(), hashlib.sha256(), [], []
+            for r0, r1 in row_chunks(rows, row_elems * spec.dtype.itemsize, split_at=base_rows):
+                t = T.rows(name, r0, r1)
+                ht.update(as_bytes(t))
+                b = B.rows(name, r0, r1) if r0 < base_rows else None  # None: rows the base does not have
+                if b is not None:
+                    hb.update(as_bytes(b))
+                if e["mode"] == "copy" or b is None:
+                    d = t.clone()  # stored whole (a copy, so the mapped pages can go now)
+                else:
+                    d = subtract(t, b, spec.dtype)
+                if e["mode"] == "add":
+                    bad = _differs(combine(b, d, spec.dtype), t)  # exactly what apply will compute
+                    if bad.numel():
+                        idx.append(bad + r0 * row_elems)
+                        val.append(t.reshape(-1)[bad])
+                T.release(name, r0, r1)
+                if b is not None:
+                    B.release(name, r0, r1)
+                yield d
+            e["base_sha256"], e["sha256"], e["fixes"] = hb.hexdigest(), ht.hexdigest(), sum(len(i) for i in idx)
+            if idx:
+                fixes[f"{name}:index"], fixes[f"{name}:value"] = torch.cat(idx), torch.cat(val)
+
+        with _disk_errors(out), _one_thread(), atomic_dir(out) as tmp, _bar(total, "making delta") as bar:
+            write_shards(tmp, specs, shard_size, produce, bar.update)
+            if fixes:
+                from safetensors.torch import save_file
+
+                save_file(fixes, str(tmp / FIXES))
+            files = _copy_files(target, tmp, skip=(MANIFEST,))
+            manifest = {
+                "format": FORMAT, "format_version": FORMAT_VERSION,
+                "dtype": _main_dtype(specs),
+                "vocab": _vocab(target, grown),
+                "files": files,
+                "dropped_base_tensors": sorted(set(B.tensors) - set(T.tensors)),
+                "tensors": {n: {"shape": list(e["shape"]), "dtype": dtype_name(e["dtype"]),
+                                "base_shape": list(e["base_shape"]), "base_dtype": dtype_name(e["base_dtype"]),
+                                "base_sha256": e["base_sha256"], "sha256": e["sha256"], "mode": e["mode"],
+                                "fixes": e["fixes"]}
+                            for n, e in entries.items()},
+            }
+            write_json(tmp / MANIFEST, manifest)  # last: a delta folder with a manifest is complete
+    return manifest
+
+
+# ---- apply ------------------------------------------------------------------------------------------------------
+
+def _legacy_entries(B: Checkpoint, D: Checkpoint) -> dict[str, dict]:
+    """A delta without manifest (StableVicuna's): every delta tensor is added to the same-named base tensor."""
+    entries = {}
+    for name, di in D.tensors.items():
+        bi = B.tensors.get(name)
+        if bi is None and name.endswith(".rotary_emb.inv_freq"):
+            continue  # a buffer 2023's transformers saved and today's recomputes; the script never sees it
+        if bi is None:
+            raise RlhfchatError(f"base {B.folder} has no tensor {name}, which the delta changes: is it the right base?")
+        _check_shapes(name, bi.shape, di.shape, "delta")
+        entries[name] = {"shape": di.shape, "dtype": di.dtype, "base_shape": bi.shape, "base_dtype": bi.dtype,
+                         "mode": "add" if di.dtype.is_floating_point else "copy", "fixes": 0}
+    return entries
+
+
+def _check_inputs(manifest: dict, B: Checkpoint, D: Checkpoint) -> None:
+    """Names, shapes and dtypes of base and delta against the manifest (cheap: headers only)."""
+    for name, e in manifest["tensors"].items():
+        bi, di = B.tensors.get(name), D.tensors.get(name)
+        if bi is None:
+            raise RlhfchatError(f"base {B.folder} has no tensor {name}: it is not the base this delta was made from")
+        if (bi.shape, bi.dtype) != (e["base_shape"], e["base_dtype"]):
+            raise RlhfchatError(f"shape mismatch for {name}: base {list(bi.shape)} {dtype_name(bi.dtype)} vs "
+                                f"{list(e['base_shape'])} {dtype_name(e['base_dtype'])} in the delta's manifest")
+        if di is None or (di.shape, di.dtype) != (e["shape"], e["dtype"]):
+            raise RlhfchatError(f"delta {D.folder} is damaged: tensor {name} is missing or not "
+                                f"{list(e['shape'])} {dtype_name(e['dtype'])}")
+
+
+def _check_base(manifest: dict, B: Checkpoint) -> None:
+    """Hash every base tensor the delta needs, in the base's file order; name the first one that differs."""
+    names = [n for n in B.tensors if n in manifest["tensors"]]
+    with _bar(sum(B.tensors[n].nbytes for n in names), "checking base") as bar:
+        for name, got in B.sha256_all(names, bar.update):
+            want = manifest["tensors"][name]["base_sha256"]
+            if got != want:
+                raise RlhfchatError(f"{B.folder} is not the base this delta was made from: tensor {name} differs "
+                                    f"(sha256 {got[:12]}..., expected {want[:12]}...); nothing was written")
+
+
+def apply_delta(base: str | Path, delta: str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE) -> Path:
+    """Write TARGET = BASE + DELTA to `out`, streamed chunk by chunk, checked before and verified after."""
+    base, delta, out = Path(base), Path(delta), Path(out)
+    manifest = _read_manifest(delta, required=False)
+    _refuse_existing(out)
+    with Checkpoint(base) as B, Checkpoint(delta) as D:
+        # 1. check everything that can be checked before writing a byte
+        if manifest is None:
+            log.warning("%s has no %s: applying it like its own apply_delta.py, without checks", delta, MANIFEST)
+            entries = _legacy_entries(B, D)
+        else:
+            entries = manifest["tensors"]
+            _check_inputs(manifest, B, D)
+            _check_base(manifest, B)
+        specs = [Spec(n, e["shape"], e["dtype"]) for n, e in entries.items()]
+        total = sum(s.nbytes for s in specs)
+        _check_space(out, total)
+        fixes = None
+        if (delta / FIXES).is_file():
+            from safetensors import safe_open
+
+            fixes = safe_open(str(delta / FIXES), framework="pt")
+
+        def produce(spec: Spec) -> Iterator[torch.Tensor]:
+            name, e = spec.name, entries[spec.name]
+            rows, row_elems, base_rows = _rows(spec.shape), math.prod(spec.shape[1:]), _rows(e["base_shape"])
+            idx = val = None
+            if e.get("fixes"):
+                idx, val = fixes.get_tensor(f"{name}:index"), fixes.get_tensor(f"{name}:value")
+            for r0, r1 in row_chunks(rows, row_elems * spec.dtype.itemsize, split_at=base_rows):
+                d = D.rows(name, r0, r1)
+                if e["mode"] == "copy":
+                    t = d.clone()
+                else:
+                    b = B.rows(name, r0, r1) if r0 < base_rows else None
+                    if manifest is None and b is not None:
+                        b = b.to(spec.dtype)  # apply_delta.py loads the base in the delta's dtype before adding
+                    t = combine(b, d, spec.dtype)
+                    if idx is not None:  # put back the elements the delta cannot reproduce (sorted flat indices)
+                        lo, hi = torch.searchsorted(idx, torch.tensor([r0 * row_elems, r1 * row_elems]))
+                        t.reshape(-1)[idx[lo:hi] - r0 * row_elems] = val[lo:hi]
+                    if b is not None:
+                        B.release(name, r0, r1)
+                D.release(name, r0, r1)  # free memory as we go: the mapped input pages leave our RSS
+                yield t
+
+        # 2. write into a temporary folder; 3. verify; 4. rename (atomic_dir), or remove it on any error
+        with _disk_errors(out), _one_thread(), atomic_dir(out) as tmp, _bar(total, "applying delta") as bar:
+            hashes = write_shards(tmp, specs, shard_size, produce, bar.update)
+            if manifest is not None:
+                for name, e in entries.items():
+                    if hashes[name] != e["sha256"]:
+                        raise RlhfchatError(f"result tensor {name} does not match the delta's manifest "
+                                            f"(sha256 {hashes[name][:12]}..., expected {e['sha256'][:12]}...)")
+            _copy_files(delta, tmp, skip=(MANIFEST,))
+    return out
+
+
+# ---- verify -----------------------------------------------------------------------------------------------------
+
+def verify_delta(target: str | Path, delta: str | Path) -> None:
+    """Check a model folder against a delta's manifest: same tensors, shapes, dtypes, sha256s and files."""
+    target, delta = Path(target), Path(delta)
+    manifest = _read_manifest(delta, required=True)
+    tensors = manifest["tensors"]
+    with Checkpoint(target) as T:
+        extra = sorted(set(T.tensors) - set(tensors))
+        if extra:
+            raise RlhfchatError(f"{target} has tensor {extra[0]}, which the delta's manifest does not list")
+        missing = [n for n in tensors if n not in T.tensors]
+        if missing:
+            raise RlhfchatError(f"{target} has no tensor {missing[0]}, which the delta's manifest lists")
+        with _bar(sum(T.tensors[n].nbytes for n in tensors), "verifying") as bar:
+            for name, ti in T.tensors.items():
+                e = tensors[name]
+                if (ti.shape, ti.dtype) != (e["shape"], e["dtype"]):
+                    raise RlhfchatError(f"tensor {name} in {target} is {list(ti.shape)} {dtype_name(ti.dtype)}, the "
+                                        f"manifest says {list(e['shape'])} {dtype_name(e['dtype'])}")
+            for name, got in T.sha256_all(list(T.tensors), bar.update):
+                e = tensors[name]
+                if got != e["sha256"]:
+                    raise RlhfchatError(f"tensor {name} in {target} differs from the delta's manifest "
+                                        f"(sha256 {got[:12]}..., expected {e['sha256'][:12]}...)")
+    for fname, want in manifest.get("files", {}).items():
+        path = target / fname
+        if not path.is_file() or file_sha256(path) != want:
+            raise RlhfchatError(f"{path} is missing or differs from the delta's manifest")
+
+
+# ---- python -m rlhfchat.delta -----------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rlhfchat.delta", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="action", required=True)
+    for action, flags in (("make", ("base", "target", "out")), ("apply", ("base", "delta", "out")),
+                          ("verify", ("target", "delta"))):
+        a = sub.add_parser(action)
+        for flag in flags:
+            a.add_argument(f"--{flag}", required=True)
+        if action != "verify":
+            a.add_argument("--shard-size-mb", type=int, default=DEFAULT_SHARD_SIZE >> 20)
+    args = p.parse_args(argv)
+    try:
+        if args.action == "make":
+            make_delta(args.base, args.target, args.out, shard_size=args.shard_size_mb << 20)
+        elif args.action == "apply":
+            apply_delta(args.base, args.delta, args.out, shard_size=args.shard_size_mb << 20)
+        else:
+            verify_delta(args.target, args.delta)
+    except RlhfchatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
