@@ -17,7 +17,9 @@ same command after a crash (or a kill) picks up where it stopped. Stage order an
 from __future__ import annotations
 
 import importlib
+import sys
 import time
+from pathlib import Path
 
 from rlhfchat.atomic import atomic_file
 from rlhfchat.config import Recipe, dump_recipe
@@ -42,3 +44,8 @@ def main(recipe: Recipe) -> None:
         print(f"\n=== {name} ===", flush=True)
         importlib.import_module(module).main(recipe)
     print(f"\npipeline finished in {time.perf_counter() - t0:.0f}s; run folder: {run}")
+    print(f"report: {run / 'eval' / 'report.md'}")
+    print("chat with the PPO model (web page, OpenAI API, and an arena against the SFT model), then open "
+          "http://127.0.0.1:8000/ :")
+    exe = sys.argv[0] if sys.argv and Path(sys.argv[0]).name == "rlhfchat" else "rlhfchat"
+    print(f"  {exe} serve {run / 'ppo'} {run / 'sft'}")
