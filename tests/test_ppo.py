@@ -103,7 +103,7 @@ def test_score_lands_on_last_real_token_never_padding(run_dir, monkeypatch):
     # kl_coef 0: the per-token rewards are exactly the score at the last real token and 0 elsewhere
     ppo = make_ppo(run_dir, "ppo.init_kl_coef=0", "ppo.target=null", "ppo.cliprange_reward=0.05")
     raw = fake_responses(ppo.tokenizer)
-    monkeypatch.setattr(rollout_mod, "hf_generate", lambda *a, **k: raw.clone())
+    monkeypatch.setattr(rollout_mod, "hf_generate", lambda *a, **k: rollout_mod.Generated(raw.clone()))
     exp, stats = ppo.make_experience(PROMPTS)
     lengths = exp.mask.sum(1).long()
     assert lengths.tolist() == finish_responses(raw, ppo.tokenizer, ["### Human:"])[1].sum(1).tolist()
@@ -129,6 +129,20 @@ def test_score_lands_on_last_real_token_never_padding(run_dir, monkeypatch):
     assert stats["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before any update
 
 
+def test_logprobs_and_values_kept_from_generation_match_a_full_forward(run_dir):
+    # make_experience reads the old logprobs, values and entropy off the generation steps (KV cache, no second
+    # pass): they must be what a full forward over prompt + response gives, on every real token
+    ppo = make_ppo(run_dir, "ppo.max_new_tokens=8", "ppo.stop_sequences=[e, a, '1']")
+    exp, _ = ppo.make_experience(PROMPTS)
+    assert exp.mask.sum(1).min() < exp.mask.shape[1]  # some replies were cut by a stop sequence
+    with torch.no_grad():
+        out = ppo.unwrapped(exp.input_ids, exp.attention_mask, exp.n_prompt, with_entropy=True)
+    m = exp.mask.bool()
+    assert torch.allclose(out.logprobs[m], exp.logprobs[m], atol=1e-4)
+    assert torch.allclose(out.values[m], exp.values[m], atol=1e-4)
+    assert torch.allclose(out.entropy[m], exp.entropy[m], atol=1e-4)
+
+
 def test_reward_scorer_truncates_the_left_of_long_prompts(tiny_reward_dir):
     scorer = RewardScorer(tiny_reward_dir, max_length=24)
     long_prompt = [message("user", "What is 1 + 1? " * 30)]
@@ -142,7 +156,7 @@ def test_reward_scorer_truncates_the_left_of_long_prompts(tiny_reward_dir):
 
 def test_minibatch_of_4_equals_4_accumulated_micro_batches(run_dir, monkeypatch):
     raw = fake_responses(load_tokenizer(run_dir / "sft"))
-    monkeypatch.setattr(rollout_mod, "hf_generate", lambda *a, **k: raw.clone())
+    monkeypatch.setattr(rollout_mod, "hf_generate", lambda *a, **k: rollout_mod.Generated(raw.clone()))
     whole = make_ppo(run_dir, "ppo.batch_size=4", "ppo.grad_accum=1")
     split = make_ppo(run_dir, "ppo.batch_size=1", "ppo.grad_accum=4")
     exp, _ = whole.make_experience(PROMPTS)

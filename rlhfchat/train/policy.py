@@ -62,8 +62,21 @@ def last_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch
 
 def response_logits(lm: nn.Module, hidden: torch.Tensor, n_prompt: int, temperature: float) -> torch.Tensor:
     """Next-token logits at the positions that predict the response. hidden (B, T, H) -> (B, R, V)."""
+    return output_logits(lm, hidden[:, n_prompt - 1 : -1], temperature)
+
+
+def output_logits(lm: nn.Module, states: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The output layer on hidden states. (B, R, H) -> (B, R, V).
+
+    Under autocast (bf16 mixed precision) the output layer runs in its weights' own dtype: logprobs feed the
+    PPO ratio, and bf16 logits would put percent-level noise into it. It is a small share of the compute.
+    """
     _, head = causal_parts(lm)
-    logits = head(hidden[:, n_prompt - 1 : -1])
+    if torch.is_autocast_enabled(states.device.type):
+        with torch.autocast(states.device.type, enabled=False):
+            logits = head(states.to(head.weight.dtype))
+    else:
+        logits = head(states)
     softcap = getattr(getattr(lm, "config", None), "final_logit_softcapping", None)
     if softcap:  # Gemma-style models cap their logits in the LM head's forward; do the same here
         logits = torch.tanh(logits / softcap) * softcap
@@ -108,8 +121,27 @@ class PolicyWithValueHead(nn.Module):
         if with_values:
             if self.critic is not None:
                 hidden = last_hidden(self.critic, input_ids, attention_mask)
-            states = hidden[:, n_prompt - 1 : -1]  # (B, R, H)
-            values = self.value_head(states.to(self.value_head.weight.dtype)).squeeze(-1).float()
+            values = self.values_of(hidden[:, n_prompt - 1 : -1])  # states (B, R, H) -> (B, R)
+        return PolicyOutput(logprobs, values, entropy)
+
+    def values_of(self, states: torch.Tensor) -> torch.Tensor:
+        """The value head on hidden states. (B, R, H) -> (B, R) float32."""
+        return self.value_head(states.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def from_generation(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        n_prompt: int) -> PolicyOutput:
+        """What `forward(..., with_entropy=True)` returns, from the hidden states generation already computed.
+
+        hidden (B, R, H): the trunk's last hidden state at each generation step, i.e. the state before each
+        response token. Only the output layer and the value head run; a separate critic needs its own forward.
+        """
+        logits = output_logits(self.lm, hidden, self.temperature)
+        logprobs = logprobs_of_labels(logits, input_ids[:, n_prompt:])
+        entropy = entropy_from_logits(logits)
+        if self.critic is None:
+            values = self.values_of(hidden)
+        else:
+            values = self.values_of(last_hidden(self.critic, input_ids, attention_mask)[:, n_prompt - 1 : -1])
         return PolicyOutput(logprobs, values, entropy)
 
     def value_state_dict(self) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ sequence: the tokens are cut where the stop text begins and an EOS takes its pla
 text and appends EOS). A response that runs to max_new_tokens has no EOS. Everything after the end is padding
 with mask 0, so the reward-model score lands on the last real token and never on padding.
 
-Backends: `hf` (transformers generate with a KV cache) and `vllm` (not part of this build: a clear error).
+Backends: `hf` (transformers generate with a KV cache; `capture=True` keeps the last hidden state of every step,
+from which PPO gets the old logprobs and values) and `vllm` (not part of this build: a clear error).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Rollout:
     response_mask: torch.Tensor  # (B, R) 1 on real tokens (EOS included), 0 on padding
     texts: list[str]  # the decoded replies, cut at stop sequences, without surrounding whitespace
     ended: torch.Tensor  # (B,) bool: EOS or a stop sequence ended the reply (False: ran to max_new_tokens)
+    hidden: torch.Tensor | None = None  # (B, R, H) the trunk's last hidden state before each token (capture=True)
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P + R)
@@ -147,14 +149,33 @@ def finish_responses(raw: torch.Tensor, tokenizer: Any, stop_sequences: Sequence
     return out, mask, texts, torch.tensor(ended)
 
 
+@dataclass
+class Generated:
+    tokens: torch.Tensor  # (B, R) raw response tokens, R <= max_new_tokens
+    hidden: torch.Tensor | None = None  # (B, R, H) the trunk's last hidden state each token was sampled from
+
+
 def hf_generate(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                settings: GenerationSettings) -> torch.Tensor:
-    """Sample responses with transformers' generate (KV cache). (B, P) -> raw response tokens (B, R <= max_new)."""
+                settings: GenerationSettings, capture: bool = False) -> Generated:
+    """Sample responses with transformers' generate (KV cache). (B, P) -> Generated.
+
+    capture=True also keeps, for every generated position, the trunk's last hidden state (the state that the
+    token was sampled from), so PPO gets the old logprobs, the entropy and (shared trunk) the values from the output
+    layer and value head alone, without a second pass through the network.
+    """
     kwargs: dict[str, Any] = dict(
         max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens or None,
         do_sample=settings.do_sample, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         use_cache=True,
     )
+    hidden: list[torch.Tensor] = []
+    hook = None
+    if capture:
+        from rlhfchat.train.policy import causal_parts
+
+        trunk, _ = causal_parts(model)
+        # one trunk call per generated token (the prefill, then one per step); keep its last position
+        hook = trunk.register_forward_hook(lambda module, args, out: hidden.append(out[0][:, -1].detach()))
     if settings.do_sample:
         kwargs.update(top_k=settings.top_k, top_p=settings.top_p, temperature=settings.temperature)
     else:
@@ -163,10 +184,17 @@ def hf_generate(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, prompt_mas
         kwargs.update(stop_strings=list(settings.stop_sequences), tokenizer=tokenizer)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
-    model.train(was_training)
-    return out[:, prompt_ids.shape[1]:]
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+    finally:
+        model.train(was_training)
+        if hook is not None:
+            hook.remove()
+    tokens = out[:, prompt_ids.shape[1]:]
+    if not capture:
+        return Generated(tokens)
+    return Generated(tokens, torch.stack(hidden[: tokens.shape[1]], dim=1))
 
 
 def check_backend(name: str) -> None:
@@ -185,13 +213,14 @@ def check_backend(name: str) -> None:
 
 
 def generate_rollout(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
-                     settings: GenerationSettings, backend: str = "hf", device: Any = None) -> Rollout:
+                     settings: GenerationSettings, backend: str = "hf", device: Any = None,
+                     capture: bool = False) -> Rollout:
     """One generation batch: encoded prompts -> Rollout (left-padded prompts, cut and masked responses)."""
     check_backend(backend)
     ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
-    raw = hf_generate(model, tokenizer, ids, mask, settings)
-    response_ids, response_mask, texts, ended = finish_responses(raw, tokenizer, settings.stop_sequences)
-    return Rollout(ids, mask, response_ids, response_mask, texts, ended)
+    gen = hf_generate(model, tokenizer, ids, mask, settings, capture=capture)
+    response_ids, response_mask, texts, ended = finish_responses(gen.tokens, tokenizer, settings.stop_sequences)
+    return Rollout(ids, mask, response_ids, response_mask, texts, ended, gen.hidden)
 
 
 def generate_replies(model: Any, tokenizer: Any, prompts: Sequence[Prompt], settings: GenerationSettings,
