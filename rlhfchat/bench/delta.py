@@ -124,9 +124,14 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _hwm_mb(pid: int) -> float:
-    """The process's own peak RSS so far (VmHWM, kept by the kernel), or its current RSS where /proc lacks it."""
+def _hwm_mb(pid: int, cmd: list[str]) -> float:
+    """The process's own peak RSS so far (VmHWM, kept by the kernel), or its current RSS where /proc lacks it.
+
+    0 until the child has exec'd `cmd`: before that it shares (vfork) or copies this process's memory, and its
+    VmHWM would be ours."""
     try:
+        if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1] != [os.fsencode(c) for c in cmd]:
+            return 0.0
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
@@ -154,7 +159,7 @@ def timed_child(cmd: list[str], what: str) -> tuple[float, float]:
             pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            peak = max(peak, _hwm_mb(proc.pid))
+            peak = max(peak, _hwm_mb(proc.pid, cmd))
             time.sleep(0.005)
         seconds = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
