@@ -59,28 +59,34 @@ _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 # ---- arithmetic (one chunk at a time) -------------------------------------------------------------------------
 
-def combine(base: torch.Tensor | None, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def combine(base: torch.Tensor | None, delta: torch.Tensor, dtype: torch.dtype,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """TARGET = BASE + DELTA for one chunk: each sum computed in float32 and rounded once to `dtype`.
 
     `base` None means rows that the base does not have (a grown vocabulary): they are zeros. Adding 0.0 rather
     than copying keeps the reference script's arithmetic (0 + -0.0 = +0.0); make stores a fix where that matters.
     Same-dtype float16/bfloat16 inputs use torch's native add, which converts to float32, adds and rounds once:
     the same bits as the explicit float32 formula (tests check it), at several times its speed.
+    `out`, if given, receives the result (shape of `delta`, `dtype`).
     """
     if base is None:
         base = torch.zeros((), dtype=delta.dtype)
-    if base.dtype != delta.dtype and base.dtype.itemsize < 4 and delta.dtype.itemsize < 4:
-        base = base.to(torch.float32)  # float16 + bfloat16 would round to one of them
-    out = torch.add(base, delta)  # mixed dtypes promote to the wider one (float32 for our dtypes)
-    return out if out.dtype == dtype else out.to(dtype)
+    return _arith(torch.add, base, delta, dtype, out)
 
 
-def subtract(target: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def subtract(target: torch.Tensor, base: torch.Tensor, dtype: torch.dtype,
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """DELTA = TARGET - BASE for one chunk, computed in float32 and rounded once to `dtype` (as `combine`)."""
-    if base.dtype != target.dtype and base.dtype.itemsize < 4 and target.dtype.itemsize < 4:
-        base = base.to(torch.float32)
-    out = torch.sub(target, base)
-    return out if out.dtype == dtype else out.to(dtype)
+    return _arith(torch.sub, target, base, dtype, out)
+
+
+def _arith(op, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    if a.dtype != b.dtype and a.dtype.itemsize < 4 and b.dtype.itemsize < 4:
+        a = a.to(torch.float32)  # float16 with bfloat16 would otherwise round to one of them
+    if torch.result_type(a, b) == dtype:  # one kernel, straight into `out`
+        return op(a, b) if out is None else op(a, b, out=out)
+    result = op(a, b).to(dtype)  # mixed dtypes: the float32 result, rounded once
+    return result if out is None else out.copy_(result)
 
 
 def _differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -237,7 +243,7 @@ def make_delta(base: str | Path, target: str | Path, out: str | Path, *, shard_s
         # 2. stream: each delta chunk is computed, checked against apply's arithmetic and written
         fixes: dict[str, torch.Tensor] = {}
 
-        def produce(spec: Spec) -> Iterator[torch.Tensor]:
+        def produce(spec: Spec, take) -> Iterator[torch.Tensor]:
             name, e = spec.name, entries[spec.name]
             rows, row_elems, base_rows = _rows(spec.shape), math.prod(spec.shape[1:]), _rows(e["base_shape"])
             hb, ht, idx, val = hashlib.sha256(), hashlib.sha256(), [], []
@@ -247,10 +253,11 @@ def make_delta(base: str | Path, target: str | Path, out: str | Path, *, shard_s
                 b = B.rows(name, r0, r1) if r0 < base_rows else None  # None: rows the base does not have
                 if b is not None:
                     hb.update(as_bytes(b))
+                d = take(t.shape, spec.dtype)
                 if e["mode"] == "copy" or b is None:
-                    d = t.clone()  # stored whole (a copy, so the mapped pages can go now)
+                    d.copy_(t)  # stored whole (a copy, so the mapped pages can go now)
                 else:
-                    d = subtract(t, b, spec.dtype)
+                    subtract(t, b, spec.dtype, out=d)
                 if e["mode"] == "add":
                     bad = _differs(combine(b, d, spec.dtype), t)  # exactly what apply will compute
                     if bad.numel():
@@ -352,7 +359,7 @@ def apply_delta(base: str | Path, delta: str | Path, out: str | Path, *, shard_s
 
             fixes = safe_open(str(delta / FIXES), framework="pt")
 
-        def produce(spec: Spec) -> Iterator[torch.Tensor]:
+        def produce(spec: Spec, take) -> Iterator[torch.Tensor]:
             name, e = spec.name, entries[spec.name]
             rows, row_elems, base_rows = _rows(spec.shape), math.prod(spec.shape[1:]), _rows(e["base_shape"])
             idx = val = None
@@ -360,13 +367,14 @@ def apply_delta(base: str | Path, delta: str | Path, out: str | Path, *, shard_s
                 idx, val = fixes.get_tensor(f"{name}:index"), fixes.get_tensor(f"{name}:value")
             for r0, r1 in row_chunks(rows, row_elems * spec.dtype.itemsize, split_at=base_rows):
                 d = D.rows(name, r0, r1)
+                t = take(d.shape, spec.dtype)
                 if e["mode"] == "copy":
-                    t = d.clone()
+                    t.copy_(d)
                 else:
                     b = B.rows(name, r0, r1) if r0 < base_rows else None
                     if manifest is None and b is not None:
                         b = b.to(spec.dtype)  # apply_delta.py loads the base in the delta's dtype before adding
-                    t = combine(b, d, spec.dtype)
+                    combine(b, d, spec.dtype, out=t)
                     if idx is not None:  # put back the elements the delta cannot reproduce (sorted flat indices)
                         lo, hi = torch.searchsorted(idx, torch.tensor([r0 * row_elems, r1 * row_elems]))
                         t.reshape(-1)[idx[lo:hi] - r0 * row_elems] = val[lo:hi]

@@ -41,6 +41,7 @@ ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 CHUNK_BYTES = 16 << 20  # rows are read, combined and written in pieces of about this size
 HASH_THREADS = max(2, min(4, os.cpu_count() or 1))  # sha256 runs at ~1.5 GB/s a core: the slowest step
+MAX_PENDING = 3  # chunks waiting for the hash and write threads
 _WINDOW = 2 << 20  # release mapped pages in whole 2 MiB blocks (see Checkpoint.release)
 
 
@@ -323,19 +324,38 @@ def _finish(f) -> int:
     return 0
 
 
+class _Ring:
+    """Chunk buffers for `produce`, reused in turn: no allocation per chunk, so the heap cannot fragment."""
+
+    def __init__(self, slots: int):
+        self.buffers: list[torch.Tensor | None] = [None] * slots
+        self.next = 0
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > CHUNK_BYTES:  # a single row larger than a chunk: rare, allocate it
+            return torch.empty(shape, dtype=dtype)
+        if self.buffers[self.next] is None:
+            self.buffers[self.next] = torch.empty(CHUNK_BYTES, dtype=torch.uint8)
+        buf, self.next = self.buffers[self.next], (self.next + 1) % len(self.buffers)
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+
 def write_shards(folder: Path, specs: list[Spec], shard_size: int,
-                 produce: Callable[[Spec], Iterable[torch.Tensor]],
+                 produce: Callable[[Spec, Callable[..., torch.Tensor]], Iterable[torch.Tensor]],
                  progress: Callable[[int], object] | None = None) -> dict[str, str]:
     """Write `specs` into `folder` as HF-layout safetensors, each shard fsynced; return each tensor's sha256.
 
-    `produce(spec)` yields contiguous tensors whose bytes, concatenated, are exactly the tensor's bytes.
+    `produce(spec, take)` yields contiguous tensors whose bytes, concatenated, are exactly the tensor's bytes.
+    `take(shape, dtype)` gives it an uninitialised tensor to compute a chunk into; its memory is reused a few
+    chunks later, once that chunk is written, so each taken tensor must be yielded (once) before the next take.
     """
     shards = plan_shards(specs, shard_size)
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     hashers: dict[str, "hashlib._Hash"] = {}
     # Helper threads hash and write a chunk while the caller computes the next one (hashlib, file writes and
-    # torch all release the GIL). Each helper runs its jobs in order; at most three chunks wait. sha256 costs the
+    # torch all release the GIL). Each helper runs its jobs in order; at most MAX_PENDING chunks wait. sha256 costs the
     # most, so tensors take turns between two hashers (one tensor's chunks always go to the same one). The writer
     # hands each finished shard to a fourth thread that fsyncs and closes it while the next one is written.
     # On an error, leaving the `with` waits for every queued job, so all files are closed before the caller
@@ -346,6 +366,8 @@ def write_shards(folder: Path, specs: list[Spec], shard_size: int,
             cf.ThreadPoolExecutor(1, thread_name_prefix="rlhfchat-write") as writer:
         pending: collections.deque = collections.deque()  # (futures, bytes) in order
         syncs: list[cf.Future] = []
+        # chunk k + 1 is computed once at most MAX_PENDING chunks are still in flight: that many slots, and one more
+        ring = _Ring(MAX_PENDING + 1)
 
         def drain(keep: int) -> None:
             while len(pending) > keep:
@@ -365,11 +387,11 @@ def write_shards(folder: Path, specs: list[Spec], shard_size: int,
                     h = hashers[spec.name] = hashlib.sha256()
                     hasher = hasher1 if len(hashers) % 2 else hasher0
                     size = 0
-                    for chunk in produce(spec):
+                    for chunk in produce(spec, ring.take):
                         data = as_bytes(chunk)  # the memoryview keeps the chunk alive until both are done
                         pending.append(([hasher.submit(h.update, data), writer.submit(_write, f, data)], len(data)))
                         size += len(data)
-                        drain(3)
+                        drain(MAX_PENDING)
                     if size != spec.nbytes:  # a bug, not a user error: never leave a corrupt file
                         raise RuntimeError(f"{spec.name}: produced {size} bytes, expected {spec.nbytes}")
             except BaseException:

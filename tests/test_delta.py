@@ -333,11 +333,11 @@ def test_interrupted_apply_leaves_no_output(made, monkeypatch, where, failure):
     module, attr = (W, "_write") if where == "write" else (D, "combine")
     before, calls, real = listing(tmp_path), [], getattr(module, attr)
 
-    def failing(*args):
+    def failing(*args, **kwargs):
         calls.append(1)
         if len(calls) == 5:  # a few tensors in
             raise failure
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(module, attr, failing)
     expected = RlhfchatError if isinstance(failure, OSError) else KeyboardInterrupt
