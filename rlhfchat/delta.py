@@ -35,16 +35,26 @@ import logging
 import math
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from rlhfchat.atomic import atomic_dir, write_json
 from rlhfchat.errors import RlhfchatError
-from rlhfchat.weights import (Checkpoint, Spec, as_bytes, dtype_from_name, dtype_name, file_sha256, other_files,
-                              row_chunks, write_shards)
+from rlhfchat.weights import (
+    Checkpoint,
+    Spec,
+    as_bytes,
+    dtype_from_name,
+    dtype_name,
+    file_sha256,
+    other_files,
+    row_chunks,
+    write_shards,
+)
 
 log = logging.getLogger(__name__)
 

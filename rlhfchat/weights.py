@@ -23,9 +23,9 @@ import json
 import math
 import mmap
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -77,7 +77,7 @@ class TensorInfo:
 
 def row_chunks(rows: int, row_bytes: int, split_at: int | None = None,
                chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int]]:
-    """[start, stop) row ranges of about `chunk_bytes`; no range crosses `split_at` (where a grown tensor's base ends)."""
+    """[start, stop) row ranges of about `chunk_bytes`; none crosses `split_at` (where a grown tensor's base ends)."""
     step = max(1, chunk_bytes // max(1, row_bytes))
     bounds = [(0, rows)] if split_at is None or not 0 < split_at < rows else [(0, split_at), (split_at, rows)]
     for lo, hi in bounds:
@@ -213,7 +213,8 @@ class Checkpoint:
                 progress(chunk.nbytes)
         return h.hexdigest()
 
-    def sha256_all(self, names: list[str], progress: Callable[[int], object] | None = None) -> Iterator[tuple[str, str]]:
+    def sha256_all(self, names: list[str],
+                   progress: Callable[[int], object] | None = None) -> Iterator[tuple[str, str]]:
         """(name, sha256) in the order given; safetensors are hashed HASH_THREADS tensors at a time (hashlib and
         page faults release the GIL), `.bin` one at a time (one shard is mapped at a time)."""
         if self.format == "bin":
@@ -240,7 +241,7 @@ class Checkpoint:
         self._maps.clear()
         self._bin = None
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -353,7 +354,7 @@ def write_shards(folder: Path, specs: list[Spec], shard_size: int,
     shards = plan_shards(specs, shard_size)
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    hashers: dict[str, "hashlib._Hash"] = {}
+    hashers: dict[str, hashlib._Hash] = {}
     # Helper threads hash and write a chunk while the caller computes the next one (hashlib, file writes and
     # torch all release the GIL). Each helper runs its jobs in order; at most MAX_PENDING chunks wait. sha256 costs the
     # most, so tensors take turns between two hashers (one tensor's chunks always go to the same one). The writer

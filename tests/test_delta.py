@@ -90,7 +90,7 @@ def read_all(folder: Path) -> dict:
 
 def assert_bits_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for k in a:
+    for k in a:  # noqa: PLC0206 (two dicts)
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
         bits = BITS[a[k].dtype.itemsize]
         assert torch.equal(a[k].reshape(-1).view(bits), b[k].reshape(-1).view(bits)), k
@@ -241,7 +241,7 @@ def made(tmp_path):
 
 
 def test_wrong_base_is_refused_before_anything_is_written(made):
-    tmp_path, base, _ = made
+    tmp_path, _, _ = made
     save(tmp_path / "other", llama_tensors(dtype=torch.float16, seed=99))
     before = listing(tmp_path)
     with pytest.raises(RlhfchatError, match=r"is not the base this delta was made from: tensor lm_head.weight"):

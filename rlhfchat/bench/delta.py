@@ -12,7 +12,8 @@ reads base and target and writes the delta, apply reads base and delta and write
 the base, to check it before writing, is not counted). Make and apply fsync their shards before renaming the
 folder into place, so the copy is timed up to the fsync of its files as well (`cp_seconds_before_fsync` is the
 `cp -r` alone), and every step starts after a `sync`: each is measured against the disk, not the page cache.
-Peak RSS is the child's VmHWM, polled.
+Peak RSS is the child's VmHWM, polled; cpu_seconds is the child's user + system time, and load_average the
+machine's at the end: on a shared machine, a CPU-bound step's wall time depends on the other processes.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def llama_specs(size_bytes: float, dtype: "torch.dtype", vocab: int) -> tuple[list["Spec"], dict]:
+def llama_specs(size_bytes: float, dtype: torch.dtype, vocab: int) -> tuple[list[Spec], dict]:
     """Tensor list and config.json of a Llama with about `size_bytes` of weights (hidden 2048 from 1 GB up)."""
     from rlhfchat.weights import Spec
 
@@ -73,7 +74,7 @@ def llama_specs(size_bytes: float, dtype: "torch.dtype", vocab: int) -> tuple[li
     return specs, config
 
 
-def build_pair(workdir: Path, size_bytes: float, dtype: "torch.dtype", shard_size: int,
+def build_pair(workdir: Path, size_bytes: float, dtype: torch.dtype, shard_size: int,
                seed: int) -> tuple[Path, Path]:
     """Write base (vocab 32000) and target (base + 1% noise, vocab 32001) shard by shard; return their folders."""
     import torch
@@ -145,8 +146,8 @@ def _hwm_mb(pid: int, cmd: list[str]) -> float:
         return 0.0
 
 
-def timed_child(cmd: list[str], what: str) -> tuple[float, float]:
-    """Run `cmd`; return (seconds, peak RSS in MB) of that process alone.
+def timed_child(cmd: list[str], what: str) -> tuple[float, float, float]:
+    """Run `cmd`; return (seconds, peak RSS in MB, CPU seconds user + system) of that process alone.
 
     The peak is polled from the child's VmHWM: its rusage's ru_maxrss would start from this (larger) process's
     RSS, which Linux carries across fork and exec.
@@ -156,7 +157,7 @@ def timed_child(cmd: list[str], what: str) -> tuple[float, float]:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
         peak = 0.0
         while True:
-            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             peak = max(peak, _hwm_mb(proc.pid, cmd))
@@ -167,7 +168,7 @@ def timed_child(cmd: list[str], what: str) -> tuple[float, float]:
             err.seek(0)
             lines = err.read().decode(errors="replace").strip().splitlines() or ["(no output)"]
             raise RlhfchatError(f"bench: {what} failed with status {proc.returncode}: {lines[-1]}")
-    return seconds, peak
+    return seconds, peak, usage.ru_utime + usage.ru_stime
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -186,11 +187,12 @@ def run(args: argparse.Namespace) -> dict:
 
         # the disk's limit: copy both folders (each byte read once and written once) and fsync the copies,
         # as make and apply fsync what they write
-        copy_s = cp_s = 0.0
+        copy_s = cp_s = copy_cpu = 0.0
         for src in (base, target):
             os.sync()  # every timed step starts with nothing dirty in the page cache
             dst = work / f"copy-{src.name}"
-            seconds = timed_child(["cp", "-r", str(src), str(dst)], "cp")[0]
+            seconds, _, cpu = timed_child(["cp", "-r", str(src), str(dst)], "cp")
+            copy_cpu += cpu
             t0 = time.perf_counter()
             fsync_tree(dst)
             cp_s += seconds
@@ -201,11 +203,11 @@ def run(args: argparse.Namespace) -> dict:
         py = [sys.executable, "-m", "rlhfchat.delta"]
         shard = ["--shard-size-mb", str(args.shard_size_mb)]
         os.sync()
-        make_s, make_rss = timed_child(py + ["make", "--base", str(base), "--target", str(target),
+        make_s, make_rss, make_cpu = timed_child(py + ["make", "--base", str(base), "--target", str(target),
                                              "--out", str(delta)] + shard, "make")
         sizes["delta"] = folder_bytes(delta)
         os.sync()
-        apply_s, apply_rss = timed_child(py + ["apply", "--base", str(base), "--delta", str(delta),
+        apply_s, apply_rss, apply_cpu = timed_child(py + ["apply", "--base", str(base), "--delta", str(delta),
                                                "--out", str(out)] + shard, "apply")
         sizes["out"] = folder_bytes(out)
         fixes = sum(e["fixes"] for e in json.loads((delta / "delta.json").read_text())["tensors"].values())
@@ -222,10 +224,13 @@ def run(args: argparse.Namespace) -> dict:
         "bench": "delta", "size_gb": round(sizes["base"] / 1e9, 3), "dtype": args.dtype,
         "largest_tensor_mb": round(largest / 2**20, 1), "delta_gb": round(sizes["delta"] / 1e9, 3),
         "fixes": fixes,
-        "copy": {"seconds": round(copy_s, 2), "gb_per_s": round(copy_gbps, 3), "cp_seconds_before_fsync": round(cp_s, 2)},
+        "copy": {"seconds": round(copy_s, 2), "gb_per_s": round(copy_gbps, 3),
+                 "cp_seconds_before_fsync": round(cp_s, 2), "cpu_seconds": round(copy_cpu, 2)},
         "make": {"seconds": round(make_s, 2), "peak_rss_mb": round(make_rss, 1),
-                 "gb_per_s": round(make_bytes / make_s / 1e9, 3)},
-        "apply": {"seconds": round(apply_s, 2), "peak_rss_mb": round(apply_rss, 1), "gb_per_s": round(apply_gbps, 3)},
+                 "gb_per_s": round(make_bytes / make_s / 1e9, 3), "cpu_seconds": round(make_cpu, 2)},
+        "apply": {"seconds": round(apply_s, 2), "peak_rss_mb": round(apply_rss, 1), "gb_per_s": round(apply_gbps, 3),
+                  "cpu_seconds": round(apply_cpu, 2)},
+        "load_average": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
         "apply_vs_copy": round(apply_gbps / copy_gbps, 3),
         "apply_rss_limit_mb": round(rss_limit, 1),
         "targets_met": {"memory": apply_rss <= rss_limit, "throughput": apply_gbps >= 0.4 * copy_gbps},
