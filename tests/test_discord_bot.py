@@ -183,8 +183,8 @@ class Clock:
 
 def make_bot(engine, tmp_path, **kw) -> DiscordBot:
     store = FeedbackStore(tmp_path / "feedback.db")
-    bot = DiscordBot(engine, store, SamplingParams(max_new_tokens=kw.pop("max_new_tokens", 10)),
-                     cooldown_s=kw.pop("cooldown_s", 0.0), **kw)
+    params = SamplingParams(max_new_tokens=kw.pop("max_new_tokens", 10), ignore_eos=kw.pop("ignore_eos", False))
+    bot = DiscordBot(engine, store, params, cooldown_s=kw.pop("cooldown_s", 0.0), **kw)
     bot.user_id = BOT.id  # what on_ready sets once logged in
     return bot
 
@@ -421,7 +421,8 @@ def test_cooldown_and_busy_are_said_not_queued(tmp_path):
 
 
 def test_reactions_are_thumbs_in_the_store_and_export(engine, tmp_path):
-    bot = make_bot(engine, tmp_path)
+    # Ten sampled tokens every time (no early EOS), so the two replies differ and export can pair them.
+    bot = make_bot(engine, tmp_path, ignore_eos=True)
     channel = Channel()
     # the same question twice: two replies to the same prompt, which export can pair
     for user in (ALICE, BOB):
