@@ -1,5 +1,7 @@
 """Plumbing shared by the two stages that run a Hugging Face Trainer (SFT and reward): skip/resume, logging, LoRA.
 
+PPO (our own loop) uses `prepare` too: the same skip rule, and the same removal of stale checkpoints.
+
 A stage folder looks like
 
     runs/NAME/sft/  config.json model.safetensors tokenizer.json chat_template.jinja   (the model, HF layout)

@@ -131,9 +131,9 @@ class PPO:
     @classmethod
     def from_folders(cls, policy_dir: str | Path, reward_dir: str | Path, cfg: PPOConfig, accelerator: Any = None,
                      dtype: torch.dtype = torch.float32, seed: int = 0, reward_max_length: int = 512) -> "PPO":
-        from rlhfchat.models import load_tokenizer
-
         from accelerate import Accelerator
+
+        from rlhfchat.models import load_tokenizer
 
         accelerator = accelerator or Accelerator()
         # Under bf16 mixed precision the frozen networks (reference, reward) hold bf16 weights: autocast would
@@ -266,7 +266,7 @@ class PPO:
     def evaluate(self, prompts: Sequence[Prompt], seed: int) -> dict[str, float]:
         """Mean and std of the reward of sampled replies to held-out prompts (own RNG: training is unaffected)."""
         if not prompts:
-            return {"reward": float("nan"), "reward_std": float("nan"), "response_len": float("nan")}
+            return {"reward": None, "reward_std": None, "response_len": None}
         with torch.random.fork_rng(devices=[]), self.accelerator.autocast():
             torch.manual_seed(seed)
             replies = generate_replies(self.unwrapped.lm, self.tokenizer, prompts, self.settings,
@@ -402,7 +402,29 @@ def _check_inputs(run: Path) -> None:
 
 
 def main(recipe: Recipe) -> dict[str, Any]:
-    """Run (or resume) the PPO stage of a recipe; returns what it writes to <run>/ppo/metrics.json."""
+    """The PPO stage: skipped when complete for the same recipe section and inputs, else run (or resumed)."""
+    from rlhfchat import manifest
+    from rlhfchat.config import config_hash
+    from rlhfchat.train.hf_stage import prepare
+
+    run = recipe.run_dir
+    stage_dir = run / "ppo"
+    _check_inputs(run)
+    inputs = manifest.input_hashes(run, [run / "sft", run / "reward", run / "data" / "prompts.train.jsonl",
+                                         run / "data" / "prompts.eval.jsonl"])
+    chash = config_hash({"ppo": recipe.ppo, "seed": recipe.seed, "dtype": recipe.base.dtype,
+                         "reward_max_length": recipe.reward.max_length})
+    if prepare("ppo", stage_dir, chash, inputs):
+        return json.loads((stage_dir / "metrics.json").read_text())
+    with manifest.running("ppo", stage_dir, chash, inputs) as m:
+        metrics = train(recipe)
+        m["resumed_from_step"] = metrics.get("resumed_from_step")
+    manifest.barrier()  # every rank goes on to the next stage only once this one's manifest says complete
+    return metrics
+
+
+def train(recipe: Recipe) -> dict[str, Any]:
+    """Run (or resume) PPO; returns what it writes to <run>/ppo/metrics.json (on rank 0; {} on the others)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -497,8 +519,8 @@ def main(recipe: Recipe) -> dict[str, Any]:
         ppo.unwrapped.save_pretrained(out_dir)
         ppo.tokenizer.save_pretrained(out_dir)
         write_json(out_dir / "metrics.json", metrics)
-        accelerator.print(f"[ppo] held-out reward {before['reward']:.4f} -> {after['reward']:.4f}; "
-                          f"KL {metrics['kl']}; {iterations} steps; model in {out_dir}")
+        accelerator.print(f"[ppo] held-out reward {before['reward']} -> {after['reward']}; KL {metrics['kl']}; "
+                          f"{iterations} steps; model in {out_dir}")
     accelerator.wait_for_everyone()
     if cfg.report_to:
         accelerator.end_training()
