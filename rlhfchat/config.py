@@ -165,7 +165,8 @@ class PPOConfig:
     """Minibatch size of the PPO update (trlX train.batch_size)."""
     grad_accum: int = 1
     total_steps: int = 100
-    """Number of optimizer steps overall (trlX train.total_steps); iterations = what fits."""
+    """Optimizer steps overall (trlX train.total_steps), counted as on one process: the run makes as many
+    iterations of num_rollouts samples as fit, and the same iterations on any number of processes."""
     epochs: int = 100
     """Upper bound on passes over the prompt set (trlX train.epochs)."""
     learning_rate: float = 1e-6

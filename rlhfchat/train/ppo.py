@@ -435,7 +435,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
     _check_inputs(run)
     check_backend(cfg.rollout_backend)
     out_dir, ckpt_root = run / "ppo", run / "ppo" / "checkpoints"
-    accelerator = Accelerator(log_with=cfg.report_to or None, project_dir=str(out_dir))
+    # On a machine without GPUs, `accelerate launch` ranks run data-parallel on the CPU over gloo (cpu=True).
+    accelerator = Accelerator(log_with=cfg.report_to or None, project_dir=str(out_dir),
+                              cpu=not torch.cuda.is_available())
     set_seed(recipe.seed)
     train_prompts = _read_prompts(run / "data" / "prompts.train.jsonl")
     eval_path = run / "data" / "prompts.eval.jsonl"
@@ -448,7 +450,11 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     ppo = PPO.from_folders(run / "sft", run / "reward", cfg, accelerator, dtype=torch_dtype(recipe.base.dtype),
                            seed=recipe.seed, reward_max_length=recipe.reward.max_length)
-    iterations, steps_per_iter = plan_iterations(cfg, len(train_prompts), accelerator.num_processes)
+    # Iterations (num_rollouts samples each, shared by the ranks) are the unit of progress. Their number does not
+    # depend on the number of processes, so a checkpoint resumes on any number of them; with n ranks each
+    # iteration takes n times fewer optimizer steps of n times as many samples.
+    iterations, _ = plan_iterations(cfg, len(train_prompts))
+    _, steps_per_iter = plan_iterations(cfg, len(train_prompts), accelerator.num_processes)
     sampler = PromptSampler(len(train_prompts), recipe.seed)
     metrics_path = out_dir / "metrics.jsonl"
 

@@ -1,0 +1,134 @@
+"""Issue 8 on CPU: every stage under `accelerate launch` with 2 processes, resume across process counts, LoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlhfchat import manifest
+from rlhfchat.config import load_recipe
+from tests.test_stages import REWARD, SFT, TINY, _write_data
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).parents[1]
+TWO_PROCS = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+             str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"), "-m", "rlhfchat.cli"]
+ONE_PROC = [sys.executable, "-m", "rlhfchat.cli"]
+PPO = ["ppo.num_rollouts=16", "ppo.chunk_size=8", "ppo.batch_size=4", "ppo.ppo_epochs=1", "ppo.max_new_tokens=8",
+       "ppo.eval_prompts=4", "ppo.save_steps=1", "ppo.learning_rate=1e-4"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A run folder with data, sft and reward done (one process), for the PPO tests to copy."""
+    from rlhfchat.train import reward, sft
+
+    run = tmp_path_factory.mktemp("scale") / "run"
+    _write_data(run / "data")
+    for split in ("train", "eval"):
+        recs = [json.loads(x) for x in (run / "data" / f"sft.{split}.jsonl").read_text().splitlines()]
+        (run / "data" / f"prompts.{split}.jsonl").write_text("".join(
+            json.dumps({"id": r["id"], "source": "t", "prompt": r["messages"][:1]}) + "\n" for r in recs))
+    r = load_recipe(None, ["name=t", f"output_dir={run}", *TINY, *SFT, *REWARD])
+    sft.main(r)
+    reward.main(r)
+    return run
+
+
+def _run(cmd, run_dir, recipe_file, *overrides, check=True):
+    out = subprocess.run([*cmd, str(recipe_file), f"output_dir={run_dir}", *TINY, *SFT, *REWARD, *overrides],
+                         capture_output=True, text=True, env=ENV, timeout=600)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _losses(path: Path, key: str) -> list[float]:
+    return [x[key] for x in map(json.loads, path.read_text().splitlines()) if key in x]
+
+
+def test_reward_two_processes_match_one(tmp_path, trained):
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("name: t\n")
+    runs = {}
+    for name, cmd, batch in (("one", ONE_PROC, 8), ("two", TWO_PROCS, 4)):
+        run = tmp_path / name
+        shutil.copytree(trained, run, ignore=shutil.ignore_patterns("reward"))
+        _run([*cmd, "reward"], run, recipe_file, "reward.max_steps=4", "reward.logging_steps=1",
+             f"reward.batch_size={batch}")
+        runs[name] = run
+    a, b = (_losses(runs[n] / "reward" / "metrics.jsonl", "loss") for n in ("one", "two"))
+    assert len(a) == len(b) == 4
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
+    assert json.loads((runs["two"] / "reward" / "metrics.json").read_text())["eval_pairs"] == 16
+
+
+def test_ppo_on_two_processes_writes_once_and_resumes_on_one(tmp_path, trained):
+    """2 ranks share the rollouts and write each file once; killed mid-run, the stage resumes on 1 process."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("name: t\n")
+    # total_steps counts optimizer steps as on one process: 16 rollouts / batch 4 = 4 a step, so 6 iterations;
+    # 2 ranks make the same 6 iterations with 2 optimizer steps each.
+    overrides = [*PPO, "ppo.total_steps=24"]
+    proc = subprocess.Popen([*TWO_PROCS, "ppo", str(recipe_file), f"output_dir={run}", *TINY, *SFT, *REWARD,
+                             *overrides], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            )
+    ckpts = run / "ppo" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(ckpts.glob("step-*/state.json")):
+        time.sleep(0.05)
+    import psutil
+
+    for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        p.send_signal(signal.SIGKILL)  # both ranks (torchrun starts them in their own groups) and the launcher
+    proc.communicate()
+    assert list(ckpts.glob("step-*/state.json")), "no checkpoint before the kill"
+    lines = _losses(run / "ppo" / "metrics.jsonl", "step")
+    assert lines == sorted(set(lines)), "each step logged once, by rank 0"
+    assert manifest.read(run / "ppo")["status"] == "running"
+
+    _run([*ONE_PROC, "ppo"], run, recipe_file, *overrides)
+    m = manifest.read(run / "ppo")
+    assert m["status"] == "complete" and m["resumed_from_step"] >= 1
+    assert _losses(run / "ppo" / "metrics.jsonl", "step") == [1, 2, 3, 4, 5, 6]
+    assert json.loads((run / "ppo" / "metrics.json").read_text())["steps"] == 6
+
+
+def test_lora_for_sft_reward_and_ppo(tmp_path, trained):
+    """LoRA variants of the three stages run on CPU and leave ordinary (merged) model folders."""
+    from safetensors.torch import load_file
+
+    from rlhfchat.train import ppo, reward, sft
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "data", run / "data")
+    r = load_recipe(None, ["name=t", f"output_dir={run}", *TINY, *SFT, *REWARD, *PPO, "ppo.total_steps=2",
+                           "sft.max_steps=4", "reward.max_steps=4", "sft.lora.enabled=true",
+                           "reward.lora.enabled=true", "ppo.lora.enabled=true", "sft.lora.r=4",
+                           "reward.lora.r=4", "ppo.lora.r=4"])
+    sft.main(r)
+    reward.main(r)
+    ppo.main(r)
+    for stage in ("sft", "reward", "ppo"):
+        assert manifest.read(run / stage)["status"] == "complete"
+        assert not (run / stage / "adapter_config.json").exists(), f"{stage}: adapters are merged"
+        weights = load_file(run / stage / "model.safetensors")
+        assert not any("lora" in k for k in weights), stage
+    base = load_file(run / "base" / "model.safetensors")
+    tuned = load_file(run / "sft" / "model.safetensors")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not (base[q] == tuned[q]).all(), "the merged LoRA update changed the attention weights"
+    k = "model.layers.0.mlp.up_proj.weight"
+    assert (base[k] == tuned[k]).all(), "modules outside target_modules are untouched"
