@@ -199,6 +199,9 @@ class PPOConfig:
     share_trunk: bool = True
     """The value head rides on the policy's network (one trunk) instead of a separate critic."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    reward_device: str | None = None
+    """Where the reward model lives (e.g. cuda:7, a GPU the training ranks leave free, as StableVicuna's run did);
+    None: on each rank's own device."""
     rollout_backend: Literal["hf", "vllm"] = "hf"
     save_steps: int = 20
     """Checkpoint every N PPO iterations."""

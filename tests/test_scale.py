@@ -117,7 +117,7 @@ def test_lora_for_sft_reward_and_ppo(tmp_path, trained):
     r = load_recipe(None, ["name=t", f"output_dir={run}", *TINY, *SFT, *REWARD, *PPO, "ppo.total_steps=2",
                            "sft.max_steps=4", "reward.max_steps=4", "sft.lora.enabled=true",
                            "reward.lora.enabled=true", "ppo.lora.enabled=true", "sft.lora.r=4",
-                           "reward.lora.r=4", "ppo.lora.r=4"])
+                           "reward.lora.r=4", "ppo.lora.r=4", "ppo.reward_device=cpu"])
     sft.main(r)
     reward.main(r)
     ppo.main(r)

@@ -120,7 +120,7 @@ class PPO:
         self.policy.eval()  # train() only inside update(); dropout is off either way
         self.reference = reference.to(self.accelerator.device)
         self.scorer = scorer
-        scorer.model.to(self.accelerator.device)
+        scorer.model.to(cfg.reward_device or self.accelerator.device)  # reward_device: a GPU of its own
         self.kl_ctl = (pm.AdaptiveKLController(cfg.init_kl_coef, cfg.target, cfg.horizon) if cfg.target is not None
                        else pm.FixedKLController(cfg.init_kl_coef))
         self.moments = pm.RunningMoments()
