@@ -85,7 +85,7 @@ def _sampling_controls(system_prompt: str) -> list[Any]:
         with gr.Row():
             max_new = gr.Slider(1, 2048, value=256, step=1, label="Max new tokens")
             rep = gr.Slider(1, 2, value=1.0, step=0.05, label="Repetition penalty")
-            seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
+            seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, elem_id="seed")
     return [system, temperature, top_p, top_k, max_new, rep, seed]
 
 
