@@ -223,7 +223,7 @@ def test_sigkill_mid_run_resumes_to_the_same_step_count(run_dir, tmp_path):
         "  max_new_tokens: 6\n  eval_prompts: 2\n  save_steps: 1\n  learning_rate: 0.001\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "rlhfchat.train.ppo", str(recipe_path)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "rlhfchat.cli", "ppo", str(recipe_path)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpts = run_dir / "ppo" / "checkpoints"
     deadline = time.time() + 60
@@ -267,3 +267,25 @@ def test_sigkill_mid_run_resumes_to_the_same_step_count(run_dir, tmp_path):
     assert (run_dir / "ppo" / "value_head.safetensors").is_file()
     assert load_tokenizer(run_dir / "ppo").chat_template
     AutoModelForCausalLM.from_pretrained(run_dir / "ppo")
+
+
+def test_bench_ppo_prints_one_json_line(tiny_model_dir, tiny_reward_dir, tmp_path, capsys):
+    from rlhfchat.cli import main as cli_main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "### Human: What is 2 + 2?\n### Assistant:"}) + "\n"
+                       + json.dumps({"prompt": PROMPTS[1]}) + "\n")
+    threads = torch.get_num_threads()
+    try:
+        assert cli_main(["bench", "ppo", "--policy", str(tiny_model_dir), "--reward", str(tiny_reward_dir),
+                         "--prompts", str(prompts), "--batch", "4", "--new-tokens", "5", "--rollouts", "2",
+                         "--ppo-epochs", "1", "--minibatch", "2", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["samples"] == 8 and result["optimizer_steps"] == 4
+    assert result["tokens_per_s"] == pytest.approx(result["samples_per_s"] * 5, rel=0.01)  # exactly 5 tokens each
+    for key in ("samples_per_s", "tokens_per_s", "gen_s", "train_s", "peak_rss_mb"):
+        assert result[key] > 0

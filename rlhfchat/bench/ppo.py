@@ -1,0 +1,112 @@
+"""`rlhfchat bench ppo`: PPO samples per second and peak memory on any policy and reward folders, one JSON line.
+
+    rlhfchat bench ppo --policy runs/tiny/sft --reward runs/tiny/reward --prompts runs/tiny/data/prompts.train.jsonl \\
+        --batch 16 --new-tokens 32 --rollouts 2 --ppo-epochs 4 --minibatch 8
+
+Runs the real PPO iteration of `rlhfchat ppo` (rlhfchat.train.ppo.PPO: make_experience, then update) for
+`--rollouts` iterations of `--batch` prompts each. The work is fixed: every response is exactly --new-tokens long
+(min_new_tokens = max_new_tokens, no stop sequences), so runs and implementations compare like for like
+(scripts/bench_trl_ppo.py runs TRL 1.12's PPOTrainer on the same work and prints the same fields).
+
+`--prompts` rows have a `prompt`: a string is the model's input verbatim (no template), a list of chat messages
+goes through the policy's chat template. `gen_s` is the time in generation (step 1); `train_s` everything else
+(scoring, the rollout forwards, advantages and the PPO updates); peak_rss_mb is the process's peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from typing import Any
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", required=True, metavar="DIR", help="a Hugging Face causal-LM folder")
+    parser.add_argument("--reward", required=True, metavar="DIR", help="a sequence-classification folder, 1 label")
+    parser.add_argument("--prompts", required=True, metavar="FILE.jsonl", help="rows with a `prompt`")
+    parser.add_argument("--batch", type=int, default=16, help="prompts per rollout (default 16)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens per response, exactly (default 32)")
+    parser.add_argument("--rollouts", type=int, default=2, help="PPO iterations (default 2)")
+    parser.add_argument("--ppo-epochs", type=int, default=4)
+    parser.add_argument("--minibatch", type=int, default=8, help="samples per optimizer step (default 8)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--separate-critic", action="store_true", help="a critic network instead of share_trunk")
+    parser.add_argument("--lora", action="store_true", help="LoRA adapters; the reference is the adapter disabled")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
+                        help="bf16: autocast compute, fp32 policy weights, bf16 frozen reference and reward")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def read_prompts(path: str) -> list[Any]:
+    from rlhfchat.errors import RlhfchatError
+
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), (str, list)):
+                raise RlhfchatError(f"{path} line {lineno}: expected a `prompt` (a string or a list of messages)")
+            prompts.append(row["prompt"])
+    if not prompts:
+        raise RlhfchatError(f"{path}: no prompts")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from rlhfchat.config import LoraConfig, PPOConfig
+    from rlhfchat.train import rollout
+    from rlhfchat.train.ppo import PPO
+
+    torch.set_num_threads(args.threads)
+    set_seed(args.seed)
+    prompts = read_prompts(args.prompts)
+    cfg = PPOConfig(num_rollouts=args.batch, chunk_size=args.batch, ppo_epochs=args.ppo_epochs,
+                    batch_size=args.minibatch, grad_accum=1, max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens, stop_sequences=[], share_trunk=not args.separate_critic,
+                    lora=LoraConfig(enabled=args.lora), max_prompt_length=1024)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    ppo = PPO.from_folders(args.policy, args.reward, cfg, accelerator, seed=args.seed, reward_max_length=1024)
+
+    # Time generation inside make_experience by wrapping the one function that generates.
+    gen_s = [0.0]
+    generate = rollout.hf_generate
+
+    def timed_generate(*a: Any, **k: Any) -> Any:
+        t = time.perf_counter()
+        out = generate(*a, **k)
+        gen_s[0] += time.perf_counter() - t
+        return out
+
+    rollout.hf_generate = timed_generate
+    samples = tokens = 0
+    try:
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        for it in range(args.rollouts):
+            batch = [prompts[(it * args.batch + i) % len(prompts)] for i in range(args.batch)]
+            exp, _ = ppo.make_experience(batch)
+            ppo.update(exp)
+            samples += exp.input_ids.shape[0]
+            tokens += exp.mask.shape[0] * exp.mask.shape[1]  # generated positions (fixed length)
+        total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    finally:
+        rollout.hf_generate = generate
+    result = {
+        "impl": "rlhfchat", "samples": samples, "samples_per_s": round(samples / total, 3),
+        "tokens_per_s": round(tokens / total, 1), "gen_s": round(gen_s[0], 3), "train_s": round(total - gen_s[0], 3),
+        "total_s": round(total, 3), "cpu_s": round(cpu, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "optimizer_steps": ppo.optimizer_steps, "threads": args.threads, "share_trunk": cfg.share_trunk,
+        "lora": args.lora, "mixed_precision": args.mixed_precision,
+        "policy_params_m": round(sum(p.numel() for p in ppo.unwrapped.lm.parameters()) / 1e6, 2),
+        "reward_params_m": round(sum(p.numel() for p in ppo.scorer.model.parameters()) / 1e6, 2),
+    }
+    print(json.dumps(result), flush=True)
+    return result
