@@ -41,7 +41,7 @@ from rlhfchat.train import ppo_math as pm
 from rlhfchat.train.policy import (PolicyWithValueHead, Reference, build_policy, load_trainable_state_dict,
                                    trainable_state_dict)
 from rlhfchat.train.rollout import (GenerationSettings, Prompt, RewardScorer, check_backend, encode_prompt,
-                                    generate_replies, generate_rollout, left_pad)
+                                    generate_replies, generate_rollout)
 
 
 @dataclass
