@@ -134,13 +134,13 @@ def test_kl_to_reference_is_zero_for_itself_and_positive_otherwise(tiny, perturb
     assert moved["kl"] > 0
 
 
-def test_score_replies_batch_invariant(tiny_reward_dir):
-    from rlhfchat.eval.generate import load_reward_model, score_replies
+def test_reward_scores_are_batch_invariant(tiny_reward_dir):
+    from rlhfchat.train.rollout import RewardScorer
 
-    rm, rtok = load_reward_model(tiny_reward_dir)
+    scorer = RewardScorer(tiny_reward_dir, batch_size=5)
     replies = ["3 + 4 = 7. The answer is 7.", "def add_3(x): return x + 3", "She goes home.", "3.", "10."]
-    batched = score_replies(rm, rtok, PROMPTS, replies, batch_size=5)
-    alone = [score_replies(rm, rtok, [p], [r])[0] for p, r in zip(PROMPTS, replies)]
+    batched = scorer.score(PROMPTS, replies).tolist()
+    alone = [scorer.score([p], [r]).item() for p, r in zip(PROMPTS, replies)]
     assert batched == pytest.approx(alone, abs=1e-4)
     assert len({round(s, 6) for s in batched}) > 1
 

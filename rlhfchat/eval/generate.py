@@ -1,7 +1,7 @@
-"""What the eval stage asks of a model: replies to prompts, reward scores of replies, log-probs of replies.
+"""What the eval stage asks of a model: replies to prompts and log-probs of replies.
 
     replies = generate_replies(model, tokenizer, prompts, max_new_tokens=48)           # greedy, left-padded batches
-    scores = score_replies(reward_model, reward_tokenizer, prompts, [r.text for r in replies])
+    scores = RewardScorer(reward_dir).score(prompts, [r.text for r in replies])       # rlhfchat.train.rollout
     kl = kl_to_reference(ppo_model, sft_model, tokenizer, prompts, max_new_tokens=48, seed=0)
 
 Prompts are canonical message lists rendered through the tokenizer's chat template with the generation prompt
@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhfchat.data.chat_format import STOP_SEQUENCES, cut_at_stop, reward_text
+from rlhfchat.data.chat_format import STOP_SEQUENCES, cut_at_stop
 from rlhfchat.errors import RlhfchatError
 
 Messages = list[dict[str, str]]
@@ -57,24 +57,6 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", device: str | None 
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
     except OSError as e:
         raise RlhfchatError(f"{path}: cannot load a causal language model ({str(e).splitlines()[0]})") from None
-    return model.to(device_for(device)).eval(), tokenizer
-
-
-def load_reward_model(path: str | Path, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
-    """(sequence-classification model with one label, tokenizer) of a reward model folder."""
-    from transformers import AutoModelForSequenceClassification
-
-    from rlhfchat.models import load_tokenizer, torch_dtype
-
-    tokenizer = load_tokenizer(path)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch_dtype(dtype))
-    except OSError as e:
-        raise RlhfchatError(f"{path}: cannot load a reward model ({str(e).splitlines()[0]})") from None
-    if model.config.num_labels != 1:
-        raise RlhfchatError(f"{path}: a reward model has num_labels=1, this one has {model.config.num_labels}")
-    if model.config.pad_token_id is None:  # the head reads the last non-pad token
-        model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device_for(device)).eval(), tokenizer
 
 
@@ -137,28 +119,6 @@ def generate_replies(model: Any, tokenizer: Any, prompts: Sequence[Messages], *,
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = side
     return out
-
-
-@torch.no_grad()
-def score_replies(model: Any, tokenizer: Any, prompts: Sequence[Messages], replies: Sequence[str], *,
-                  batch_size: int = 16, max_length: int | None = None, desc: str | None = None) -> list[float]:
-    """Reward-model scores of (prompt, reply) pairs, each rendered by `chat_format.reward_text`."""
-    if len(prompts) != len(replies):
-        raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
-    texts = [reward_text(tokenizer, p, r) for p, r in zip(prompts, replies)]
-    side = (tokenizer.padding_side, tokenizer.truncation_side)
-    # Right padding as in reward training; an over-long text loses its start, never the reply's end.
-    tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
-    scores: list[float] = []
-    try:
-        for start in _batches(len(texts), batch_size, desc):
-            enc = tokenizer(texts[start:start + batch_size], add_special_tokens=False, padding=True,
-                            truncation=max_length is not None, max_length=max_length,
-                            return_tensors="pt").to(model.device)
-            scores.extend(model(**enc).logits[:, 0].float().tolist())  # (B, 1) -> B scores
-    finally:
-        tokenizer.padding_side, tokenizer.truncation_side = side
-    return scores
 
 
 @torch.no_grad()

@@ -187,13 +187,17 @@ def main(recipe: Recipe) -> dict[str, Any]:
         # 3. The reward model scores every model's replies (one load for all).
         rewards: dict[str, list[float]] = {}
         if has_reward:
-            rm, rtok = generate.load_reward_model(reward_dir, recipe.base.dtype)
+            # The same scorer PPO trained against: the same text, truncation and batching.
+            from rlhfchat.models import torch_dtype
+            from rlhfchat.train.rollout import RewardScorer
+
+            scorer = RewardScorer(reward_dir, max_length=recipe.reward.max_length,
+                                  dtype=torch_dtype(recipe.base.dtype), batch_size=bs,
+                                  device=generate.device_for())
             for name, _ in models:
-                rewards[name] = generate.score_replies(
-                    rm, rtok, prompts, [r.text for r in replies[name]], batch_size=bs,
-                    max_length=recipe.reward.max_length, desc=f"[eval] {name}: reward")
+                rewards[name] = scorer.score(prompts, [r.text for r in replies[name]]).tolist()
                 rows[name].update(reward_mean=float(np.mean(rewards[name])), reward_std=float(np.std(rewards[name])))
-            del rm, rtok
+            del scorer
             _release_memory()
         else:
             print(f"[eval] {reward_dir}: no finished reward model; reward scores and win rates left out")
