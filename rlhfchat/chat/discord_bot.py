@@ -39,9 +39,20 @@ from sqlalchemy import DateTime, ForeignKey, String, Text, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from rlhfchat.chat.discord_text import (  # noqa: F401  (re-exported: the handlers' tests import them from here)
-    FENCE, MESSAGE_LIMIT, THUMBS, Gate, Turn, _emoji, build_history, hash_user, split_message, strip_mentions, thread_name,
+    FENCE,
+    MESSAGE_LIMIT,
+    THUMBS,
+    Gate,
+    Turn,
+    _emoji,
+    build_history,
+    hash_user,
+    split_message,
+    strip_mentions,
+    thread_name,
 )
 from rlhfchat.chat.feedback import Base, Thumb
+from rlhfchat.chat.request import add_sampling_arguments, sampling_params
 from rlhfchat.data.chat_format import SYSTEM_PROMPT
 from rlhfchat.errors import RlhfchatError
 
@@ -512,11 +523,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="feedback database: a SQLAlchemy URL (postgresql://...) or a SQLite file path "
                              "(default: feedback.db in the model's run folder, else in the current folder)")
     parser.add_argument("--system", default=SYSTEM_PROMPT, help="system prompt (default: the Vicuna one)")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    add_sampling_arguments(parser)
     parser.add_argument("--cooldown", type=float, default=5.0,
                         help="seconds each user waits between two requests (default 5)")
     parser.add_argument("--max-concurrent", type=int, default=4,
@@ -535,10 +542,8 @@ def main(args: argparse.Namespace) -> None:
         raise RlhfchatError(f"{args.model_dir}: no such model folder")
     discord = _discord()
     from rlhfchat.chat.feedback import FeedbackStore, default_db
-    from rlhfchat.chat.request import SamplingParams
 
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
+    params = sampling_params(args)
     gate = Gate(args.cooldown, args.max_concurrent)  # checks the numbers before anything is opened
     discord.utils.setup_logging(level=getattr(logging, args.log_level.upper()))
     store = FeedbackStore(args.db or default_db([args.model_dir]))

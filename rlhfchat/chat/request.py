@@ -9,6 +9,7 @@ and the stop-sequence hold-back that keeps "### Human:" out of every stream.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import threading
@@ -231,3 +232,19 @@ class Request:
 
 def stop_sequences(params: SamplingParams) -> list[str]:
     return [] if params.ignore_eos else list(dict.fromkeys([*STOP_SEQUENCES, *params.stop]))
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
+    """The sampling flags every front end takes (chat, discord); `sampling_params(args)` reads them back."""
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed)

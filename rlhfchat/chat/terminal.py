@@ -21,6 +21,7 @@ import sys
 import time
 from typing import Any, Callable, TextIO
 
+from rlhfchat.chat.request import add_sampling_arguments, sampling_params
 from rlhfchat.data.chat_format import SYSTEM_PROMPT
 from rlhfchat.errors import RlhfchatError
 
@@ -31,12 +32,7 @@ HELP = __doc__.split("Commands:\n", 1)[1].rstrip()
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face causal-LM folder (or LoRA adapter)")
     parser.add_argument("--system", default=SYSTEM_PROMPT, help="system prompt (default: the Vicuna one)")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    add_sampling_arguments(parser)
 
 
 class TerminalChat:
@@ -160,15 +156,13 @@ def read_message(read: Callable[[str], str]) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    from rlhfchat.chat.engine import SamplingParams, load_engine, server_threads
+    from rlhfchat.chat.engine import load_engine, server_threads
 
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
-                            seed=args.seed)
+    params = sampling_params(args)
     engine = load_engine(args.model_dir, max_batch=1, max_queue=1, threads=server_threads())
     try:
         TerminalChat(engine, args.system, params).run()
