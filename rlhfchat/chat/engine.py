@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rlhfchat.chat.request import (  # noqa: F401  (re-exported: callers import everything from engine)
-    DEFAULT_MAX_NEW_TOKENS, Completion, EngineBusy, PromptTooLong, Request, SamplingParams, check_messages,
+    DEFAULT_MAX_NEW_TOKENS, Completion, EngineCalls, EngineBusy, PromptTooLong, Request, SamplingParams, check_messages,
     stop_sequences, stream_safe,
 )
 from rlhfchat.data.chat_format import cut_at_stop
@@ -60,7 +60,7 @@ class _Row:
     shown: str = ""
 
 
-class ChatEngine:
+class ChatEngine(EngineCalls):
     """A Hugging Face causal LM behind a continuous-batching worker thread (see the module docstring)."""
 
     backend = "hf"
@@ -158,19 +158,6 @@ class ChatEngine:
             self._pending.append(req)
             self._cond.notify_all()
         return req
-
-    def stream(self, messages: list[dict[str, str]], params: SamplingParams | None = None, **kw: Any) -> Iterator[str]:
-        """Text pieces of one reply as they are generated."""
-        return iter(self.submit(messages, params, **kw))
-
-    def generate(self, messages: list[dict[str, str]], params: SamplingParams | None = None, **kw: Any) -> Completion:
-        return self.submit(messages, params, **kw).result()
-
-    def generate_many(self, conversations: list[list[dict[str, str]]],
-                      params: SamplingParams | None = None) -> list[Completion]:
-        """Replies to many prompts (e.g. evaluation), decoded in batches; results in input order."""
-        reqs = [self.submit(m, params, block=True) for m in conversations]
-        return [r.result() for r in reqs]
 
     def load(self) -> dict[str, int]:
         """How busy the engine is: requests decoding and waiting."""

@@ -13,15 +13,15 @@ import itertools
 import json
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rlhfchat.chat.request import (
-    Completion, EngineBusy, Request, SamplingParams, check_messages, stop_sequences, stream_safe,
+    EngineBusy, EngineCalls, Request, SamplingParams, check_messages, stop_sequences, stream_safe,
 )
 from rlhfchat.errors import RlhfchatError
 
 
-class VLLMEngine:
+class VLLMEngine(EngineCalls):
     """vLLM's AsyncLLMEngine behind the ChatEngine interface (fit/encode/submit/stream/generate/generate_many)."""
 
     backend = "vllm"
@@ -93,17 +93,6 @@ class VLLMEngine:
             self._inflight += 1
         asyncio.run_coroutine_threadsafe(self._run(req, f"{self.name}-{next(self._ids)}"), self._loop)
         return req
-
-    def stream(self, messages: list[dict[str, str]], params: SamplingParams | None = None, **kw: Any) -> Iterator[str]:
-        return iter(self.submit(messages, params, **kw))
-
-    def generate(self, messages: list[dict[str, str]], params: SamplingParams | None = None, **kw: Any) -> Completion:
-        return self.submit(messages, params, **kw).result()
-
-    def generate_many(self, conversations: list[list[dict[str, str]]],
-                      params: SamplingParams | None = None) -> list[Completion]:
-        reqs = [self.submit(m, params, block=True) for m in conversations]
-        return [r.result() for r in reqs]
 
     def load(self) -> dict[str, int]:
         return {"running": self._inflight, "waiting": 0}

@@ -234,6 +234,27 @@ def stop_sequences(params: SamplingParams) -> list[str]:
     return [] if params.ignore_eos else list(dict.fromkeys([*STOP_SEQUENCES, *params.stop]))
 
 
+
+class EngineCalls:
+    """What both engines (HF and vLLM) offer on top of their own `submit`: streaming, one reply, many replies."""
+
+    def submit(self, messages: list[dict[str, str]], params: SamplingParams | None = None, **kw: Any) -> Request:
+        raise NotImplementedError
+
+    def stream(self, messages: list[dict[str, str]], params: SamplingParams | None = None, **kw: Any) -> Iterator[str]:
+        """Text pieces of one reply as they are generated."""
+        return iter(self.submit(messages, params, **kw))
+
+    def generate(self, messages: list[dict[str, str]], params: SamplingParams | None = None, **kw: Any) -> Completion:
+        return self.submit(messages, params, **kw).result()
+
+    def generate_many(self, conversations: list[list[dict[str, str]]],
+                      params: SamplingParams | None = None) -> list[Completion]:
+        """Replies to many prompts (e.g. evaluation), decoded in batches; results in input order."""
+        reqs = [self.submit(m, params, block=True) for m in conversations]
+        return [r.result() for r in reqs]
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
     """The sampling flags every front end takes (chat, discord); `sampling_params(args)` reads them back."""
     parser.add_argument("--temperature", type=float, default=0.7)
