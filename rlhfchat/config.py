@@ -108,17 +108,17 @@ class LoraConfig:
 
 
 @dataclass
-class SFTConfig:
-    """Supervised fine-tuning through TRL's SFTTrainer, loss on assistant tokens only."""
+class TrainerConfig:
+    """What the two stages on a Hugging Face Trainer (SFT and reward) share; `train/hf_stage.trainer_args` maps it."""
 
     epochs: float = 1.0
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: run `epochs`)."""
     learning_rate: float = 2e-5
     batch_size: int = 8
+    """Per process; the global batch is batch_size x grad_accum x processes."""
     grad_accum: int = 1
     max_length: int = 512
-    packing: bool = False
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     lr_scheduler: str = "cosine"
@@ -132,24 +132,19 @@ class SFTConfig:
 
 
 @dataclass
-class RewardConfig:
+class SFTConfig(TrainerConfig):
+    """Supervised fine-tuning through TRL's SFTTrainer, loss on assistant tokens only."""
+
+    packing: bool = False
+
+
+@dataclass
+class RewardConfig(TrainerConfig):
     """Reward model through TRL's RewardTrainer, initialised from the SFT checkpoint."""
 
-    epochs: float = 1.0
-    max_steps: int = -1
     learning_rate: float = 1e-5
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 512
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
     lr_scheduler: str = "linear"
     center_rewards_coefficient: float | None = None
-    save_steps: int = 100
-    logging_steps: int = 10
-    gradient_checkpointing: bool = False
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    report_to: list[str] = field(default_factory=list)
 
 
 @dataclass
