@@ -13,14 +13,23 @@ text and appends EOS). A response that runs to max_new_tokens has no EOS. Everyt
 with mask 0, so the reward-model score lands on the last real token and never on padding.
 
 Backends: `hf` (transformers generate with a KV cache; `capture=True` keeps the last hidden state of every step,
-from which PPO gets the old logprobs and values) and `vllm` (not part of this build: a clear error).
+from which PPO gets the old logprobs and values) and `vllm` (rollout_vllm.py: GPU only, an optional extra).
+
+Seeded sampling (`seeds=[...]`, one per row): row i's reply depends only on seeds[i] and its own logits, not on
+the other rows of the batch, its padding or the global RNG, so a run on 2 processes samples what a run on 1 does:
+
+    generate_rollout(model, tokenizer, prompt_ids, settings, seeds=[1000 + i for i in range(len(prompt_ids))])
+
+Under DeepSpeed ZeRO-3, `gathered_for_generation(policy, accelerator)` gathers the sharded parameters once for a
+whole generate call instead of layer by layer at every step.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -155,13 +164,57 @@ class Generated:
     hidden: torch.Tensor | None = None  # (B, R, H) the trunk's last hidden state each token was sampled from
 
 
+class GumbelSampler:
+    """A logits processor that makes greedy decoding an exact per-row seeded sample.
+
+    argmax(logits + g), with g i.i.d. Gumbel(0, 1) noise, is a sample from softmax(logits) (the Gumbel-max trick).
+    Row i draws its noise from its own generator seeded with seeds[i] and advanced once per step, so its tokens
+    depend on nothing but that seed and its own logits. Put it after the temperature / top-k / top-p warpers
+    (their -inf stays -inf) and decode greedily.
+    """
+
+    def __init__(self, seeds: Sequence[int]):
+        self.seeds = [int(s) for s in seeds]
+        self.generators: list[torch.Generator] | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """scores (B, V) -> scores + Gumbel noise (B, V) in float32."""
+        if scores.shape[0] != len(self.seeds):
+            raise RlhfchatError(f"seeds: expected one seed per row ({scores.shape[0]}), got {len(self.seeds)}")
+        device = scores.device
+        if self.generators is None:  # on the scores' device: the same stream for a seed on every rank of one kind
+            self.generators = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
+        # -log(E), E ~ Exp(1), is Gumbel(0, 1) noise; one draw of V values per row per step
+        noise = torch.stack([torch.empty(scores.shape[1], device=device).exponential_(generator=g)
+                             for g in self.generators])  # (B, V)
+        return scores.float() - noise.log()
+
+
+def seeded_processors(settings: GenerationSettings, seeds: Sequence[int]) -> list[Any]:
+    """The warpers generate's sampling would apply (same order: temperature, top-k, top-p), then the Gumbel noise."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    out: list[Any] = []
+    if settings.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(settings.temperature))
+    if settings.top_k:
+        out.append(TopKLogitsWarper(settings.top_k))
+    if settings.top_p < 1.0:
+        out.append(TopPLogitsWarper(settings.top_p))
+    return [*out, GumbelSampler(seeds)]
+
+
 def hf_generate(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                settings: GenerationSettings, capture: bool = False) -> Generated:
+                settings: GenerationSettings, capture: bool = False,
+                seeds: Sequence[int] | None = None) -> Generated:
     """Sample responses with transformers' generate (KV cache). (B, P) -> Generated.
 
     capture=True also keeps, for every generated position, the trunk's last hidden state (the state that the
     token was sampled from), so PPO gets the old logprobs, the entropy and (shared trunk) the values from the output
     layer and value head alone, without a second pass through the network.
+
+    seeds (one per row, sampling only): each row samples from its own generator (GumbelSampler) instead of the
+    global RNG, so its reply is the same whatever batch it is in. min_new_tokens and EOS work as without.
     """
     kwargs: dict[str, Any] = dict(
         max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens or None,
@@ -176,7 +229,13 @@ def hf_generate(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, prompt_mas
         trunk, _ = causal_parts(model)
         # one trunk call per generated token (the prefill, then one per step); keep its last position
         hook = trunk.register_forward_hook(lambda module, args, out: hidden.append(out[0][:, -1].detach()))
-    if settings.do_sample:
+    if seeds is not None and len(seeds) != prompt_ids.shape[0]:
+        raise RlhfchatError(f"seeds: expected one seed per prompt ({prompt_ids.shape[0]}), got {len(seeds)}")
+    if settings.do_sample and seeds is not None:
+        # greedy over warped logits + per-row Gumbel noise: an exact sample, from each row's own generator
+        kwargs.update(do_sample=False, top_k=None, top_p=None, temperature=None,
+                      logits_processor=seeded_processors(settings, seeds))
+    elif settings.do_sample:
         kwargs.update(top_k=settings.top_k, top_p=settings.top_p, temperature=settings.temperature)
     else:
         kwargs.update(top_k=None, top_p=None, temperature=None)
@@ -197,8 +256,46 @@ def hf_generate(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, prompt_mas
     return Generated(tokens, torch.stack(hidden[: tokens.shape[1]], dim=1))
 
 
+def zero_stage(accelerator: Any) -> int | None:
+    """The DeepSpeed ZeRO stage an accelerator runs under, or None without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return None if plugin is None else int(plugin.zero_stage)
+
+
+@contextlib.contextmanager
+def gathered_for_generation(model: Any, accelerator: Any) -> Iterator[Any]:
+    """The unwrapped model, with its parameters gathered once for the whole block under DeepSpeed ZeRO-3.
+
+    Under ZeRO-3 each rank holds a shard of every parameter and DeepSpeed's hooks all-gather a layer's weights
+    before its forward and free them after: once per layer per generated token. Here the whole model is gathered
+    once (deepspeed.zero.GatheredParameters), the hooks are taken off for the block and put back after, as TRL's
+    unwrap_model_for_generation does (its hook helpers are reused). Costs a full copy of the weights per GPU for
+    the duration (26 GB for 13B in bf16). Every rank must enter the block (the gather is a collective).
+    Anything else (DDP, FSDP, ZeRO-1/2, one process): a no-op yielding `accelerator.unwrap_model(model)`.
+
+        with gathered_for_generation(ppo.policy, accelerator) as policy:
+            rollout = generate_rollout(policy.lm, tokenizer, ids, settings, device=device, capture=True)
+    """
+    if zero_stage(accelerator) != 3:
+        yield accelerator.unwrap_model(model)
+        return
+    try:
+        import deepspeed
+    except ImportError:
+        raise RlhfchatError("accelerate config: DeepSpeed ZeRO-3 is selected but deepspeed is not installed; "
+                            "pip install deepspeed") from None
+    from trl.models.utils import add_hooks, remove_hooks
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        remove_hooks(model)
+        try:
+            yield accelerator.unwrap_model(model)
+        finally:
+            add_hooks(model)
+
+
 def check_backend(name: str) -> None:
-    """Fail early and clearly for a rollout backend that cannot run here."""
+    """Fail early, in one line naming the field, for a rollout backend that cannot run here."""
     if name == "hf":
         return
     if name == "vllm":
@@ -207,18 +304,26 @@ def check_backend(name: str) -> None:
         except ImportError:
             raise RlhfchatError("ppo.rollout_backend: vllm is not installed; install it with "
                                 "pip install 'rlhfchat[vllm]' (GPU only) or set ppo.rollout_backend=hf") from None
-        raise RlhfchatError("ppo.rollout_backend: vllm rollouts (weight sync into a vLLM engine) are not in this "
-                            "build yet; set ppo.rollout_backend=hf")
+        if not torch.cuda.is_available():
+            raise RlhfchatError("ppo.rollout_backend: vllm needs a CUDA GPU and none is visible; "
+                                "set ppo.rollout_backend=hf")
+        return
     raise RlhfchatError(f"ppo.rollout_backend: expected hf or vllm, got {name!r}")
 
 
 def generate_rollout(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
                      settings: GenerationSettings, backend: str = "hf", device: Any = None,
-                     capture: bool = False) -> Rollout:
-    """One generation batch: encoded prompts -> Rollout (left-padded prompts, cut and masked responses)."""
+                     capture: bool = False, seeds: Sequence[int] | None = None) -> Rollout:
+    """One generation batch: encoded prompts -> Rollout (left-padded prompts, cut and masked responses).
+
+    seeds: one per prompt for sampling that does not depend on the batch (see GumbelSampler); None: global RNG.
+    """
     check_backend(backend)
+    if backend != "hf":  # vLLM holds its own copy of the weights: rollout_vllm.VLLMRollouts.generate
+        raise RlhfchatError(f"ppo.rollout_backend: {backend} rollouts go through rollout_vllm.VLLMRollouts, "
+                            "not generate_rollout")
     ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
-    gen = hf_generate(model, tokenizer, ids, mask, settings, capture=capture)
+    gen = hf_generate(model, tokenizer, ids, mask, settings, capture=capture, seeds=seeds)
     response_ids, response_mask, texts, ended = finish_responses(gen.tokens, tokenizer, settings.stop_sequences)
     return Rollout(ids, mask, response_ids, response_mask, texts, ended, gen.hidden)
 

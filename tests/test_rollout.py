@@ -1,0 +1,150 @@
+"""Rollout generation: seeded per-row sampling, ZeRO-3 gathering's choice of branch, the vLLM backend's checks."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from rlhfchat.errors import RlhfchatError
+from rlhfchat.models import load_tokenizer
+from rlhfchat.train.rollout import (GenerationSettings, GumbelSampler, check_backend, encode_prompt,
+                                    gathered_for_generation, generate_rollout, seeded_processors)
+
+SHORT = [{"role": "user", "content": "What is 3 + 4?"}]
+LONG = [{"role": "user", "content": "Write a function that doubles a number, then fix the grammar: she go to school."}]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), load_tokenizer(tiny_model_dir)
+
+
+def _replies(lm, prompts, seeds, **settings):
+    model, tok = lm
+    ids = [encode_prompt(tok, p) for p in prompts]
+    out = generate_rollout(model, tok, ids, GenerationSettings(max_new_tokens=12, stop_sequences=[], **settings),
+                           seeds=seeds)
+    # the tokens of each reply (mask 1), so two runs compare token for token
+    return [row[m.bool()].tolist() for row, m in zip(out.response_ids, out.response_mask)]
+
+
+@pytest.mark.parametrize("settings", [{}, {"temperature": 0.7, "top_k": 20, "top_p": 0.9}])
+def test_seeded_reply_is_the_same_alone_and_inside_a_batch(lm, settings):
+    torch.manual_seed(0)
+    alone = _replies(lm, [SHORT], [7], **settings)[0]
+    torch.manual_seed(123)  # the global RNG plays no part
+    batch = _replies(lm, [LONG, SHORT, LONG], [1, 7, 2], **settings)
+    assert batch[1] == alone  # same prompt and seed, other rows longer (so more left padding) around it
+    assert len(alone) == 12, "the tiny random model rarely ends early; a 12-token reply compares 12 draws"
+    others = [_replies(lm, [SHORT], [s], **settings)[0] for s in (8, 9, 10)]
+    assert any(o != alone for o in others), "different seeds give different replies"
+
+
+def test_seeded_sampling_keeps_min_new_tokens_and_eos(lm):
+    model, tok = lm
+    ids = [encode_prompt(tok, SHORT)]
+    # EOS made the likeliest token by far: seeded sampling ends at once, unless min_new_tokens forbids it
+    bias = torch.zeros(len(tok))
+    bias[tok.eos_token_id] = 50.0
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, a, out: out + bias)
+    try:
+        free = generate_rollout(model, tok, ids, GenerationSettings(max_new_tokens=8, stop_sequences=[]), seeds=[3])
+        held = generate_rollout(model, tok, ids, GenerationSettings(max_new_tokens=8, min_new_tokens=5,
+                                                                    stop_sequences=[]), seeds=[3])
+    finally:
+        handle.remove()
+    assert free.response_ids[0, 0] == tok.eos_token_id and int(free.response_mask.sum()) == 1 and bool(free.ended[0])
+    assert int(held.response_mask.sum()) == 6 and held.response_ids[0, 5] == tok.eos_token_id
+    assert tok.eos_token_id not in held.response_ids[0, :5].tolist()
+
+
+def test_seeds_must_match_the_prompts(lm):
+    model, tok = lm
+    with pytest.raises(RlhfchatError, match="seeds"):
+        generate_rollout(model, tok, [encode_prompt(tok, SHORT)] * 2, GenerationSettings(max_new_tokens=2), seeds=[1])
+
+
+def test_gumbel_sampler_draws_from_the_softmax():
+    """argmax(logits + Gumbel) is a sample from softmax(logits): frequencies over many draws match."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5, -torch.inf])
+    probs = torch.softmax(logits, 0)
+    n = 40_000
+    sampler = GumbelSampler(range(n))  # n rows, each its own seed: one draw each
+    picks = sampler(None, logits.expand(n, -1)).argmax(-1)
+    freq = torch.bincount(picks, minlength=6).double() / n
+    # 4 standard errors at most (p(1-p)/n); the -inf token is never drawn
+    assert torch.all((freq - probs.double()).abs() <= 4 * (probs * (1 - probs) / n).sqrt().double() + 1e-12), freq
+    assert freq[5] == 0
+    # one row advanced step by step draws from the same distribution too
+    row = GumbelSampler([5])
+    seq = torch.stack([row(None, logits[None]).argmax(-1)[0] for _ in range(20_000)])
+    freq = torch.bincount(seq, minlength=6).double() / 20_000
+    assert torch.all((freq - probs.double()).abs() <= 4 * (probs * (1 - probs) / 20_000).sqrt().double() + 1e-12)
+
+
+def test_seeded_processors_warp_like_sampling():
+    """Temperature, top-k and top-p come before the noise, in generate's order; top-k removes the rest for good."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    procs = seeded_processors(GenerationSettings(temperature=0.5, top_k=2), seeds=[0])
+    names = [type(p).__name__ for p in procs]
+    assert names == ["TemperatureLogitsWarper", "TopKLogitsWarper", "GumbelSampler"]
+    draws = set()
+    for seed in range(200):
+        x = logits
+        for p in seeded_processors(GenerationSettings(temperature=0.5, top_k=2), seeds=[seed]):
+            x = p(None, x)
+        draws.add(int(x.argmax()))
+    assert draws == {0, 1}
+
+
+def _fake_accelerator(stage):
+    plugin = None if stage is None else types.SimpleNamespace(zero_stage=stage)
+    return types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin), unwrap_model=lambda m: m.module)
+
+
+@pytest.mark.parametrize("stage", [None, 2])
+def test_gathering_is_a_no_op_without_zero3(lm, stage):
+    model, _ = lm
+    wrapper = types.SimpleNamespace(module=model)  # what accelerate's prepare would wrap
+    with gathered_for_generation(wrapper, _fake_accelerator(stage)) as unwrapped:
+        assert unwrapped is model
+
+
+def test_gathering_with_a_real_accelerator_yields_the_unwrapped_model(lm):
+    from accelerate import Accelerator
+
+    model, _ = lm
+    acc = Accelerator(cpu=True)
+    with gathered_for_generation(model, acc) as unwrapped:
+        assert unwrapped is model
+
+
+def test_zero3_takes_the_gathering_branch():
+    try:
+        import deepspeed  # noqa: F401
+        pytest.skip("deepspeed is installed: the branch needs a real ZeRO-3 engine, a GPU test")
+    except ImportError:
+        pass
+    # without deepspeed the ZeRO-3 branch is where the import is: reaching it is the error
+    with pytest.raises(RlhfchatError, match="ZeRO-3.*deepspeed is not installed"):
+        with gathered_for_generation(object(), _fake_accelerator(3)):
+            pass
+
+
+def test_vllm_backend_needs_vllm_and_a_gpu(monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(RlhfchatError, match=r"^ppo.rollout_backend: vllm is not installed"):
+            check_backend("vllm")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))  # importable; the GPU check comes next
+    with pytest.raises(RlhfchatError, match=r"^ppo.rollout_backend: vllm needs a CUDA GPU"):
+        check_backend("vllm")
