@@ -105,6 +105,10 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    quantize: Literal["4bit"] | None = None
+    """QLoRA: `4bit` loads the frozen base in 4-bit NF4 through bitsandbytes (double quantization, bf16 compute)
+    and trains the LoRA adapters on top (needs `enabled: true` and `pip install 'rlhfchat[qlora]'`). The saved
+    folder is the base reloaded in `base.dtype` with the adapters merged in: an ordinary, unquantized model."""
 
 
 @dataclass
@@ -239,6 +243,11 @@ class Recipe:
             raise RlhfchatError(f"name: expected a non-empty name without '/', got {self.name!r}")
         if self.output_dir is None:
             self.output_dir = f"runs/{self.name}"
+        for stage in ("sft", "reward", "ppo"):
+            lora = getattr(self, stage).lora
+            if lora.quantize and not lora.enabled:
+                raise RlhfchatError(f"{stage}.lora.quantize: a {lora.quantize} base trains only through LoRA "
+                                    f"adapters; set {stage}.lora.enabled=true")
 
     @property
     def run_dir(self) -> Path:

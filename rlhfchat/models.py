@@ -104,6 +104,83 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+# --------------------------------------------------------------------------------------------------------------
+# QLoRA: a 4-bit base under LoRA adapters, and merging them back into a full-precision folder
+
+
+def load_pretrained(auto_cls: Any, path: str | Path, dtype: torch.dtype, lora: Any = None, field: str = "lora",
+                    gradient_checkpointing: bool = False, **kwargs: Any) -> Any:
+    """`auto_cls.from_pretrained(path)`; with `lora.quantize: 4bit` the base is loaded in 4-bit NF4 (QLoRA).
+
+    4-bit: bitsandbytes' NF4 with double quantization and bf16 compute, every linear layer but the output layer
+    (and a classifier's `score` head) quantized, then peft's `prepare_model_for_kbit_training` (layer norms and
+    embeddings in fp32, input gradients on). The caller puts the LoRA adapters on top, as without quantization.
+    `field` names the recipe key in errors (e.g. `sft.lora.quantize`).
+    """
+    quantize = getattr(lora, "quantize", None) if lora is not None else None
+    if not quantize:
+        try:
+            return auto_cls.from_pretrained(str(path), dtype=dtype, **kwargs)
+        except (OSError, ValueError) as e:
+            raise RlhfchatError(f"{path}: cannot load a model ({str(e).splitlines()[0]})") from None
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise RlhfchatError(f"{field}: {quantize} needs bitsandbytes; pip install 'rlhfchat[qlora]'") from None
+    import os
+
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                                bnb_4bit_use_double_quant=True, llm_int8_skip_modules=["lm_head", "score"])
+    # a quantized model is placed at load time (Trainer and accelerate do not move it): this rank's own GPU
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    try:
+        model = auto_cls.from_pretrained(str(path), dtype=dtype, quantization_config=config, device_map={"": device},
+                                         **kwargs)
+    except (OSError, ValueError) as e:
+        raise RlhfchatError(f"{path}: cannot load a model in 4-bit ({str(e).splitlines()[0]})") from None
+    if device == "cpu":
+        # bitsandbytes' CPU layers switch, after their first forward in eval mode, to a packed inference layout
+        # with no backward: LoRA gradients through the frozen 4-bit layers would then be silently zero.
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def is_quantized(model: Any) -> bool:
+    """True for a model (or a peft model over one) whose base weights are 4-bit or 8-bit bitsandbytes layers."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+
+
+def merged(model: Any, dtype: torch.dtype | str = "auto") -> Any:
+    """A plain model to save: LoRA adapters merged into the weights, and for a 4-bit base (QLoRA) a full-precision one.
+
+    A 4-bit base is not merged in place (that would round the merged weights to 4 bits again): the base folder
+    the adapters were trained on is loaded again in `dtype` ("auto": the dtype stored in that folder) and the
+    trained adapters (and a classifier's trained head) are merged into it. Anything else: `merge_and_unload()`.
+    """
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    if not is_quantized(model):
+        return model.merge_and_unload()
+    import copy
+
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    peft_config = copy.deepcopy(model.peft_config["default"])
+    quantized = model.get_base_model()
+    kwargs = {"num_labels": quantized.config.num_labels} if hasattr(quantized, "score") else {}
+    base = type(quantized).from_pretrained(peft_config.base_model_name_or_path, dtype=dtype, **kwargs)
+    base.config.pad_token_id = quantized.config.pad_token_id
+    fresh = get_peft_model(base, peft_config)
+    set_peft_model_state_dict(fresh, get_peft_model_state_dict(model))
+    return fresh.merge_and_unload()
+
+
 if __name__ == "__main__":
     build_tiny(sys.argv[1], [Path(p) for p in sys.argv[2:]], TinyModelConfig())
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhfchat import manifest
 from rlhfchat.config import load_recipe
@@ -148,3 +149,69 @@ def test_sft_two_processes_match_one(tmp_path, trained):
     assert len(a) == len(b) == 4
     assert a[-1] < a[0], "the loss goes down: the runs really train"
     assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
+
+
+def test_qlora_for_sft_reward_and_ppo(tmp_path, trained):
+    """QLoRA (a 4-bit NF4 base under LoRA) trains on CPU in the three stages; saved folders are full precision."""
+    pytest.importorskip("bitsandbytes", reason="the qlora extra: pip install 'rlhfchat[qlora]'")
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+
+    from rlhfchat.models import merged
+    from rlhfchat.train import reward, sft
+    from rlhfchat.train.ppo import PPO as PPOTrainer
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "data", run / "data")
+    q = [f"{s}.lora.{k}" for s in ("sft", "reward", "ppo") for k in ("enabled=true", "quantize=4bit", "r=4")]
+    r = load_recipe(None, ["name=t", f"output_dir={run}", *TINY, *SFT, *REWARD, *PPO, "sft.max_steps=4",
+                           "reward.max_steps=4", "sft.logging_steps=1", *q])
+    sft.main(r)
+    reward.main(r)
+    losses = _losses(run / "sft" / "metrics.jsonl", "loss")
+    assert len(losses) == 4 and losses[-1] < losses[0], "gradients reach the adapters through the 4-bit layers"
+    base = load_file(run / "base" / "model.safetensors")
+    for stage in ("sft", "reward"):
+        config = json.loads((run / stage / "config.json").read_text())
+        assert "quantization_config" not in config, stage
+        weights = load_file(run / stage / "model.safetensors")
+        assert not any("lora" in k for k in weights) and all(w.is_floating_point() for w in weights.values())
+    tuned = load_file(run / "sft" / "model.safetensors")
+    q_proj, up_proj = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(base[q_proj], tuned[q_proj]), "the adapters are merged into the attention weights"
+    # merged into the full-precision base reloaded from its folder, not into 4-bit-rounded weights
+    assert torch.equal(base[up_proj], tuned[up_proj])
+
+    # PPO: the 4-bit policy trains its adapters; the reference is the same network with the adapters disabled
+    ppo = PPOTrainer.from_folders(run / "sft", run / "reward", r.ppo, seed=0)
+    lm = ppo.unwrapped.lm
+    assert isinstance(lm.get_base_model().model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    assert ppo.reference.uses_adapter and ppo.reference.lm is None
+    before = {n: p.detach().clone() for n, p in lm.named_parameters() if p.requires_grad}
+    exp, _ = ppo.make_experience([[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(16)])
+    ppo.update(exp)
+    after = dict(lm.named_parameters())
+    assert before and all("lora_" in n for n in before)
+    assert all(not torch.equal(p, after[n]) for n, p in before.items()), "every adapter weight moved"
+    # what the PPO folder is to hold: the SFT weights plus the trained LoRA delta, in full precision
+    layer = lm.get_base_model().model.layers[0].self_attn.q_proj
+    expected = load_file(run / "sft" / "model.safetensors")[q_proj] + layer.get_delta_weight("default").float()
+    out = merged(lm)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in out.modules())
+    assert torch.allclose(out.model.layers[0].self_attn.q_proj.weight, expected, atol=1e-6)
+
+
+def test_qlora_errors_name_the_field(monkeypatch, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from rlhfchat.errors import RlhfchatError
+    from rlhfchat.models import load_pretrained
+
+    with pytest.raises(RlhfchatError, match=r"^reward.lora.quantize: a 4bit base trains only through LoRA"):
+        load_recipe(None, ["reward.lora.quantize=4bit"])
+    with pytest.raises(RlhfchatError, match=r"^ppo.lora.quantize: expected one of '4bit'"):
+        load_recipe(None, ["ppo.lora.enabled=true", "ppo.lora.quantize=8bit"])
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if the qlora extra were not installed
+    lora = load_recipe(None, ["sft.lora.enabled=true", "sft.lora.quantize=4bit"]).sft.lora
+    with pytest.raises(RlhfchatError, match=r"^sft.lora.quantize: 4bit needs bitsandbytes; pip install"):
+        load_pretrained(AutoModelForCausalLM, tiny_model_dir, torch.float32, lora, "sft.lora.quantize")

@@ -124,11 +124,13 @@ def load_jsonl_dataset(path: Path):
     return datasets.Dataset.from_list(list(read_jsonl(path)))
 
 
-def save_model_folder(model: Any, tokenizer: Any, stage_dir: Path) -> None:
-    """Save weights (LoRA merged into the base) and the tokenizer with its chat template, HF layout (rank 0 only)."""
+def save_model_folder(model: Any, tokenizer: Any, stage_dir: Path, dtype: Any = "auto") -> None:
+    """Save weights (LoRA merged into the base; a 4-bit base reloaded in `dtype` first, see models.merged) and the
+    tokenizer with its chat template, HF layout (rank 0 only)."""
     if not manifest.is_main_process():
         return
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+    from rlhfchat.models import merged
+
+    model = merged(model, dtype)
     model.save_pretrained(stage_dir, safe_serialization=True)
     tokenizer.save_pretrained(stage_dir)

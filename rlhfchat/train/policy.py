@@ -191,7 +191,12 @@ def build_policy(sft_dir: str | Path, share_trunk: bool = True, lora: LoraConfig
     """The trainable policy from an SFT folder: LoRA adapters when `lora.enabled`, a value head either way."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    lm = _load(AutoModelForCausalLM, sft_dir, dtype)
+    if lora is not None and lora.quantize:  # QLoRA: a 4-bit frozen base under the adapters
+        from rlhfchat.models import load_pretrained
+
+        lm = load_pretrained(AutoModelForCausalLM, sft_dir, dtype, lora, "ppo.lora.quantize")
+    else:
+        lm = _load(AutoModelForCausalLM, sft_dir, dtype)
     if lora is not None and lora.enabled:
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model

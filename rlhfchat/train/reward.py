@@ -17,7 +17,7 @@ from rlhfchat import manifest
 from rlhfchat.atomic import write_json
 from rlhfchat.config import Recipe, config_hash
 from rlhfchat.errors import RlhfchatError
-from rlhfchat.models import load_tokenizer, torch_dtype
+from rlhfchat.models import load_pretrained, load_tokenizer, torch_dtype
 from rlhfchat.train import hf_stage
 
 
@@ -57,12 +57,12 @@ def main(recipe: Recipe) -> Path:
         # 3. Model: the SFT trunk with a fresh scalar head; the pad token tells it where the last real token is.
         tokenizer = load_tokenizer(sft_dir)
         tokenizer.padding_side = "right"
+        cfg = recipe.reward
         torch.manual_seed(recipe.seed)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            sft_dir, num_labels=1, dtype=torch_dtype(recipe.base.dtype))
+        model = load_pretrained(AutoModelForSequenceClassification, sft_dir, torch_dtype(recipe.base.dtype), cfg.lora,
+                                "reward.lora.quantize", cfg.gradient_checkpointing, num_labels=1)
         model.config.pad_token_id = tokenizer.pad_token_id
 
-        cfg = recipe.reward
         args = RewardConfig(
             **hf_stage.trainer_args(cfg, stage_dir, recipe.seed, recipe.base.dtype),
             center_rewards_coefficient=cfg.center_rewards_coefficient,
@@ -80,6 +80,13 @@ def main(recipe: Recipe) -> Path:
                                                int(resume.name.split("-")[-1]) if resume else 0)],
         )
 
+        if cfg.lora.quantize and not args.bf16:
+            # TRL keeps a 4-bit model's trainable weights in bf16, for bf16 autocast; without autocast (CPU, or
+            # base.dtype float32) the trained copy of the score head would meet float32 hidden states.
+            for p in trainer.model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+
         # 4. Train, then measure pairwise accuracy on the held-out pairs.
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         metrics = {"train_loss": result.training_loss, "steps": result.global_step}
@@ -90,7 +97,7 @@ def main(recipe: Recipe) -> Path:
 
         # 5. Save the folder (LoRA merged), tokenizer and template, and the figures.
         tokenizer.padding_side = "left"
-        hf_stage.save_model_folder(trainer.model, tokenizer, stage_dir)
+        hf_stage.save_model_folder(trainer.model, tokenizer, stage_dir, torch_dtype(recipe.base.dtype))
         if manifest.is_main_process():
             write_json(stage_dir / "metrics.json", metrics)
         print(f"[reward] train_loss {metrics['train_loss']:.4f}"

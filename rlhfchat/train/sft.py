@@ -3,7 +3,7 @@
     rlhfchat sft recipes/tiny-cpu.yaml [sft.max_steps=50 ...]
 
 Reads `<run>/data/sft.{train,eval}.jsonl` and the base model, runs TRL's SFTTrainer (optional packing, optional
-LoRA merged at the end) and writes a Hugging Face model folder to `<run>/sft/` with the Vicuna v0 chat template,
+LoRA or QLoRA merged at the end) and writes a Hugging Face model folder to `<run>/sft/` with the Vicuna v0 chat template,
 `metrics.json` (train_loss, eval_loss), `metrics.jsonl` and `manifest.json`. Re-running a finished stage skips it;
 an interrupted one resumes from its newest checkpoint.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from rlhfchat import manifest
 from rlhfchat.atomic import write_json
 from rlhfchat.config import Recipe, config_hash
-from rlhfchat.models import ensure_base, load_tokenizer, torch_dtype
+from rlhfchat.models import ensure_base, load_pretrained, load_tokenizer, torch_dtype
 from rlhfchat.train import hf_stage
 
 
@@ -45,10 +45,12 @@ def main(recipe: Recipe) -> Path:
         # 3. Model and tokenizer (the tokenizer carries the template with {% generation %} markers).
         tokenizer = load_tokenizer(base)
         tokenizer.padding_side = "right"
-        torch.manual_seed(recipe.seed)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype(recipe.base.dtype))
-
         cfg = recipe.sft
+        torch.manual_seed(recipe.seed)
+        # lora.quantize: 4bit loads the frozen base in 4-bit (QLoRA); the adapters go on top in the trainer
+        model = load_pretrained(AutoModelForCausalLM, base, torch_dtype(recipe.base.dtype), cfg.lora,
+                                "sft.lora.quantize", cfg.gradient_checkpointing)
+
         args = SFTConfig(
             **hf_stage.trainer_args(cfg, stage_dir, recipe.seed, recipe.base.dtype),
             assistant_only_loss=True,
@@ -77,7 +79,7 @@ def main(recipe: Recipe) -> Path:
 
         # 5. Save the model folder (LoRA merged) with its tokenizer and template, then the figures.
         tokenizer.padding_side = "left"
-        hf_stage.save_model_folder(trainer.model, tokenizer, stage_dir)
+        hf_stage.save_model_folder(trainer.model, tokenizer, stage_dir, torch_dtype(recipe.base.dtype))
         if manifest.is_main_process():
             write_json(stage_dir / "metrics.json", metrics)
         print(f"[sft] train_loss {metrics['train_loss']:.4f}"
