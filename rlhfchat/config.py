@@ -202,12 +202,24 @@ class PPOConfig:
     """Where the reward model lives (e.g. cuda:7, a GPU the training ranks leave free, as StableVicuna's run did);
     None: on each rank's own device."""
     rollout_backend: Literal["hf", "vllm"] = "hf"
+    """hf: transformers generate (the default, CPU or GPU); vllm: a vLLM engine beside each training rank (GPU only,
+    `pip install 'rlhfchat[vllm]'`), the policy's weights loaded into it after every update."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vllm: the share of each GPU that the engine takes for its weights and KV cache; training has the rest."""
+    vllm_sleep: bool = True
+    """vllm: drop the engine's weights and KV cache between generations (vLLM sleep mode), so the update gets the
+    memory back; the weights return with the sync after each update."""
     save_steps: int = 20
     """Checkpoint every N PPO iterations."""
     eval_prompts: int = 64
     """Held-out prompts scored before and after PPO."""
     gradient_checkpointing: bool = False
     report_to: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            raise RlhfchatError(f"ppo.vllm_gpu_memory_utilization: expected a number in (0, 1], "
+                                f"got {self.vllm_gpu_memory_utilization}")
 
 
 @dataclass

@@ -148,3 +148,37 @@ def test_vllm_backend_needs_vllm_and_a_gpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))  # importable; the GPU check comes next
     with pytest.raises(RlhfchatError, match=r"^ppo.rollout_backend: vllm needs a CUDA GPU"):
         check_backend("vllm")
+
+
+def test_vllm_weight_names_are_the_checkpoint_names_with_lora_merged(tiny_model_dir):
+    """What sync_weights streams: the plain model's parameter names, LoRA's delta added to the base weights."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhfchat.train.rollout_vllm import vllm_weights
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lm = get_peft_model(copy.deepcopy(plain), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False))  # B != 0: a real delta
+    expected = dict(copy.deepcopy(lm).merge_and_unload().named_parameters())
+    streamed = dict(vllm_weights(lm))
+    assert streamed.keys() == dict(plain.named_parameters()).keys()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(streamed[q], plain.get_parameter(q))
+    assert all(torch.allclose(streamed[n], expected[n], atol=1e-7) for n in streamed)
+    assert torch.equal(lm.get_base_model().get_parameter(q.replace("weight", "base_layer.weight")),
+                       plain.get_parameter(q)), "the policy's own weights are left as they were"
+
+
+def test_vllm_rollouts_fail_in_one_line_without_vllm():
+    import importlib.util
+
+    from rlhfchat.config import load_recipe
+    from rlhfchat.train.rollout_vllm import VLLMRollouts
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed: the engine itself is a GPU test")
+    with pytest.raises(RlhfchatError, match=r"^ppo.rollout_backend: vllm is not installed"):
+        VLLMRollouts("unused", load_recipe(None, ["ppo.rollout_backend=vllm"]).ppo, accelerator=None)
