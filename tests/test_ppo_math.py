@@ -47,6 +47,15 @@ def test_whiten_by_hand_and_ignores_padding():
     assert close(pm.masked_var(x, mask, unbiased=False), 1.25)
 
 
+
+def test_whiten_across_processes_equals_one_process():
+    # rank 0 holds [1, 2], rank 1 holds [3, 4]: the all-reduce adds rank 1's (sum 7, count 2), then its squared
+    # deviations from the global mean 2.5: 0.25 + 2.25 = 2.5. Rank 0 must whiten as if it saw all four numbers.
+    expected = [(v - 2.5) / math.sqrt(5 / 3) for v in (1, 2)]
+    partner = iter([torch.tensor([7.0, 2.0], dtype=torch.float64), torch.tensor([2.5], dtype=torch.float64)])
+    out = pm.whiten(torch.tensor([[1.0, 2.0]]), all_reduce=lambda t: t + next(partner))
+    assert close(out, [expected])
+
 def test_policy_loss_by_hand():
     # old logprobs 0, so ratio = exp(logprobs); cliprange 0.2 -> clip to [0.8, 1.2]
     #   ratio 1.5, A=+1: -1.5 vs -1.2 -> -1.2 (clipped, no gradient)

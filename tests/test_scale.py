@@ -74,6 +74,47 @@ def test_reward_two_processes_match_one(tmp_path, trained):
     assert json.loads((runs["two"] / "reward" / "metrics.json").read_text())["eval_pairs"] == 16
 
 
+def test_ppo_two_processes_match_one(tmp_path, trained):
+    """The same global batch on 1 and 2 processes gives the same replies, losses and final weights.
+
+    Each reply is sampled from its own seed (its place in the iteration), the advantages are whitened over both
+    processes' tokens and every loss is normalised by the global token count: what two ranks do together is what
+    one does alone, up to float rounding. 8 rollouts an iteration, one minibatch of 8 (1 process) or 2 x 4.
+    """
+    from safetensors.torch import load_file
+
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("name: t\n")
+    common = [*PPO, "ppo.num_rollouts=8", "ppo.chunk_size=8", "ppo.ppo_epochs=2", "ppo.eval_prompts=3",
+              "ppo.save_steps=100"]
+    runs = {}
+    # total_steps counts optimizer steps as on one process with batch_size: 3 iterations of 2 steps either way
+    for name, cmd, batch, total in (("one", ONE_PROC, 8, 6), ("two", TWO_PROCS, 4, 12)):
+        run = tmp_path / name
+        shutil.copytree(trained, run)
+        _run([*cmd, "ppo"], run, recipe_file, *common, f"ppo.batch_size={batch}", f"ppo.total_steps={total}")
+        runs[name] = run
+    logs = {n: [json.loads(x) for x in (r / "ppo" / "metrics.jsonl").read_text().splitlines()]
+            for n, r in runs.items()}
+    assert [x["step"] for x in logs["one"]] == [x["step"] for x in logs["two"]] == [1, 2, 3]
+    assert [x["optimizer_steps"] for x in logs["two"]] == [2, 4, 6]
+    for key in ("response_len", "score", "kl", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl",
+                "grad_norm"):
+        a, b = [x[key] for x in logs["one"]], [x[key] for x in logs["two"]]
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-5), key
+    assert len({x["response_len"] for x in logs["one"]}) > 1 or logs["one"][0]["response_len"] < 8, \
+        "replies of different lengths: the global token count is exercised"
+    m1, m2 = (json.loads((runs[n] / "ppo" / "metrics.json").read_text()) for n in ("one", "two"))
+    assert m1["eval_reward_before"] == pytest.approx(m2["eval_reward_before"], abs=1e-5)
+    assert m1["eval_reward_after"] == pytest.approx(m2["eval_reward_after"], abs=1e-4)
+    w1, w2 = (load_file(runs[n] / "ppo" / "model.safetensors") for n in ("one", "two"))
+    sft = load_file(trained / "sft" / "model.safetensors")
+    moved = 0
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max() < 1e-5, k
+        moved += int(not (w1[k] == sft[k]).all())
+    assert moved > len(w1) // 2, "the runs trained"
+
 def test_ppo_on_two_processes_writes_once_and_resumes_on_one(tmp_path, trained):
     """2 ranks share the rollouts and write each file once; killed mid-run, the stage resumes on 1 process."""
     run = tmp_path / "run"

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0, cpu0 = time.perf_counter(), time.process_time()
         for it in range(args.rollouts):
             batch = [prompts[(it * args.batch + i) % len(prompts)] for i in range(args.batch)]
-            exp, _ = ppo.make_experience(batch)
+            exp, _ = ppo.make_experience(batch, seeds=[it * args.batch + i for i in range(args.batch)])
             ppo.update(exp)
             samples += exp.input_ids.shape[0]
             tokens += exp.mask.shape[0] * exp.mask.shape[1]  # generated positions (fixed length)

@@ -41,7 +41,7 @@ from rlhfchat.train import ppo_math as pm
 from rlhfchat.train.policy import (PolicyWithValueHead, Reference, build_policy, load_trainable_state_dict,
                                    trainable_state_dict)
 from rlhfchat.train.rollout import (GenerationSettings, Prompt, RewardScorer, check_backend, encode_prompt,
-                                    generate_replies, generate_rollout)
+                                    gathered_for_generation, generate_replies, generate_rollout)
 
 
 @dataclass
@@ -102,7 +102,7 @@ class PPO:
     """The models, the optimizer and the PPO state; `make_experience` is steps 1-4, `update` is step 5."""
 
     def __init__(self, policy: PolicyWithValueHead, reference: Reference, scorer: RewardScorer, tokenizer: Any,
-                 cfg: PPOConfig, accelerator: Any = None):
+                 cfg: PPOConfig, accelerator: Any = None, vllm: Any = None):
         from accelerate import Accelerator
 
         self.cfg = cfg
@@ -127,6 +127,7 @@ class PPO:
         self.ref_std = cfg.ref_std
         self.mean_kl = 0.0
         self.optimizer_steps = 0
+        self.vllm = vllm  # rollout_vllm.VLLMRollouts for ppo.rollout_backend=vllm; None: HF generate on the policy
 
     @classmethod
     def from_folders(cls, policy_dir: str | Path, reward_dir: str | Path, cfg: PPOConfig, accelerator: Any = None,
@@ -145,25 +146,45 @@ class PPO:
                               gradient_checkpointing=cfg.gradient_checkpointing)
         reference = Reference(policy, policy_dir, dtype=frozen_dtype)
         scorer = RewardScorer(reward_dir, max_length=reward_max_length, dtype=frozen_dtype, batch_size=cfg.chunk_size)
-        return cls(policy, reference, scorer, tokenizer, cfg, accelerator)
+        vllm = None
+        if cfg.rollout_backend == "vllm":
+            from rlhfchat.train.rollout_vllm import VLLMRollouts
+
+            vllm = VLLMRollouts(policy_dir, cfg, accelerator, dtype=str(dtype).removeprefix("torch."), seed=seed)
+        return cls(policy, reference, scorer, tokenizer, cfg, accelerator, vllm)
+
+    def sync_rollout_weights(self) -> None:
+        """vLLM backend: load the policy's current weights into the engine (after every update; on every rank)."""
+        if self.vllm is not None:
+            with gathered_for_generation(self.policy, self.accelerator) as policy:
+                self.vllm.sync_weights(policy.lm)
 
     @property
     def unwrapped(self) -> PolicyWithValueHead:
         return self.accelerator.unwrap_model(self.policy)
 
     # ---------------------------------------------------------------------------------------------------------
-    def make_experience(self, prompts: Sequence[Prompt]) -> tuple[Experience, dict[str, float]]:
-        """Steps 1-4 for one iteration's prompts (this process's share)."""
+    def make_experience(self, prompts: Sequence[Prompt], seeds: Sequence[int] | None = None
+                        ) -> tuple[Experience, dict[str, float]]:
+        """Steps 1-4 for one iteration's prompts (this process's share).
+
+        `seeds` (one per prompt) make each reply depend only on its prompt and its seed, not on which process or
+        batch it is generated in: n processes then sample what one process samples.
+        """
         cfg, device, policy = self.cfg, self.accelerator.device, self.unwrapped
         chunks, times = [], {"gen_s": 0.0, "score_s": 0.0, "forward_s": 0.0}
         for start in range(0, len(prompts), cfg.chunk_size):
             batch = list(prompts[start : start + cfg.chunk_size])
+            batch_seeds = None if seeds is None else list(seeds[start : start + cfg.chunk_size])
             # 1. generate: left-padded prompts, sampled replies cut at stop sequences
             t0 = time.perf_counter()
             ids = [encode_prompt(self.tokenizer, p, cfg.max_prompt_length) for p in batch]
-            with self.accelerator.autocast():
-                rollout = generate_rollout(policy.lm, self.tokenizer, ids, self.settings, cfg.rollout_backend,
-                                           device, capture=True)
+            if self.vllm is not None:
+                rollout = self.vllm.generate(ids, self.settings, device, seeds=batch_seeds)
+            else:  # under ZeRO-3 the weights are gathered once for the whole generation, not layer by layer
+                with gathered_for_generation(self.policy, self.accelerator) as gen, self.accelerator.autocast():
+                    rollout = generate_rollout(gen.lm, self.tokenizer, ids, self.settings, cfg.rollout_backend,
+                                               device, capture=True, seeds=batch_seeds)
             t1 = time.perf_counter()
             # 2. score: the reward model reads the rendered conversation, not our token ids
             with self.accelerator.autocast():
@@ -196,32 +217,40 @@ class PPO:
         scores = pm.scale_scores(exp.scores, self.cfg.scale_reward, self.moments.std, self.ref_std)
         scores = pm.clip_scores(scores, cfg.cliprange_reward)
 
-        # 4. rewards and advantages over the whole rollout
+        # 4. rewards and advantages over the whole rollout (whitened over every process's tokens, as trlX)
         seq_kl = pm.sequence_kl(exp.logprobs, exp.ref_logprobs, exp.mask)  # (N,)
         self.mean_kl = float(self.accelerator.gather(seq_kl).mean())
         exp.rewards = pm.kl_penalty_rewards(exp.logprobs, exp.ref_logprobs, scores, exp.mask, self.kl_ctl.value)
         exp.advantages, exp.returns = pm.gae(exp.values, exp.rewards, exp.mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            exp.advantages = pm.whiten(exp.advantages, exp.mask)
-        lengths = exp.mask.sum(1)
+            exp.advantages = pm.whiten(exp.advantages, exp.mask, all_reduce=self._all_reduce)
+        # logged means over every process's samples and tokens
+        sums = self._all_reduce(torch.stack([
+            exp.mask.sum(), torch.tensor(float(exp.mask.shape[0]), device=exp.mask.device),
+            pm.masked_sum(exp.entropy, exp.mask), pm.masked_sum(exp.returns, exp.mask),
+            pm.masked_sum(exp.values, exp.mask)]).double()).tolist()
+        n_tok = max(sums[0], 1.0)
         stats = {
             "score": float(all_scores.mean()), "score_std": float(all_scores.std()) if all_scores.numel() > 1 else 0.0,
-            "kl": self.mean_kl, "kl_coef": self.kl_ctl.value,
-            "response_len": float(lengths.mean()), "entropy": float(pm.masked_mean(exp.entropy, exp.mask)),
-            "returns": float(pm.masked_mean(exp.returns, exp.mask)),
-            "values": float(pm.masked_mean(exp.values, exp.mask)), **times,
+            "kl": self.mean_kl, "kl_coef": self.kl_ctl.value, "response_len": sums[0] / sums[1],
+            "entropy": sums[2] / n_tok, "returns": sums[3] / n_tok, "values": sums[4] / n_tok, **times,
         }
         return exp, stats
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the processes (identity on one)."""
+        return self.accelerator.reduce(x, "sum") if self.accelerator.num_processes > 1 else x
 
     # ---------------------------------------------------------------------------------------------------------
     def minibatch_gradients(self, exp: Experience, idx: torch.Tensor) -> dict[str, float]:
         """Accumulate the gradient of one minibatch (rows `idx`) in micro-batches of cfg.batch_size.
 
         Every micro-batch divides by the minibatch's token count, so the accumulated gradient equals the gradient
-        of the whole minibatch in one forward.
+        of the whole minibatch in one forward. With n processes that count is the token count of every process's
+        minibatch over n: DDP averages the n gradients, which gives the gradient of the global minibatch's mean.
         """
         cfg = self.cfg
-        n_tokens = exp.mask[idx].sum().clamp(min=1)
+        n_tokens = (self._all_reduce(exp.mask[idx].sum()) / self.accelerator.num_processes).clamp(min=1)
         micro = list(idx.split(cfg.batch_size))
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "value_clipfrac": 0.0, "approx_kl": 0.0}
         for i, rows in enumerate(micro):
@@ -260,21 +289,40 @@ class PPO:
                     totals[key] = totals.get(key, 0.0) + value
                 count += 1
         self.policy.eval()
-        return {key: value / max(count, 1) for key, value in totals.items()}
+        means = {key: value / max(count, 1) for key, value in totals.items()}
+        if self.accelerator.num_processes > 1:  # each process's loss is its tokens' part of the global mean x n
+            keys = [k for k in means if k != "grad_norm"]  # the norm is of the synchronised gradient already
+            summed = self._all_reduce(torch.tensor([means[k] for k in keys], dtype=torch.float64,
+                                                   device=self.accelerator.device)).tolist()
+            means.update({k: v / self.accelerator.num_processes for k, v in zip(keys, summed)})
+        return means
 
     # ---------------------------------------------------------------------------------------------------------
     def evaluate(self, prompts: Sequence[Prompt], seed: int) -> dict[str, float]:
-        """Mean and std of the reward of sampled replies to held-out prompts (own RNG: training is unaffected)."""
+        """Mean and std of the reward of sampled replies to held-out prompts; every process calls it.
+
+        The processes share the prompts; each reply has its own seed (the global RNG, and so training, is not
+        touched), so the figures do not depend on the number of processes.
+        """
         if not prompts:
             return {"reward": None, "reward_std": None, "response_len": None}
-        with torch.random.fork_rng(devices=[]), self.accelerator.autocast():
-            torch.manual_seed(seed)
-            replies = generate_replies(self.unwrapped.lm, self.tokenizer, prompts, self.settings,
-                                       batch_size=self.cfg.chunk_size, max_prompt_length=self.cfg.max_prompt_length)
-        with self.accelerator.autocast():
-            scores = self.scorer.score(prompts, replies)
-        return {"reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-                "response_len": float(np.mean([len(self.tokenizer(r).input_ids) for r in replies]))}
+        from accelerate.utils import gather_object
+
+        acc = self.accelerator
+        share = list(range(acc.process_index, len(prompts), acc.num_processes))
+        mine = [prompts[i] for i in share]
+        with gathered_for_generation(self.policy, acc) as policy, acc.autocast():
+            replies = generate_replies(policy.lm, self.tokenizer, mine, self.settings, batch_size=self.cfg.chunk_size,
+                                       max_prompt_length=self.cfg.max_prompt_length,
+                                       seeds=[seed * 1_000_003 + i for i in share])
+        with acc.autocast():
+            scores = self.scorer.score(mine, replies).tolist() if mine else []
+        rows = [(i, s, len(self.tokenizer(r).input_ids)) for i, s, r in zip(share, scores, replies)]
+        rows = sorted(gather_object(rows) if acc.num_processes > 1 else rows)
+        all_scores = torch.tensor([s for _, s, _ in rows], dtype=torch.float64)
+        return {"reward": float(all_scores.mean()),
+                "reward_std": float(all_scores.std()) if len(all_scores) > 1 else 0.0,
+                "response_len": float(np.mean([n for _, _, n in rows]))}
 
     def state_dict(self) -> dict[str, Any]:
         return {"kl_ctl": self.kl_ctl.state_dict(), "moments": self.moments.state_dict(), "ref_std": self.ref_std,
@@ -471,7 +519,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         accelerator.print(f"[ppo] resuming from {ckpt} (step {start} of {iterations})")
     else:
         start, elapsed = 0, 0.0
-        before = ppo.evaluate(eval_prompts, recipe.seed) if accelerator.is_main_process else {}
+        before = ppo.evaluate(eval_prompts, recipe.seed)
         if accelerator.is_main_process:
             out_dir.mkdir(parents=True, exist_ok=True)
             with atomic_file(metrics_path) as f:
@@ -480,16 +528,22 @@ def train(recipe: Recipe) -> dict[str, Any]:
         accelerator.init_trackers("rlhfchat-ppo", config={k: v for k, v in vars(cfg).items()
                                                           if isinstance(v, (int, float, str, bool))})
 
+    ppo.sync_rollout_weights()  # vLLM: the engine starts from the SFT folder (or asleep); a resumed policy differs
     t_start = time.perf_counter()
     bar = tqdm(range(start, iterations), initial=start, total=iterations, desc="ppo",
                disable=not accelerator.is_local_main_process)
     stats: dict[str, Any] = {}
     for step in bar:
         t0 = time.perf_counter()
-        idx = sampler.next(cfg.num_rollouts)[accelerator.process_index :: accelerator.num_processes]
-        exp, rollout_stats = ppo.make_experience([train_prompts[i] for i in idx])  # steps 1-4
+        # this process's share of the iteration's prompts; each sample's seed depends only on its place in the
+        # iteration, so any number of processes samples the same replies
+        share = range(accelerator.process_index, cfg.num_rollouts, accelerator.num_processes)
+        order = sampler.next(cfg.num_rollouts)
+        seeds = [(recipe.seed * 1_000_003 + step) * cfg.num_rollouts + j for j in share]
+        exp, rollout_stats = ppo.make_experience([train_prompts[order[j]] for j in share], seeds)  # steps 1-4
         t1 = time.perf_counter()
         update_stats = ppo.update(exp)  # step 5
+        ppo.sync_rollout_weights()
         # 6. log and checkpoint
         stats = {"step": step + 1, "optimizer_steps": ppo.optimizer_steps, **rollout_stats, **update_stats,
                  "train_s": time.perf_counter() - t1, "iteration_s": time.perf_counter() - t0}
@@ -510,8 +564,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     # The PPO policy on the same held-out prompts, then the model folder.
     metrics: dict[str, Any] = {}
+    after = ppo.evaluate(eval_prompts, recipe.seed)
     if accelerator.is_main_process:
-        after = ppo.evaluate(eval_prompts, recipe.seed)
         last = stats or (json.loads(metrics_path.read_text().splitlines()[-1]) if metrics_path.is_file() else {})
         metrics = {
             "eval_reward_before": before["reward"], "eval_reward_after": after["reward"],
@@ -522,9 +576,12 @@ def train(recipe: Recipe) -> dict[str, Any]:
             "samples": iterations * cfg.num_rollouts, "resumed_from_step": start or None,
             "wall_time_s": round(elapsed + time.perf_counter() - t_start, 2),
         }
-        ppo.unwrapped.save_pretrained(out_dir)
-        ppo.tokenizer.save_pretrained(out_dir)
-        write_json(out_dir / "metrics.json", metrics)
+    with gathered_for_generation(ppo.policy, accelerator) as policy:  # ZeRO-3: whole weights to save (all ranks)
+        if accelerator.is_main_process:
+            policy.save_pretrained(out_dir)
+            ppo.tokenizer.save_pretrained(out_dir)
+            write_json(out_dir / "metrics.json", metrics)
+    if accelerator.is_main_process:
         accelerator.print(f"[ppo] held-out reward {before['reward']} -> {after['reward']}; KL {metrics['kl']}; "
                           f"{iterations} steps; model in {out_dir}")
     accelerator.wait_for_everyone()

@@ -20,6 +20,7 @@ count of the whole minibatch; the micro-batch gradients then sum to the minibatc
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -48,12 +49,21 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True,
-           eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the real tokens; padding positions come back as 0. x, mask: (B, R) -> (B, R)."""
+def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8,
+           all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(x - mean) / std over the real tokens; padding positions come back as 0. x, mask: (B, R) -> (B, R).
+
+    `all_reduce` sums a tensor over the processes that hold the other rows (trlX's distributed whitening): the
+    mean and the Bessel-corrected variance are then those of every process's tokens together, so n processes with
+    a share each whiten exactly as one process with all of them.
+    """
     if mask is None:
         mask = torch.ones_like(x)
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    reduce = all_reduce or (lambda t: t)
+    total = reduce(torch.stack([masked_sum(x, mask), mask.sum()]).double())
+    mean = (total[0] / total[1]).to(x.dtype)
+    sq = reduce(masked_sum((x - mean) ** 2, mask).double().reshape(1))[0]
+    var = (sq / (total[1] - 1).clamp(min=1)).to(x.dtype)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

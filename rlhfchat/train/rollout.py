@@ -329,13 +329,17 @@ def generate_rollout(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[i
 
 
 def generate_replies(model: Any, tokenizer: Any, prompts: Sequence[Prompt], settings: GenerationSettings,
-                     batch_size: int = 16, max_prompt_length: int | None = None) -> list[str]:
-    """Replies to prompts (chat messages or verbatim strings), cut at stop sequences, in order."""
+                     batch_size: int = 16, max_prompt_length: int | None = None,
+                     seeds: Sequence[int] | None = None) -> list[str]:
+    """Replies to prompts (chat messages or verbatim strings), cut at stop sequences, in order.
+
+    seeds: one per prompt, as for generate_rollout (each reply then does not depend on the batch it is in)."""
     device = next(model.parameters()).device
     replies: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = [encode_prompt(tokenizer, p, max_prompt_length) for p in prompts[start : start + batch_size]]
-        replies.extend(generate_rollout(model, tokenizer, batch, settings, device=device).texts)
+        batch_seeds = None if seeds is None else seeds[start : start + batch_size]
+        replies.extend(generate_rollout(model, tokenizer, batch, settings, device=device, seeds=batch_seeds).texts)
     return replies
 
 
