@@ -72,6 +72,9 @@ def output_logits(lm: nn.Module, states: torch.Tensor, temperature: float = 1.0)
     PPO ratio, and bf16 logits would put percent-level noise into it. It is a small share of the compute.
     """
     _, head = causal_parts(lm)
+    # A slice of the hidden states is not contiguous: linear would then run as a batched matmul against a copy of
+    # the output matrix per row (a 16 x 8192 x 512 copy for a 16-row chunk), instead of one matmul.
+    states = states.contiguous()
     if torch.is_autocast_enabled(states.device.type):
         with torch.autocast(states.device.type, enabled=False):
             logits = head(states.to(head.weight.dtype))
@@ -161,10 +164,12 @@ class PolicyWithValueHead(nn.Module):
         """A plain HF causal-LM folder (LoRA merged into the weights) plus `value_head.safetensors`."""
         from safetensors.torch import save_file
 
-        if hasattr(self.lm, "merge_and_unload"):
-            # Folds the adapters into the weights in place (no second copy): the policy computes the same
-            # function afterwards, but the adapters are gone, so this is the last thing a run does.
-            self.lm = self.lm.merge_and_unload()
+        from rlhfchat.models import merged
+
+        # LoRA: folds the adapters into the weights in place (no second copy); the policy computes the same function
+        # afterwards, but the adapters are gone, so this is the last thing a run does. QLoRA: merged into the base
+        # loaded again in full precision (models.merged).
+        self.lm = merged(self.lm)
         self.lm.save_pretrained(out_dir)
         save_file(self.value_state_dict(), str(Path(out_dir) / "value_head.safetensors"))
 
