@@ -181,10 +181,6 @@ def merged(model: Any, dtype: torch.dtype | str = "auto") -> Any:
     return fresh.merge_and_unload()
 
 
-if __name__ == "__main__":
-    build_tiny(sys.argv[1], [Path(p) for p in sys.argv[2:]], TinyModelConfig())
-
-
 def ensure_base(recipe: Any) -> str:
     """The base model of a run: `base.model` as given, or the `tiny` model built under `<run>/base/` once.
 
@@ -209,3 +205,7 @@ def ensure_base(recipe: Any) -> str:
             build_tiny(stage_dir, corpus, recipe.base.tiny, seed=recipe.seed)
         print(f"[base] tiny Llama built in {stage_dir}")
     return str(stage_dir)
+
+
+if __name__ == "__main__":
+    build_tiny(sys.argv[1], [Path(p) for p in sys.argv[2:]], TinyModelConfig())
