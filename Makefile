@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[chat,discord,eval,postgres,dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[chat,discord,eval,postgres,dev,qlora]'
 	@touch $(STAMP)
 
 install: $(STAMP)
