@@ -176,6 +176,38 @@ def test_minibatch_of_4_equals_4_accumulated_micro_batches(run_dir, monkeypatch)
         assert torch.allclose(p.grad, grads_split[name].grad, atol=1e-5, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 1e3], ids=["clipped", "not-clipped"])
+def test_clip_folded_into_the_fused_step_equals_clip_then_step(run_dir, max_grad_norm):
+    """clip_and_step (the clip as the fused AdamW's gradient scale) == torch's clip_grad_norm_ then step()."""
+    fast, plain = (make_ppo(run_dir, f"ppo.max_grad_norm={max_grad_norm}", "ppo.learning_rate=1e-2")
+                   for _ in range(2))
+    assert fast.fused
+    start = {n: p.detach().clone() for n, p in fast.unwrapped.named_parameters()}
+    torch.manual_seed(0)
+    for ppo in (fast, plain):
+        for p in ppo.unwrapped.parameters():
+            p.grad = None
+    params = [p for p in fast.unwrapped.parameters() if p.requires_grad]
+    grads = [torch.randn_like(p) for p in params]
+    for ppo in (fast, plain):
+        for p, g in zip((p for p in ppo.unwrapped.parameters() if p.requires_grad), grads):
+            p.grad = g.clone()
+    norm_fast = fast.clip_and_step()
+    norm_plain = float(torch.nn.utils.clip_grad_norm_(plain.unwrapped.parameters(), max_grad_norm))
+    plain.optimizer.step()
+    assert norm_fast == pytest.approx(norm_plain, rel=1e-5) and norm_fast > 1
+    assert not hasattr(fast.optimizer.optimizer, "grad_scale"), "the scale is taken off after the step"
+    other = dict(plain.unwrapped.named_parameters())
+    for name, p in fast.unwrapped.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p, other[name], atol=1e-6, rtol=1e-5), name
+            assert not torch.equal(p, start[name]), name
+    # Adam's first step hardly depends on the gradient's scale; its first moment shows the clip:
+    # exp_avg = (1 - beta1) x the clipped gradient
+    state = fast.optimizer.optimizer.state[params[0]]
+    expected = (1 - 0.9) * grads[0] * min(1.0, max_grad_norm / norm_plain)
+    assert torch.allclose(state["exp_avg"], expected, rtol=1e-4, atol=1e-9)
+
 @pytest.mark.parametrize("overrides", [(), ("ppo.share_trunk=false",), ("ppo.lora.enabled=true",)],
                          ids=["shared-trunk", "separate-critic", "lora"])
 def test_every_trainable_parameter_changes(run_dir, tmp_path, overrides):

@@ -116,6 +116,7 @@ class PPO:
             "NO", "MULTI_GPU", "MULTI_CPU")
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       weight_decay=cfg.weight_decay, fused=fused or None)
+        self.fused = fused
         self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
         self.policy.eval()  # train() only inside update(); dropout is off either way
         self.reference = reference.to(self.accelerator.device)
@@ -279,9 +280,7 @@ class PPO:
         for _ in range(cfg.ppo_epochs):
             for idx in torch.randperm(n).split(minibatch):
                 stats = self.minibatch_gradients(exp, idx)
-                stats["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.policy.parameters(),
-                                                                            cfg.max_grad_norm))
-                self.optimizer.step()
+                stats["grad_norm"] = self.clip_and_step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.optimizer_steps += 1
                 self.kl_ctl.update(self.mean_kl, n_steps=minibatch * self.accelerator.num_processes)
@@ -296,6 +295,28 @@ class PPO:
                                                    device=self.accelerator.device)).tolist()
             means.update({k: v / self.accelerator.num_processes for k, v in zip(keys, summed)})
         return means
+
+    def clip_and_step(self) -> float:
+        """Clip the gradient's global norm to max_grad_norm, take the optimizer step; returns the norm before.
+
+        With the fused AdamW (one process or DDP, no fp16 loss scaler) the clip goes into the fused kernel as its
+        gradient scale, the hook torch's GradScaler uses: the kernel divides each gradient by max(1, norm / max)
+        as it reads it, which saves a separate pass over every gradient (a tenth of a small model's CPU step).
+        """
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        if not (self.fused and self.accelerator.scaler is None):
+            norm = self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            self.optimizer.step()
+            return float(norm)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # DDP: of the synchronised gradient
+        # torch's clip_grad_norm_ multiplies by max / (norm + 1e-6) when that is below 1: the same factor, inverted
+        inner.grad_scale = ((norm.float() + 1e-6) / self.cfg.max_grad_norm).clamp(min=1.0)
+        try:
+            self.optimizer.step()
+        finally:
+            del inner.grad_scale
+        return float(norm)
 
     # ---------------------------------------------------------------------------------------------------------
     def evaluate(self, prompts: Sequence[Prompt], seed: int) -> dict[str, float]:
