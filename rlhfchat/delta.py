@@ -35,6 +35,7 @@ import logging
 import math
 import shutil
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from tqdm import tqdm
 from rlhfchat.atomic import atomic_dir, write_json
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.weights import (
+    WORKERS,
     Checkpoint,
     Spec,
     as_bytes,
@@ -194,6 +196,11 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+def _workers(*checkpoints: Checkpoint) -> int:
+    """Threads for write_shards: one when reading `.bin` files (a Checkpoint maps one `.bin` shard at a time)."""
+    return 1 if any(c.format == "bin" for c in checkpoints) else WORKERS
+
+
 def _bar(total: int, desc: str) -> tqdm:
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None)
 
@@ -269,7 +276,7 @@ def make_delta(base: str | Path, target: str | Path, out: str | Path, *, shard_s
                 else:
                     subtract(t, b, spec.dtype, out=d)
                 if e["mode"] == "add":
-                    bad = _differs(combine(b, d, spec.dtype), t)  # exactly what apply will compute
+                    bad = _differs(combine(b, d, spec.dtype, out=take(t.shape, spec.dtype)), t)  # what apply computes
                     if bad.numel():
                         idx.append(bad + r0 * row_elems)
                         val.append(t.reshape(-1)[bad])
@@ -282,7 +289,7 @@ def make_delta(base: str | Path, target: str | Path, out: str | Path, *, shard_s
                 fixes[f"{name}:index"], fixes[f"{name}:value"] = torch.cat(idx), torch.cat(val)
 
         with _disk_errors(out), _one_thread(), atomic_dir(out) as tmp, _bar(total, "making delta") as bar:
-            write_shards(tmp, specs, shard_size, produce, bar.update)
+            write_shards(tmp, specs, shard_size, produce, bar.update, workers=_workers(B, T))
             if fixes:
                 from safetensors.torch import save_file
 
@@ -363,7 +370,7 @@ def apply_delta(base: str | Path, delta: str | Path, out: str | Path, *, shard_s
         specs = [Spec(n, e["shape"], e["dtype"]) for n, e in entries.items()]
         total = sum(s.nbytes for s in specs)
         _check_space(out, total)
-        fixes = None
+        fixes, fixes_lock = None, threading.Lock()
         if (delta / FIXES).is_file():
             from safetensors import safe_open
 
@@ -374,7 +381,8 @@ def apply_delta(base: str | Path, delta: str | Path, out: str | Path, *, shard_s
             rows, row_elems, base_rows = _rows(spec.shape), math.prod(spec.shape[1:]), _rows(e["base_shape"])
             idx = val = None
             if e.get("fixes"):
-                idx, val = fixes.get_tensor(f"{name}:index"), fixes.get_tensor(f"{name}:value")
+                with fixes_lock:  # produce runs in several threads
+                    idx, val = fixes.get_tensor(f"{name}:index"), fixes.get_tensor(f"{name}:value")
             for r0, r1 in row_chunks(rows, row_elems * spec.dtype.itemsize, split_at=base_rows):
                 d = D.rows(name, r0, r1)
                 t = take(d.shape, spec.dtype)
@@ -395,7 +403,7 @@ def apply_delta(base: str | Path, delta: str | Path, out: str | Path, *, shard_s
 
         # 2. write into a temporary folder; 3. verify; 4. rename (atomic_dir), or remove it on any error
         with _disk_errors(out), _one_thread(), atomic_dir(out) as tmp, _bar(total, "applying delta") as bar:
-            hashes = write_shards(tmp, specs, shard_size, produce, bar.update)
+            hashes = write_shards(tmp, specs, shard_size, produce, bar.update, workers=_workers(B, D))
             if manifest is not None:
                 for name, e in entries.items():
                     if hashes[name] != e["sha256"]:

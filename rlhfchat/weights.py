@@ -6,12 +6,13 @@ shard mapped at a time). Safetensors are mapped into memory and rows are handed 
 the offsets in the file's header: hashing and adding read the page cache directly, without a copy. Pages of a
 mapping count in the process's RSS for as long as they stay mapped (read through `safe_open`, RSS grows with the
 bytes read); here the reader calls `release` when done with a chunk, which drops its pages from the process
-(MADV_DONTNEED: they stay in the page cache), so RSS stays at a few chunks.
+(MADV_DONTNEED: they stay in the page cache), so RSS stays at a few MiB per reading thread.
 
 Writing: `write_shards` streams safetensors shards in the HF layout (`model-0000N-of-0000M.safetensors` plus
 `model.safetensors.index.json`, or a single `model.safetensors`). The shapes are known before the data, so each
-shard's header is written first and the tensor bytes follow chunk by chunk: nothing holds a whole shard, or even a
-whole tensor, in memory, and the shard size costs no memory at all.
+shard's header is written first and every tensor's place in its file is known: a few threads each compute a tensor
+a chunk at a time, hash each chunk and write it at its offset while it is still in the core's cache. Nothing holds
+a shard, or even a whole tensor, in memory, and the shard size costs no memory at all.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import math
 import mmap
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +41,11 @@ ST_DTYPES = {
 }
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-CHUNK_BYTES = 16 << 20  # rows are read, combined and written in pieces of about this size
+# Rows are read, combined, hashed and written in pieces of about this size: small enough that a piece stays in the
+# core's cache from the add through the hash to the copy into the page cache (16 MiB pieces cost twice the CPU).
+CHUNK_BYTES = 256 << 10
 HASH_THREADS = max(2, min(4, os.cpu_count() or 1))  # sha256 runs at ~1.5 GB/s a core: the slowest step
-MAX_PENDING = 3  # chunks waiting for the hash and write threads
+WORKERS = max(1, min(4, os.cpu_count() or 1))  # threads computing, hashing and writing tensors in write_shards
 _WINDOW = 2 << 20  # release mapped pages in whole 2 MiB blocks (see Checkpoint.release)
 
 
@@ -76,15 +80,21 @@ class TensorInfo:
 
 
 def row_chunks(rows: int, row_bytes: int, split_at: int | None = None,
-               chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int]]:
-    """[start, stop) row ranges of about `chunk_bytes`; none crosses `split_at` (where a grown tensor's base ends)."""
-    step = max(1, chunk_bytes // max(1, row_bytes))
+               chunk_bytes: int | None = None) -> Iterator[tuple[int, int]]:
+    """[start, stop) row ranges of about `chunk_bytes` (CHUNK_BYTES); none crosses `split_at` (where a grown
+    tensor's base ends)."""
+    step = max(1, (chunk_bytes or CHUNK_BYTES) // max(1, row_bytes))
     bounds = [(0, rows)] if split_at is None or not 0 < split_at < rows else [(0, split_at), (split_at, rows)]
     for lo, hi in bounds:
         for start in range(lo, hi, step):
             yield start, min(start + step, hi)
     if rows == 0:
         yield 0, 0
+
+
+def _rows_of(info: TensorInfo) -> int:
+    """Length along dim 0; a scalar is one row."""
+    return info.shape[0] if info.shape else 1
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:
@@ -195,17 +205,20 @@ class Checkpoint:
         mm = self._maps.get(info.file)
         if mm is not None:
             begin, size, _ = self._span(info, start, stop)
+            end = begin + size
             # A page fault maps the cached pages around it too ("fault-around", never past a 2 MiB page-table
-            # boundary): widen the range to those boundaries so that none of them linger.
+            # boundary), so pages go in whole 2 MiB windows: from the one holding `begin` to the one holding the
+            # end, which stays while the reader is still in it (the next rows of a tensor read a chunk at a time)
+            # and goes with the tensor's last rows.
             lo = begin - begin % _WINDOW
-            hi = min(len(mm), begin + size + (-(begin + size)) % _WINDOW)
+            hi = min(len(mm), end + (-end) % _WINDOW) if stop >= _rows_of(info) else end - end % _WINDOW
             if hi > lo:
                 mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def sha256(self, name: str, progress: Callable[[int], object] | None = None) -> str:
         """sha256 of the tensor's raw bytes, read a chunk at a time."""
         info, h = self.tensors[name], hashlib.sha256()
-        for start, stop in row_chunks(info.shape[0] if info.shape else 1, info.row_bytes):
+        for start, stop in row_chunks(_rows_of(info), info.row_bytes):
             chunk = self.rows(name, start, stop)
             h.update(as_bytes(chunk))
             self.release(name, start, stop)
@@ -306,103 +319,126 @@ def _header(specs: list[Spec]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _write(f, data: memoryview) -> int:
-    n = f.write(data)
-    if hasattr(os, "posix_fadvise"):  # start writing these pages to the disk now, not all at the final fsync
-        f.flush()
-        end = f.tell()
-        os.posix_fadvise(f.fileno(), end - n, n, os.POSIX_FADV_DONTNEED)
-    return n
+def _write(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` of the file (os.pwrite may write less than asked)."""
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
 
 
-def _finish(f) -> int:
+def _finish(fd: int) -> None:
     """Flush a finished shard to the disk before it can be renamed into place, then close it."""
     try:
-        f.flush()
-        os.fsync(f.fileno())
+        os.fsync(fd)
     finally:
-        f.close()
-    return 0
+        os.close(fd)
 
 
-class _Ring:
-    """Chunk buffers for `produce`, reused in turn: no allocation per chunk, so the heap cannot fragment."""
+class _Scratch:
+    """One writer thread's buffers for `produce`: each `take` hands out the next; all are reused for the next chunk.
 
-    def __init__(self, slots: int):
-        self.buffers: list[torch.Tensor | None] = [None] * slots
-        self.next = 0
+    A few CHUNK_BYTES buffers, used over and over, stay in the core's cache, and nothing is allocated per chunk."""
+
+    def __init__(self) -> None:
+        self.buffers: list[torch.Tensor] = []
+        self.used = 0
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > CHUNK_BYTES:  # a single row larger than a chunk: rare, allocate it
             return torch.empty(shape, dtype=dtype)
-        if self.buffers[self.next] is None:
-            self.buffers[self.next] = torch.empty(CHUNK_BYTES, dtype=torch.uint8)
-        buf, self.next = self.buffers[self.next], (self.next + 1) % len(self.buffers)
-        return buf[:nbytes].view(dtype).reshape(shape)
+        if self.used == len(self.buffers):
+            self.buffers.append(torch.empty(CHUNK_BYTES, dtype=torch.uint8))
+        self.used += 1
+        return self.buffers[self.used - 1][:nbytes].view(dtype).reshape(shape)
 
 
 def write_shards(folder: Path, specs: list[Spec], shard_size: int,
                  produce: Callable[[Spec, Callable[..., torch.Tensor]], Iterable[torch.Tensor]],
-                 progress: Callable[[int], object] | None = None) -> dict[str, str]:
+                 progress: Callable[[int], object] | None = None, workers: int = WORKERS) -> dict[str, str]:
     """Write `specs` into `folder` as HF-layout safetensors, each shard fsynced; return each tensor's sha256.
 
-    `produce(spec, take)` yields contiguous tensors whose bytes, concatenated, are exactly the tensor's bytes.
-    `take(shape, dtype)` gives it an uninitialised tensor to compute a chunk into; its memory is reused a few
-    chunks later, once that chunk is written, so each taken tensor must be yielded (once) before the next take.
+    `produce(spec, take)` yields contiguous tensors whose bytes, concatenated, are exactly the tensor's bytes. It runs
+    in `workers` threads at once, one tensor per thread (each tensor's chunks in order, in one thread), so it must be
+    safe to call for different tensors concurrently. `take(shape, dtype)` gives it an uninitialised tensor to compute a
+    chunk into, from its thread's own buffers: every tensor taken is reused once the next chunk has been yielded.
     """
     shards = plan_shards(specs, shard_size)
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    hashers: dict[str, hashlib._Hash] = {}
-    # Helper threads hash and write a chunk while the caller computes the next one (hashlib, file writes and
-    # torch all release the GIL). Each helper runs its jobs in order; at most MAX_PENDING chunks wait. sha256 costs the
-    # most, so tensors take turns between two hashers (one tensor's chunks always go to the same one). The writer
-    # hands each finished shard to a fourth thread that fsyncs and closes it while the next one is written.
-    # On an error, leaving the `with` waits for every queued job, so all files are closed before the caller
-    # removes the folder (the syncer is entered first so that it shuts down last).
-    with cf.ThreadPoolExecutor(1, thread_name_prefix="rlhfchat-fsync") as syncer, \
-            cf.ThreadPoolExecutor(1, thread_name_prefix="rlhfchat-hash") as hasher0, \
-            cf.ThreadPoolExecutor(1, thread_name_prefix="rlhfchat-hash") as hasher1, \
-            cf.ThreadPoolExecutor(1, thread_name_prefix="rlhfchat-write") as writer:
-        pending: collections.deque = collections.deque()  # (futures, bytes) in order
-        syncs: list[cf.Future] = []
-        # chunk k + 1 is computed once at most MAX_PENDING chunks are still in flight: that many slots, and one more
-        ring = _Ring(MAX_PENDING + 1)
+    # The header fixes every tensor's place in its file, so each thread writes its tensor at its own offset (pwrite):
+    # the threads never wait for one another, and each chunk is hashed and written by the thread that computed it,
+    # while its bytes are still in that core's cache (torch, hashlib and file writes all release the GIL).
+    jobs = []  # (spec, shard index, byte offset of its data), in file order
+    for i, shard in enumerate(shards):
+        offset = len(_header(shard))
+        for spec in shard:
+            jobs.append((spec, i, offset))
+            offset += spec.nbytes
+    todo, left = iter(jobs), [len(shard) for shard in shards]  # left: tensors still to write, per shard
+    fds: dict[int, int] = {}  # open shards, until their last tensor is written and they go to the syncer
+    hashes: dict[str, str] = {}
+    syncs: list[cf.Future] = []
+    failed: list[BaseException] = []
+    lock = threading.Lock()
 
-        def drain(keep: int) -> None:
-            while len(pending) > keep:
-                futures, size = pending.popleft()
-                for fut in futures:
-                    result = fut.result()  # re-raises a helper's error (a full disk) here
-                    if isinstance(result, cf.Future):
-                        syncs.append(result)
-                if progress and size:
-                    progress(size)
+    def work() -> None:
+        scratch = _Scratch()
+        try:
+            while not failed:
+                with lock:
+                    spec, i, offset = next(todo, (None, 0, 0))
+                    if spec is None:
+                        return
+                    if i not in fds:
+                        fds[i] = os.open(folder / names[i], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+                        _write(fds[i], memoryview(_header(shards[i])), 0)
+                    fd = fds[i]
+                h, pos = hashlib.sha256(), offset
+                for chunk in produce(spec, scratch.take):
+                    data = as_bytes(chunk)
+                    h.update(data)
+                    _write(fd, data, pos)
+                    pos += len(data)
+                    scratch.used = 0
+                    if failed:
+                        return
+                    if progress:
+                        with lock:
+                            progress(len(data))
+                if pos - offset != spec.nbytes:  # a bug, not a user error: never leave a corrupt file
+                    raise RuntimeError(f"{spec.name}: produced {pos - offset} bytes, expected {spec.nbytes}")
+                with lock:
+                    hashes[spec.name] = h.hexdigest()
+                    left[i] -= 1
+                    if not left[i]:  # the shard's last tensor: fsync and close it while the next ones are written
+                        syncs.append(syncer.submit(_finish, fds.pop(i)))
+        except BaseException as e:  # noqa: BLE001 (handed to the calling thread, which raises it)
+            failed.append(e)
 
-        for fname, shard in zip(names, shards):
-            f = open(folder / fname, "wb")
-            try:
-                f.write(_header(shard))
-                for spec in shard:
-                    h = hashers[spec.name] = hashlib.sha256()
-                    hasher = hasher1 if len(hashers) % 2 else hasher0
-                    size = 0
-                    for chunk in produce(spec, ring.take):
-                        data = as_bytes(chunk)  # the memoryview keeps the chunk alive until both are done
-                        pending.append(([hasher.submit(h.update, data), writer.submit(_write, f, data)], len(data)))
-                        size += len(data)
-                        drain(MAX_PENDING)
-                    if size != spec.nbytes:  # a bug, not a user error: never leave a corrupt file
-                        raise RuntimeError(f"{spec.name}: produced {size} bytes, expected {spec.nbytes}")
-            except BaseException:
-                writer.submit(f.close)  # after the writes already queued
-                raise
-            pending.append(([writer.submit(syncer.submit, _finish, f)], 0))  # after this file's writes
-        drain(0)
-        for fut in syncs:
-            fut.result()
-    hashes = {name: h.hexdigest() for name, h in hashers.items()}
+    # On an error (a full disk, Ctrl-C) every thread stops at its next chunk; all files are closed before the
+    # caller removes the folder (leaving the syncer's `with` waits for the fsyncs already queued).
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="rlhfchat-fsync") as syncer:
+        threads = [threading.Thread(target=work, name=f"rlhfchat-write-{k}", daemon=True) for k in range(1, workers)]
+        try:
+            for t in threads:
+                t.start()
+            work()  # the calling thread is one of the workers
+            for t in threads:
+                t.join()
+        except BaseException as e:  # Ctrl-C while waiting for the others: stop them
+            failed.append(e)
+            raise
+        finally:
+            for t in threads:
+                if t.is_alive():
+                    t.join()
+            for fd in fds.values():
+                os.close(fd)
+    if failed:
+        raise failed[0]
+    for fut in syncs:
+        fut.result()  # an fsync's error (EIO, a full disk)
     if n > 1:
         index = {"metadata": {"total_size": sum(s.nbytes for s in specs)},
                  "weight_map": {s.name: fname for fname, shard in zip(names, shards) for s in shard}}

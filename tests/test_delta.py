@@ -147,6 +147,51 @@ def test_round_trip_is_bit_exact(tmp_path, dtype):
     D.verify_delta(tmp_path / "target", tmp_path / "delta")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_round_trip_in_small_chunks_on_several_threads_is_bit_exact(tmp_path, monkeypatch, dtype):
+    import rlhfchat.weights as W
+
+    # chunks of one to three rows, written by 3 threads at once into 4 small shards: every chunk boundary, a grown
+    # tensor's split and the fixes that fall on either side of them must come out the same as in one piece
+    monkeypatch.setattr(W, "CHUNK_BYTES", 3 * H * dtype.itemsize - 1)
+    monkeypatch.setattr(D, "WORKERS", 3)
+    base = llama_tensors(dtype=dtype, seed=11)
+    target = finetune(base, seed=12, scale=2.0, vocab=VOCAB + 3)  # scale 2: many weights cross zero, many fixes
+    save(tmp_path / "base", base, shards=2, files={"config.json": CFG})
+    save(tmp_path / "target", target, files={"config.json": CFG})
+
+    manifest = D.make_delta(tmp_path / "base", tmp_path / "target", tmp_path / "delta", shard_size=4000)
+    assert sum(e["fixes"] for e in manifest["tensors"].values()) > (10 if dtype.itemsize == 2 else 0)
+    assert len(list((tmp_path / "delta").glob("model-*.safetensors"))) > 3
+    out = D.apply_delta(tmp_path / "base", tmp_path / "delta", tmp_path / "out", shard_size=4000)
+    assert_bits_equal(read_all(out), target)
+    D.verify_delta(out, tmp_path / "delta")
+
+    # the same files as a single-threaded writer in whole-tensor chunks produces
+    monkeypatch.setattr(W, "CHUNK_BYTES", 1 << 20)
+    monkeypatch.setattr(D, "WORKERS", 1)
+    D.apply_delta(tmp_path / "base", tmp_path / "delta", tmp_path / "out1", shard_size=4000)
+    for path in sorted(out.iterdir()):
+        assert path.read_bytes() == (tmp_path / "out1" / path.name).read_bytes(), path.name
+
+
+def test_wrong_base_is_refused_with_several_threads(tmp_path, monkeypatch):
+    import rlhfchat.weights as W
+
+    monkeypatch.setattr(W, "CHUNK_BYTES", 100)
+    monkeypatch.setattr(D, "WORKERS", 3)
+    base = llama_tensors(dtype=torch.bfloat16, seed=13)
+    save(tmp_path / "base", base, shards=3)
+    save(tmp_path / "target", finetune(base, seed=14))
+    D.make_delta(tmp_path / "base", tmp_path / "target", tmp_path / "delta", shard_size=4000)
+    base["model.layers.0.mlp.down_proj.weight"][-1, -1] *= -1  # the last element of one tensor
+    save(tmp_path / "other", base, shards=3)
+    before = listing(tmp_path)
+    with pytest.raises(RlhfchatError, match="tensor model.layers.0.mlp.down_proj.weight differs"):
+        D.apply_delta(tmp_path / "other", tmp_path / "delta", tmp_path / "out")
+    assert listing(tmp_path) == before
+
+
 def test_vocab_growth_stores_new_rows_whole_and_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
