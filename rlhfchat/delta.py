@@ -379,11 +379,14 @@ def apply_delta(base: str | Path, delta: str | Path, out: str | Path, *, shard_s
         def produce(spec: Spec, take) -> Iterator[torch.Tensor]:
             name, e = spec.name, entries[spec.name]
             rows, row_elems, base_rows = _rows(spec.shape), math.prod(spec.shape[1:]), _rows(e["base_shape"])
+            chunks = list(row_chunks(rows, row_elems * spec.dtype.itemsize, split_at=base_rows))
             idx = val = None
             if e.get("fixes"):
                 with fixes_lock:  # produce runs in several threads
                     idx, val = fixes.get_tensor(f"{name}:index"), fixes.get_tensor(f"{name}:value")
-            for r0, r1 in row_chunks(rows, row_elems * spec.dtype.itemsize, split_at=base_rows):
+                starts = [r0 * row_elems for r0, _ in chunks] + [rows * row_elems]
+                at = torch.searchsorted(idx, torch.tensor(starts)).tolist()  # chunk k's: idx[at[k]:at[k + 1]]
+            for k, (r0, r1) in enumerate(chunks):
                 d = D.rows(name, r0, r1)
                 t = take(d.shape, spec.dtype)
                 if e["mode"] == "copy":
@@ -393,8 +396,8 @@ def apply_delta(base: str | Path, delta: str | Path, out: str | Path, *, shard_s
                     if manifest is None and b is not None:
                         b = b.to(spec.dtype)  # apply_delta.py loads the base in the delta's dtype before adding
                     combine(b, d, spec.dtype, out=t)
-                    if idx is not None:  # put back the elements the delta cannot reproduce (sorted flat indices)
-                        lo, hi = torch.searchsorted(idx, torch.tensor([r0 * row_elems, r1 * row_elems]))
+                    if idx is not None and at[k] < at[k + 1]:  # put back what the delta cannot reproduce
+                        lo, hi = at[k], at[k + 1]
                         t.reshape(-1)[idx[lo:hi] - r0 * row_elems] = val[lo:hi]
                     if b is not None:
                         B.release(name, r0, r1)

@@ -46,6 +46,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 CHUNK_BYTES = 256 << 10
 HASH_THREADS = max(2, min(4, os.cpu_count() or 1))  # sha256 runs at ~1.5 GB/s a core: the slowest step
 WORKERS = max(1, min(4, os.cpu_count() or 1))  # threads computing, hashing and writing tensors in write_shards
+WRITEBACK = True  # start writing each tensor to the disk as soon as it is written, not all at the shard's fsync
 _WINDOW = 2 << 20  # release mapped pages in whole 2 MiB blocks (see Checkpoint.release)
 
 
@@ -366,33 +367,50 @@ def write_shards(folder: Path, specs: list[Spec], shard_size: int,
     shards = plan_shards(specs, shard_size)
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    # The header fixes every tensor's place in its file, so each thread writes its tensor at its own offset (pwrite):
-    # the threads never wait for one another, and each chunk is hashed and written by the thread that computed it,
-    # while its bytes are still in that core's cache (torch, hashlib and file writes all release the GIL).
-    jobs = []  # (spec, shard index, byte offset of its data), in file order
-    for i, shard in enumerate(shards):
+    # The header fixes every tensor's place in its file, so each thread writes its tensor at its own offset (pwrite),
+    # in any order, and each chunk is hashed and written by the thread that computed it while its bytes are still
+    # in that core's cache (torch, hashlib and file writes all release the GIL). Threads keep to different shards
+    # where they can, since two threads writing one file queue for its lock, which costs several times the copy: a
+    # thread takes the next tensor of its shard, else the next shard nobody has started, else (at the end) the next
+    # tensor of any shard.
+    todo: list[collections.deque] = []  # per shard: (spec, byte offset of its data), in file order
+    for shard in shards:
+        todo.append(collections.deque())
         offset = len(_header(shard))
         for spec in shard:
-            jobs.append((spec, i, offset))
+            todo[-1].append((spec, offset))
             offset += spec.nbytes
-    todo, left = iter(jobs), [len(shard) for shard in shards]  # left: tensors still to write, per shard
+    left = [len(shard) for shard in shards]  # tensors not yet written, per shard
+    started = 0  # shards before this one have been started
     fds: dict[int, int] = {}  # open shards, until their last tensor is written and they go to the syncer
     hashes: dict[str, str] = {}
     syncs: list[cf.Future] = []
     failed: list[BaseException] = []
     lock = threading.Lock()
 
+    def next_job(mine: int | None) -> tuple[int | None, Spec | None, int]:
+        nonlocal started
+        while mine is None or not todo[mine]:
+            if started < n:  # open the next shard and write its header
+                mine, started = started, started + 1
+                fds[mine] = os.open(folder / names[mine], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+                _write(fds[mine], memoryview(_header(shards[mine])), 0)
+                if not left[mine]:  # no tensors (an empty model): the header is the file
+                    syncs.append(syncer.submit(_finish, fds.pop(mine)))
+            else:
+                mine = next((i for i in range(n) if todo[i]), None)
+                if mine is None:
+                    return None, None, 0
+        return mine, *todo[mine].popleft()
+
     def work() -> None:
-        scratch = _Scratch()
+        scratch, i = _Scratch(), None
         try:
             while not failed:
                 with lock:
-                    spec, i, offset = next(todo, (None, 0, 0))
+                    i, spec, offset = next_job(i)
                     if spec is None:
                         return
-                    if i not in fds:
-                        fds[i] = os.open(folder / names[i], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-                        _write(fds[i], memoryview(_header(shards[i])), 0)
                     fd = fds[i]
                 h, pos = hashlib.sha256(), offset
                 for chunk in produce(spec, scratch.take):
@@ -403,13 +421,14 @@ def write_shards(folder: Path, specs: list[Spec], shard_size: int,
                     scratch.used = 0
                     if failed:
                         return
-                    if progress:
-                        with lock:
-                            progress(len(data))
                 if pos - offset != spec.nbytes:  # a bug, not a user error: never leave a corrupt file
                     raise RuntimeError(f"{spec.name}: produced {pos - offset} bytes, expected {spec.nbytes}")
-                with lock:
+                if WRITEBACK and hasattr(os, "posix_fadvise"):  # DONTNEED starts the writeback of dirty pages
+                    os.posix_fadvise(fd, offset, spec.nbytes, os.POSIX_FADV_DONTNEED)
+                with lock:  # once a tensor, not a chunk: each lock taken while another thread holds it costs
                     hashes[spec.name] = h.hexdigest()
+                    if progress:
+                        progress(spec.nbytes)
                     left[i] -= 1
                     if not left[i]:  # the shard's last tensor: fsync and close it while the next ones are written
                         syncs.append(syncer.submit(_finish, fds.pop(i)))
