@@ -406,7 +406,9 @@ def apply_delta(base: str | Path, delta: str | Path, out: str | Path, *, shard_s
 
         # 2. write into a temporary folder; 3. verify; 4. rename (atomic_dir), or remove it on any error
         with _disk_errors(out), _one_thread(), atomic_dir(out) as tmp, _bar(total, "applying delta") as bar:
-            hashes = write_shards(tmp, specs, shard_size, produce, bar.update, workers=_workers(B, D))
+            # drop: the model is read next by whatever loads it, in its own time; keeping gigabytes of it cached
+            # would push out other files (the base), and recycling a few pages costs less than taking new ones
+            hashes = write_shards(tmp, specs, shard_size, produce, bar.update, workers=_workers(B, D), drop=True)
             if manifest is not None:
                 for name, e in entries.items():
                     if hashes[name] != e["sha256"]:

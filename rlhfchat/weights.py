@@ -46,7 +46,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 CHUNK_BYTES = 256 << 10
 HASH_THREADS = max(2, min(4, os.cpu_count() or 1))  # sha256 runs at ~1.5 GB/s a core: the slowest step
 WORKERS = max(1, min(4, os.cpu_count() or 1))  # threads computing, hashing and writing tensors in write_shards
-WRITEBACK = True  # start writing each tensor to the disk as soon as it is written, not all at the shard's fsync
+DROP_LAG = 32 << 20  # write_shards(drop=True): a thread drops the pages it wrote from the cache this many bytes later
 _WINDOW = 2 << 20  # release mapped pages in whole 2 MiB blocks (see Checkpoint.release)
 
 
@@ -327,10 +327,18 @@ def _write(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
-def _finish(fd: int) -> None:
-    """Flush a finished shard to the disk before it can be renamed into place, then close it."""
+def _dontneed(fd: int, offset: int, nbytes: int) -> None:
+    """POSIX_FADV_DONTNEED: starts writing back the range's dirty pages and drops its clean ones from the cache."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+
+
+def _finish(fd: int, drop: bool) -> None:
+    """Flush a finished shard to the disk before it can be renamed into place (then drop its pages), close it."""
     try:
         os.fsync(fd)
+        if drop:
+            _dontneed(fd, 0, 0)  # the whole file, now on the disk
     finally:
         os.close(fd)
 
@@ -356,13 +364,17 @@ class _Scratch:
 
 def write_shards(folder: Path, specs: list[Spec], shard_size: int,
                  produce: Callable[[Spec, Callable[..., torch.Tensor]], Iterable[torch.Tensor]],
-                 progress: Callable[[int], object] | None = None, workers: int = WORKERS) -> dict[str, str]:
+                 progress: Callable[[int], object] | None = None, workers: int = WORKERS,
+                 drop: bool = False) -> dict[str, str]:
     """Write `specs` into `folder` as HF-layout safetensors, each shard fsynced; return each tensor's sha256.
 
     `produce(spec, take)` yields contiguous tensors whose bytes, concatenated, are exactly the tensor's bytes. It runs
     in `workers` threads at once, one tensor per thread (each tensor's chunks in order, in one thread), so it must be
     safe to call for different tensors concurrently. `take(shape, dtype)` gives it an uninitialised tensor to compute a
     chunk into, from its thread's own buffers: every tensor taken is reused once the next chunk has been yielded.
+    `drop`: take the pages written out of the page cache once they are on the disk (DROP_LAG bytes later, and the
+    whole shard after its fsync), so that writing N GB takes a few MB of cache, reused, instead of N GB of it. Where
+    memory is lazily backed (a VM), pages never touched before cost ~2 CPU-seconds a GB on first write.
     """
     shards = plan_shards(specs, shard_size)
     n = len(shards)
@@ -396,7 +408,7 @@ def write_shards(folder: Path, specs: list[Spec], shard_size: int,
                 fds[mine] = os.open(folder / names[mine], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
                 _write(fds[mine], memoryview(_header(shards[mine])), 0)
                 if not left[mine]:  # no tensors (an empty model): the header is the file
-                    syncs.append(syncer.submit(_finish, fds.pop(mine)))
+                    syncs.append(syncer.submit(_finish, fds.pop(mine), drop))
             else:
                 mine = next((i for i in range(n) if todo[i]), None)
                 if mine is None:
@@ -404,14 +416,18 @@ def write_shards(folder: Path, specs: list[Spec], shard_size: int,
         return mine, *todo[mine].popleft()
 
     def work() -> None:
-        scratch, i = _Scratch(), None
+        scratch, i, written = _Scratch(), None, 0
+        behind: collections.deque = collections.deque()  # drop: (offset, nbytes, written) of ours in shard i
         try:
             while not failed:
                 with lock:
+                    mine = i
                     i, spec, offset = next_job(i)
                     if spec is None:
                         return
                     fd = fds[i]
+                if i != mine:
+                    behind.clear()  # that shard's fsync drops them (_finish)
                 h, pos = hashlib.sha256(), offset
                 for chunk in produce(spec, scratch.take):
                     data = as_bytes(chunk)
@@ -423,15 +439,21 @@ def write_shards(folder: Path, specs: list[Spec], shard_size: int,
                         return
                 if pos - offset != spec.nbytes:  # a bug, not a user error: never leave a corrupt file
                     raise RuntimeError(f"{spec.name}: produced {pos - offset} bytes, expected {spec.nbytes}")
-                if WRITEBACK and hasattr(os, "posix_fadvise"):  # DONTNEED starts the writeback of dirty pages
-                    os.posix_fadvise(fd, offset, spec.nbytes, os.POSIX_FADV_DONTNEED)
+                # The tensor's pages are dirty: this starts their writeback, so the shard's fsync need not wait for
+                # all of them. Pages written DROP_LAG bytes ago are on the disk by now: this drops them.
+                _dontneed(fd, offset, spec.nbytes)
+                written += spec.nbytes
+                if drop:
+                    behind.append((offset, spec.nbytes, written))
+                    while behind and written - behind[0][2] >= DROP_LAG:
+                        _dontneed(fd, *behind.popleft()[:2])
                 with lock:  # once a tensor, not a chunk: each lock taken while another thread holds it costs
                     hashes[spec.name] = h.hexdigest()
                     if progress:
                         progress(spec.nbytes)
                     left[i] -= 1
                     if not left[i]:  # the shard's last tensor: fsync and close it while the next ones are written
-                        syncs.append(syncer.submit(_finish, fds.pop(i)))
+                        syncs.append(syncer.submit(_finish, fds.pop(i), drop))
         except BaseException as e:  # noqa: BLE001 (handed to the calling thread, which raises it)
             failed.append(e)
 

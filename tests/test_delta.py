@@ -154,6 +154,7 @@ def test_round_trip_in_small_chunks_on_several_threads_is_bit_exact(tmp_path, mo
     # chunks of one to three rows, written by 3 threads at once into 4 small shards: every chunk boundary, a grown
     # tensor's split and the fixes that fall on either side of them must come out the same as in one piece
     monkeypatch.setattr(W, "CHUNK_BYTES", 3 * H * dtype.itemsize - 1)
+    monkeypatch.setattr(W, "DROP_LAG", 1000)  # apply drops the pages it wrote from the cache after every 1000 bytes
     monkeypatch.setattr(D, "WORKERS", 3)
     base = llama_tensors(dtype=dtype, seed=11)
     target = finetune(base, seed=12, scale=2.0, vocab=VOCAB + 3)  # scale 2: many weights cross zero, many fixes
