@@ -39,31 +39,38 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, n_tokens: float | torch.Ten
     return (x * mask).sum() / n
 
 
+def masked_moments(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
+                   all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, variance) of `x` over the real tokens, variance Bessel-corrected by default. x, mask: (B, R).
+
+    `all_reduce` sums a tensor over the processes that hold the other rows (trlX's distributed statistics): the
+    moments are then those of every process's tokens together, so n processes with a share each get what one
+    process with all of them gets. Sums are taken in float64.
+    """
+    reduce = all_reduce or (lambda t: t)
+    total = reduce(torch.stack([masked_sum(x, mask), mask.sum()]).double())
+    n = total[1]
+    mean = total[0] / n
+    sq = reduce(masked_sum((x - mean) ** 2, mask).double().reshape(1))[0]
+    var = sq / ((n - 1).clamp(min=1) if unbiased else n)
+    return mean.to(x.dtype), var.to(x.dtype)
+
+
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of `x` over the real tokens (Bessel-corrected by default). x, mask: (B, R) -> scalar."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
-        n = mask.sum()
-        var = var * n / (n - 1).clamp(min=1)
-    return var
+    return masked_moments(x, mask, unbiased)[1]
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8,
            all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(x - mean) / std over the real tokens; padding positions come back as 0. x, mask: (B, R) -> (B, R).
 
-    `all_reduce` sums a tensor over the processes that hold the other rows (trlX's distributed whitening): the
-    mean and the Bessel-corrected variance are then those of every process's tokens together, so n processes with
-    a share each whiten exactly as one process with all of them.
+    `all_reduce`: see masked_moments (whitening over every process's tokens, as trlX's distributed whiten).
     """
     if mask is None:
         mask = torch.ones_like(x)
-    reduce = all_reduce or (lambda t: t)
-    total = reduce(torch.stack([masked_sum(x, mask), mask.sum()]).double())
-    mean = (total[0] / total[1]).to(x.dtype)
-    sq = reduce(masked_sum((x - mean) ** 2, mask).double().reshape(1))[0]
-    var = (sq / (total[1] - 1).clamp(min=1)).to(x.dtype)
+    mean, var = masked_moments(x, mask, all_reduce=all_reduce)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
