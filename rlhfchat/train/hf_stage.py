@@ -124,13 +124,17 @@ def load_jsonl_dataset(path: Path):
     return datasets.Dataset.from_list(list(read_jsonl(path)))
 
 
-def save_model_folder(model: Any, tokenizer: Any, stage_dir: Path, dtype: Any = "auto") -> None:
-    """Save weights (LoRA merged into the base; a 4-bit base reloaded in `dtype` first, see models.merged) and the
-    tokenizer with its chat template, HF layout (rank 0 only)."""
+def save_model_folder(model: Any, tokenizer: Any, stage_dir: Path, dtype: Any, metrics: dict[str, Any]) -> None:
+    """A finished stage's outputs (rank 0 only): the weights (LoRA merged into the base; a 4-bit base reloaded in
+    `dtype` first, see models.merged), the tokenizer with its chat template, saved to pad on the left as generation
+    needs, in HF layout; then metrics.json."""
     if not manifest.is_main_process():
         return
+    from rlhfchat.atomic import write_json
     from rlhfchat.models import merged
 
     model = merged(model, dtype)
     model.save_pretrained(stage_dir, safe_serialization=True)
+    tokenizer.padding_side = "left"
     tokenizer.save_pretrained(stage_dir)
+    write_json(stage_dir / "metrics.json", metrics)

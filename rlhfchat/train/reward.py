@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhfchat import manifest
-from rlhfchat.atomic import write_json
 from rlhfchat.config import Recipe, config_hash
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.models import load_pretrained, load_tokenizer, torch_dtype
@@ -96,10 +95,7 @@ def main(recipe: Recipe) -> Path:
                            eval_margin=ev.get("eval_margin"), eval_pairs=len(eval_ds))
 
         # 5. Save the folder (LoRA merged), tokenizer and template, and the figures.
-        tokenizer.padding_side = "left"
-        hf_stage.save_model_folder(trainer.model, tokenizer, stage_dir, torch_dtype(recipe.base.dtype))
-        if manifest.is_main_process():
-            write_json(stage_dir / "metrics.json", metrics)
+        hf_stage.save_model_folder(trainer.model, tokenizer, stage_dir, torch_dtype(recipe.base.dtype), metrics)
         print(f"[reward] train_loss {metrics['train_loss']:.4f}"
               + (f"  eval_accuracy {metrics['eval_accuracy']:.3f}" if "eval_accuracy" in metrics else "")
               + f"  -> {stage_dir}")

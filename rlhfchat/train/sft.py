@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 
 from rlhfchat import manifest
-from rlhfchat.atomic import write_json
 from rlhfchat.config import Recipe, config_hash
 from rlhfchat.models import ensure_base, load_pretrained, load_tokenizer, torch_dtype
 from rlhfchat.train import hf_stage
@@ -78,10 +77,7 @@ def main(recipe: Recipe) -> Path:
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
 
         # 5. Save the model folder (LoRA merged) with its tokenizer and template, then the figures.
-        tokenizer.padding_side = "left"
-        hf_stage.save_model_folder(trainer.model, tokenizer, stage_dir, torch_dtype(recipe.base.dtype))
-        if manifest.is_main_process():
-            write_json(stage_dir / "metrics.json", metrics)
+        hf_stage.save_model_folder(trainer.model, tokenizer, stage_dir, torch_dtype(recipe.base.dtype), metrics)
         print(f"[sft] train_loss {metrics['train_loss']:.4f}"
               + (f"  eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
               + f"  -> {stage_dir}")
