@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minibatch", type=int, default=8, help="samples per optimizer step (default 8)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--separate-critic", action="store_true", help="a critic network instead of share_trunk")
+    parser.add_argument("--no-share-prefix", action="store_true",
+                        help="every row computes its whole prompt (ppo.share_prompt_prefix: false)")
     parser.add_argument("--lora", action="store_true", help="LoRA adapters; the reference is the adapter disabled")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
                         help="bf16: autocast compute, fp32 policy weights, bf16 frozen reference and reward")
@@ -71,6 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = PPOConfig(num_rollouts=args.batch, chunk_size=args.batch, ppo_epochs=args.ppo_epochs,
                     batch_size=args.minibatch, grad_accum=1, max_new_tokens=args.new_tokens,
                     min_new_tokens=args.new_tokens, stop_sequences=[], share_trunk=not args.separate_critic,
+                    share_prompt_prefix=not args.no_share_prefix,
                     lora=LoraConfig(enabled=args.lora), max_prompt_length=1024)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     ppo = PPO.from_folders(args.policy, args.reward, cfg, accelerator, seed=args.seed, reward_max_length=1024)
@@ -104,6 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "total_s": round(total, 3), "cpu_s": round(cpu, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "optimizer_steps": ppo.optimizer_steps, "threads": args.threads, "share_trunk": cfg.share_trunk,
+        "share_prompt_prefix": cfg.share_prompt_prefix,
         "lora": args.lora, "mixed_precision": args.mixed_precision,
         "policy_params_m": round(sum(p.numel() for p in ppo.unwrapped.lm.parameters()) / 1e6, 2),
         "reward_params_m": round(sum(p.numel() for p in ppo.scorer.model.parameters()) / 1e6, 2),

@@ -15,10 +15,13 @@ of the states before each of them (trlX's alignment: value t is the value of the
 - `share_trunk: false`: a separate critic, a copy of the SFT model's trunk with its own linear head.
 - LoRA (`ppo.lora.enabled`): only the adapters (and the value head) train; the reference is the same network with
   the adapters disabled, so no second copy of the weights is held.
+- `share_prompt_prefix: true`: the leading tokens all rows of a batch share (the system prompt) go through the trunk
+  once per batch, their keys and values shared by every row (`response_states`).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,9 +63,71 @@ def last_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     return out.last_hidden_state
 
 
-def response_logits(lm: nn.Module, hidden: torch.Tensor, n_prompt: int, temperature: float) -> torch.Tensor:
-    """Next-token logits at the positions that predict the response. hidden (B, T, H) -> (B, R, V)."""
-    return output_logits(lm, hidden[:, n_prompt - 1 : -1], temperature)
+MIN_SHARED_PREFIX = 8
+"""Fewer shared leading tokens than this are not worth a second trunk call."""
+
+
+def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> int:
+    """How many leading real tokens every left-padded row has in common (a system prompt, a template's opening).
+
+    Only tokens before column `start` count, so every row still computes its own state from column `start` on.
+    """
+    if input_ids.shape[0] < 2:
+        return 0
+    first = attention_mask[:, : start + 1].long().argmax(-1)  # (B,) the first real column of each row
+    limit = start - int(first.max())
+    if limit <= 0:
+        return 0
+    cols = first[:, None] + torch.arange(limit, device=input_ids.device)  # (B, limit)
+    tokens = input_ids.gather(1, cols)
+    same = (tokens == tokens[:1]).all(0)  # (limit,)
+    return int(same.long().cumprod(0).sum())
+
+
+def _cache_argument(trunk: nn.Module) -> str | None:
+    """The name a HF trunk takes its KV cache under (`cache` in recent transformers, `past_key_values` before)."""
+    params = inspect.signature(trunk.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def hidden_from(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
+                share_prefix: bool = True) -> torch.Tensor:
+    """The trunk's last hidden states of columns start .. T - 1 of left-padded rows. (B, T) -> (B, T - start, H).
+
+    With `share_prefix`, the leading tokens every row has in common go through the trunk once: their keys and values
+    are computed for one row, repeated for the batch, and the rest of each row attends to them. It is the same
+    function with the same gradients as a full forward, and a batch of chat prompts under one system prompt skips
+    most of its prompt tokens. Gradient checkpointing, sliding-window attention and trunks that take no KV cache
+    get the full forward.
+    """
+    s = shared_prefix_length(input_ids, attention_mask, start) if share_prefix else 0
+    cache_arg = _cache_argument(trunk) if s >= MIN_SHARED_PREFIX else None
+    config = getattr(trunk, "config", None)
+    if (cache_arg is None or getattr(trunk, "gradient_checkpointing", False)
+            or getattr(config, "sliding_window", None) is not None):
+        return last_hidden(trunk, input_ids, attention_mask)[:, start:]
+    batch = input_ids.shape[0]
+    first = attention_mask[:, : start + 1].long().argmax(-1)
+    left = int(first.min())
+    prefix = input_ids[:1, int(first[0]) : int(first[0]) + s]
+    out = trunk(input_ids=prefix, position_ids=torch.arange(s, device=prefix.device)[None], use_cache=True)
+    cache = getattr(out, cache_arg)
+    cache.batch_repeat_interleave(batch)
+    # The rest of each row, still left-padded: the columns from left + s on, with the row's own prefix tokens that
+    # fall there (rows with more padding start later) masked out. Positions continue from the prefix.
+    rest_ids = input_ids[:, left + s :]
+    cols = torch.arange(rest_ids.shape[1], device=input_ids.device)
+    rest_mask = attention_mask[:, left + s :] * (cols[None, :] >= (first - left)[:, None])
+    mask = torch.cat([rest_mask.new_ones(batch, s), rest_mask], dim=1)
+    out = trunk(input_ids=rest_ids, attention_mask=mask, position_ids=s + position_ids_from_mask(rest_mask),
+                use_cache=True, **{cache_arg: cache})
+    return out.last_hidden_state[:, start - left - s :]
+
+
+def response_states(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int,
+                    share_prefix: bool = True) -> torch.Tensor:
+    """The states that predict the response tokens: columns n_prompt - 1 .. T - 2. (B, P + R) -> (B, R, H)."""
+    return hidden_from(trunk, input_ids, attention_mask, n_prompt - 1, share_prefix)[:, :-1]
 
 
 def output_logits(lm: nn.Module, states: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -87,23 +152,25 @@ def output_logits(lm: nn.Module, states: torch.Tensor, temperature: float = 1.0)
 
 
 def response_logprobs(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int,
-                      temperature: float = 1.0) -> torch.Tensor:
+                      temperature: float = 1.0, share_prefix: bool = True) -> torch.Tensor:
     """Logprobs of the response tokens under any HF causal LM. (B, P + R) -> (B, R)."""
     trunk, _ = causal_parts(lm)
-    hidden = last_hidden(trunk, input_ids, attention_mask)
-    return logprobs_of_labels(response_logits(lm, hidden, n_prompt, temperature), input_ids[:, n_prompt:])
+    states = response_states(trunk, input_ids, attention_mask, n_prompt, share_prefix)
+    return logprobs_of_labels(output_logits(lm, states, temperature), input_ids[:, n_prompt:])
 
 
 class PolicyWithValueHead(nn.Module):
     """A HF causal LM (optionally with LoRA adapters) plus a value head, shared trunk or separate critic."""
 
-    def __init__(self, lm: nn.Module, critic: nn.Module | None = None, temperature: float = 1.0):
+    def __init__(self, lm: nn.Module, critic: nn.Module | None = None, temperature: float = 1.0,
+                 share_prefix: bool = True):
         super().__init__()
         self.lm = lm
         self.critic = critic  # None: the value head reads the policy's own hidden state (share_trunk)
         hidden_size = _hidden_size(lm)
         self.value_head = nn.Linear(hidden_size, 1)
         self.temperature = temperature
+        self.share_prefix = share_prefix  # see response_states
 
     @property
     def share_trunk(self) -> bool:
@@ -113,8 +180,8 @@ class PolicyWithValueHead(nn.Module):
                 with_values: bool = True, with_entropy: bool = False) -> PolicyOutput:
         """Logprobs, values and (optionally) entropy on the response positions. (B, P + R) -> (B, R) each."""
         trunk, _ = causal_parts(self.lm)
-        hidden = last_hidden(trunk, input_ids, attention_mask)  # (B, T, H)
-        logits = response_logits(self.lm, hidden, n_prompt, self.temperature)  # (B, R, V)
+        states = response_states(trunk, input_ids, attention_mask, n_prompt, self.share_prefix)  # (B, R, H)
+        logits = output_logits(self.lm, states, self.temperature)  # (B, R, V)
         logprobs = logprobs_of_labels(logits, input_ids[:, n_prompt:])
         entropy = None
         if with_entropy:
@@ -123,8 +190,8 @@ class PolicyWithValueHead(nn.Module):
         values = None
         if with_values:
             if self.critic is not None:
-                hidden = last_hidden(self.critic, input_ids, attention_mask)
-            values = self.values_of(hidden[:, n_prompt - 1 : -1])  # states (B, R, H) -> (B, R)
+                states = response_states(self.critic, input_ids, attention_mask, n_prompt, self.share_prefix)
+            values = self.values_of(states)  # (B, R, H) -> (B, R)
         return PolicyOutput(logprobs, values, entropy)
 
     def values_of(self, states: torch.Tensor) -> torch.Tensor:
@@ -144,7 +211,8 @@ class PolicyWithValueHead(nn.Module):
         if self.critic is None:
             values = self.values_of(hidden)
         else:
-            values = self.values_of(last_hidden(self.critic, input_ids, attention_mask)[:, n_prompt - 1 : -1])
+            values = self.values_of(response_states(self.critic, input_ids, attention_mask, n_prompt,
+                                                    self.share_prefix))
         return PolicyOutput(logprobs, values, entropy)
 
     def value_state_dict(self) -> dict[str, torch.Tensor]:
@@ -192,7 +260,7 @@ def disable_dropout(model: nn.Module) -> None:
 
 def build_policy(sft_dir: str | Path, share_trunk: bool = True, lora: LoraConfig | None = None,
                  dtype: torch.dtype = torch.float32, temperature: float = 1.0, seed: int = 0,
-                 gradient_checkpointing: bool = False) -> PolicyWithValueHead:
+                 gradient_checkpointing: bool = False, share_prefix: bool = True) -> PolicyWithValueHead:
     """The trainable policy from an SFT folder: LoRA adapters when `lora.enabled`, a value head either way."""
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -217,7 +285,7 @@ def build_policy(sft_dir: str | Path, share_trunk: bool = True, lora: LoraConfig
                     model.enable_input_require_grads()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        policy = PolicyWithValueHead(lm, critic, temperature=temperature)
+        policy = PolicyWithValueHead(lm, critic, temperature=temperature, share_prefix=share_prefix)
     policy.value_head.to(torch.float32)  # a small head; float32 keeps the value regression stable in bf16 runs
     disable_dropout(policy)
     return policy
@@ -260,11 +328,11 @@ class Reference:
     @torch.inference_mode()
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int) -> torch.Tensor:
         """Reference logprobs of the response tokens. (B, P + R) -> (B, R)."""
-        t = self.policy.temperature
+        t, share = self.policy.temperature, self.policy.share_prefix
         if self.uses_adapter:
             with self.policy.lm.disable_adapter():
-                return response_logprobs(self.policy.lm, input_ids, attention_mask, n_prompt, t)
-        return response_logprobs(self.lm, input_ids, attention_mask, n_prompt, t)
+                return response_logprobs(self.policy.lm, input_ids, attention_mask, n_prompt, t, share)
+        return response_logprobs(self.lm, input_ids, attention_mask, n_prompt, t, share)
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

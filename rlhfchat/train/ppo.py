@@ -143,7 +143,8 @@ class PPO:
         tokenizer = load_tokenizer(policy_dir)
         policy = build_policy(policy_dir, share_trunk=cfg.share_trunk, lora=cfg.lora, dtype=dtype,
                               temperature=cfg.temperature, seed=seed,
-                              gradient_checkpointing=cfg.gradient_checkpointing)
+                              gradient_checkpointing=cfg.gradient_checkpointing,
+                              share_prefix=cfg.share_prompt_prefix)
         reference = Reference(policy, policy_dir, dtype=frozen_dtype)
         scorer = RewardScorer(reward_dir, max_length=reward_max_length, dtype=frozen_dtype, batch_size=cfg.chunk_size)
         vllm = None

@@ -386,17 +386,36 @@ class RewardScorer:
         """Scores of whole texts. N texts -> (N,) float32 on the CPU."""
         device = next(self.model.parameters()).device
         tok = self.tokenizer
-        side = tok.truncation_side
-        tok.truncation_side = "left"
+        sides = tok.truncation_side, tok.padding_side
+        tok.truncation_side = tok.padding_side = "left"
         scores = []
         try:
             for start in range(0, len(texts), self.batch_size):
                 enc = tok(list(texts[start : start + self.batch_size]), return_tensors="pt", padding=True,
                           truncation=True, max_length=self.max_length, add_special_tokens=False).to(device)
-                scores.append(self.model(**enc).logits[:, 0].float().cpu())
+                scores.append(self.forward(enc["input_ids"], enc["attention_mask"]).float().cpu())
         finally:
-            tok.truncation_side = side
+            tok.truncation_side, tok.padding_side = sides
         return torch.cat(scores) if scores else torch.zeros(0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scores of left-padded rows. (B, T) -> (B,).
+
+        The model's own pooling (its head on the last token that is not padding), with the leading tokens all rows
+        share computed once (policy.hidden_from); models whose head is not a linear `score` run whole.
+        """
+        from rlhfchat.train.policy import hidden_from
+
+        model = self.model
+        trunk, head = getattr(model, model.base_model_prefix, None), getattr(model, "score", None)
+        if trunk is None or not isinstance(head, torch.nn.Linear):
+            return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        # The rightmost token that is not padding, as HF's sequence classifiers pool.
+        cols = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (cols * (input_ids != model.config.pad_token_id)).argmax(-1)
+        start = int(last.min())
+        hidden = hidden_from(trunk, input_ids, attention_mask, start)
+        return head(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last - start])[:, 0]
 
     def score(self, prompts: Sequence[Prompt], replies: Sequence[str]) -> torch.Tensor:
         """Scores of replies to prompts. -> (N,) float32 on the CPU."""

@@ -1,0 +1,114 @@
+"""The leading tokens that every row of a batch shares go through the trunk once (policy.hidden_from): the same
+logprobs, values, reward scores and gradients as a full forward, on tiny local models."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from rlhfchat.data.schema import message
+from rlhfchat.models import load_tokenizer
+from rlhfchat.train.policy import (MIN_SHARED_PREFIX, Reference, build_policy, causal_parts, hidden_from,
+                                   shared_prefix_length)
+from rlhfchat.train.rollout import RewardScorer, encode_prompt, left_pad
+
+SYSTEM = "You add numbers and write the sum."
+
+
+def test_shared_prefix_length_counts_the_common_leading_real_tokens():
+    pad = 0
+    ids = torch.tensor([[pad, pad, 5, 6, 7, 8, 9, 4],
+                        [5, 6, 7, 8, 3, 4, 1, 4],
+                        [pad, 5, 6, 7, 2, 9, 9, 4]])
+    mask = (ids != pad).long()
+    assert shared_prefix_length(ids, mask, start=7) == 3  # 5 6 7, then row 2 differs
+    assert shared_prefix_length(ids, mask, start=4) == 2  # row 0 must keep column 4 for itself
+    assert shared_prefix_length(ids, mask, start=2) == 0
+    assert shared_prefix_length(ids[1:2], mask[1:2], start=7) == 0  # one row: nothing to share
+    assert shared_prefix_length(ids[:2], mask[:2], start=7) == 4
+
+
+def _batch(tok):
+    """Left-padded chat prompts under one system prompt (different lengths) + right-padded responses."""
+    prompts = [[message("system", SYSTEM), message("user", f"What is {a} + {b}?" + " Please." * (a % 3))]
+               for a, b in [(1, 2), (10, 11), (3, 4), (7, 0)]]
+    prompt_ids, prompt_mask = left_pad([encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
+    gen = torch.Generator().manual_seed(0)
+    response = torch.randint(3, len(tok), (4, 6), generator=gen)
+    response_mask = torch.ones_like(response)
+    response[1, 2:], response_mask[1, 2:] = tok.pad_token_id, 0  # a reply that ended early
+    ids = torch.cat([prompt_ids, response], 1)
+    return ids, torch.cat([prompt_mask, response_mask], 1), prompt_ids.shape[1], response_mask
+
+
+def _count_calls(trunk, calls):
+    original = trunk.forward
+
+    @functools.wraps(original)  # keeps the signature, which tells hidden_from how the trunk takes a KV cache
+    def forward(*args, **kwargs):
+        calls.append(tuple((args[0] if args else kwargs["input_ids"]).shape))
+        return original(*args, **kwargs)
+
+    trunk.forward = forward
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_policy_and_reference_with_a_shared_prefix_equal_the_full_forward(tiny_model_dir, lora):
+    from rlhfchat.config import LoraConfig
+
+    tok = load_tokenizer(tiny_model_dir)
+    ids, mask, n_prompt, response_mask = _batch(tok)
+    assert shared_prefix_length(ids, mask, n_prompt - 1) >= MIN_SHARED_PREFIX
+    results = {}
+    for share in (False, True):
+        torch.manual_seed(0)  # the same LoRA initialisation both times
+        policy = build_policy(tiny_model_dir, lora=LoraConfig(enabled=lora), seed=0, share_prefix=share)
+        trunk, _ = causal_parts(policy.lm)
+        calls: list[tuple[int, ...]] = []
+        _count_calls(trunk, calls)
+        out = policy(ids, mask, n_prompt)
+        weights = torch.randn(out.logprobs.shape, generator=torch.Generator().manual_seed(1))
+        ((out.logprobs + out.values) * weights * response_mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+        # sharing: the prefix alone (one row), then the rest of the 4 rows; otherwise one call of the whole batch
+        assert [c[0] for c in calls] == ([1, 4] if share else [4])
+        ref = Reference(policy, tiny_model_dir).logprobs(ids, mask, n_prompt)
+        results[share] = out.logprobs.detach(), out.values.detach(), grads, ref
+    full, shared = results[False], results[True]
+    m = response_mask.bool()
+    for a, b in zip(full[:2], shared[:2]):
+        assert torch.allclose(a[m], b[m], atol=1e-5)
+    assert torch.allclose(full[3][m], shared[3][m], atol=1e-5)
+    assert full[2].keys() == shared[2].keys()
+    for name, grad in full[2].items():
+        assert (grad - shared[2][name]).norm() <= 1e-5 * grad.norm(), name
+
+
+def test_gradient_checkpointing_takes_the_full_forward(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    ids, mask, n_prompt, _ = _batch(tok)
+    policy = build_policy(tiny_model_dir, gradient_checkpointing=True)
+    trunk, _ = causal_parts(policy.lm)
+    calls: list[tuple[int, ...]] = []
+    _count_calls(trunk, calls)
+    policy.train()
+    states = hidden_from(trunk, ids, mask, n_prompt - 1)
+    assert calls == [tuple(ids.shape)] and states.shape[:2] == (4, ids.shape[1] - n_prompt + 1)
+
+
+def test_reward_scores_with_a_shared_prefix_equal_the_models_own_pooling(tiny_reward_dir):
+    scorer = RewardScorer(tiny_reward_dir)
+    texts = [f"{SYSTEM}\n### Human: What is {a} + {a}?{' Please.' * a}\n### Assistant: {2 * a}" for a in range(5)]
+    calls: list[tuple[int, ...]] = []
+    _count_calls(scorer.model.model, calls)
+    scores = scorer.score_texts(texts)
+    assert calls[0][0] == 1  # the shared prefix went through once
+    tok = scorer.tokenizer
+    for side in ("left", "right"):
+        tok.padding_side = side
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            expected = scorer.model(**enc).logits[:, 0]
+        assert torch.allclose(scores, expected, atol=1e-5), side
