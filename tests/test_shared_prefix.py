@@ -10,8 +10,14 @@ import torch
 
 from rlhfchat.data.schema import message
 from rlhfchat.models import load_tokenizer
-from rlhfchat.train.policy import (MIN_SHARED_PREFIX, Reference, build_policy, causal_parts, hidden_from,
-                                   shared_prefix_length)
+from rlhfchat.train.policy import (
+    MIN_SHARED_PREFIX,
+    Reference,
+    build_policy,
+    causal_parts,
+    hidden_from,
+    shared_prefix_length,
+)
 from rlhfchat.train.rollout import RewardScorer, encode_prompt, left_pad
 
 SYSTEM = "You add numbers and write the sum."
