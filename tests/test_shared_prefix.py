@@ -118,3 +118,25 @@ def test_reward_scores_with_a_shared_prefix_equal_the_models_own_pooling(tiny_re
         with torch.no_grad():
             expected = scorer.model(**enc).logits[:, 0]
         assert torch.allclose(scores, expected, atol=1e-5), side
+
+
+def test_generation_prefills_the_shared_prefix_once_and_samples_the_same(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from rlhfchat.train.rollout import GenerationSettings, hf_generate
+
+    tok = load_tokenizer(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prompts = [[message("system", SYSTEM), message("user", f"What is {a} + {a}?" + " Please." * (a % 3))]
+               for a in range(5)]
+    ids, mask = left_pad([encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
+    out = {}
+    for share in (False, True):
+        settings = GenerationSettings(max_new_tokens=8, min_new_tokens=8, share_prefix=share)
+        calls: list[tuple[int, ...]] = []
+        _count_calls(model.model, calls)
+        out[share] = hf_generate(model, tok, ids, mask, settings, capture=True, seeds=list(range(5)))
+        del model.model.forward
+        assert calls[0][0] == (1 if share else 5)
+    assert torch.equal(out[False].tokens, out[True].tokens)
+    assert torch.allclose(out[False].hidden, out[True].hidden, atol=1e-5)

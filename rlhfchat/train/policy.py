@@ -90,6 +90,52 @@ def _cache_argument(trunk: nn.Module) -> str | None:
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
+@dataclass
+class SharedPrefix:
+    """Left-padded rows split into the leading tokens they all share and the rest of each row.
+
+    The rest keeps the rows' columns from `left + len(prefix)` on (`left`: the padding every row has), left-padded,
+    with each row's own prefix tokens that fall there (rows with more padding start later) masked out.
+    """
+
+    prefix: torch.Tensor  # (1, S)
+    rest_ids: torch.Tensor  # (B, T - left - S)
+    rest_mask: torch.Tensor  # (B, T - left - S)
+    left: int
+    cache_arg: str  # the keyword the trunk takes its KV cache under
+
+    def cache(self, trunk: nn.Module) -> Any:
+        """The trunk's KV cache of the prefix, repeated for every row (keeps the autograd graph)."""
+        s = self.prefix.shape[1]
+        out = trunk(input_ids=self.prefix, position_ids=torch.arange(s, device=self.prefix.device)[None],
+                    use_cache=True)
+        cache = getattr(out, self.cache_arg)
+        cache.batch_repeat_interleave(self.rest_ids.shape[0])
+        return cache
+
+    def full_mask(self) -> torch.Tensor:
+        """The attention mask over prefix + rest. (B, S + T - left - S)."""
+        return torch.cat([self.rest_mask.new_ones(self.rest_mask.shape[0], self.prefix.shape[1]), self.rest_mask], 1)
+
+
+def split_shared_prefix(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        start: int) -> SharedPrefix | None:
+    """The split of left-padded rows whose columns from `start` on each row computes itself, or None when sharing
+    does not apply: fewer than MIN_SHARED_PREFIX shared tokens, gradient checkpointing, sliding-window attention, or a
+    trunk that takes no KV cache."""
+    s = shared_prefix_length(input_ids, attention_mask, start)
+    cache_arg = _cache_argument(trunk) if s >= MIN_SHARED_PREFIX else None
+    if (cache_arg is None or getattr(trunk, "gradient_checkpointing", False)
+            or getattr(getattr(trunk, "config", None), "sliding_window", None) is not None):
+        return None
+    first = attention_mask[:, : start + 1].long().argmax(-1)
+    left = int(first.min())
+    rest_ids = input_ids[:, left + s :]
+    cols = torch.arange(rest_ids.shape[1], device=input_ids.device)
+    rest_mask = attention_mask[:, left + s :] * (cols[None, :] >= (first - left)[:, None])
+    return SharedPrefix(input_ids[:1, int(first[0]) : int(first[0]) + s], rest_ids, rest_mask, left, cache_arg)
+
+
 def hidden_from(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
                 share_prefix: bool = True) -> torch.Tensor:
     """The trunk's last hidden states of columns start .. T - 1 of left-padded rows. (B, T) -> (B, T - start, H).
@@ -97,31 +143,16 @@ def hidden_from(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     With `share_prefix`, the leading tokens every row has in common go through the trunk once: their keys and values
     are computed for one row, repeated for the batch, and the rest of each row attends to them. It is the same
     function with the same gradients as a full forward, and a batch of chat prompts under one system prompt skips
-    most of its prompt tokens. Gradient checkpointing, sliding-window attention and trunks that take no KV cache
-    get the full forward.
+    most of its prompt tokens (split_shared_prefix says when it does not apply).
     """
-    s = shared_prefix_length(input_ids, attention_mask, start) if share_prefix else 0
-    cache_arg = _cache_argument(trunk) if s >= MIN_SHARED_PREFIX else None
-    config = getattr(trunk, "config", None)
-    if (cache_arg is None or getattr(trunk, "gradient_checkpointing", False)
-            or getattr(config, "sliding_window", None) is not None):
+    split = split_shared_prefix(trunk, input_ids, attention_mask, start) if share_prefix else None
+    if split is None:
         return last_hidden(trunk, input_ids, attention_mask)[:, start:]
-    batch = input_ids.shape[0]
-    first = attention_mask[:, : start + 1].long().argmax(-1)
-    left = int(first.min())
-    prefix = input_ids[:1, int(first[0]) : int(first[0]) + s]
-    out = trunk(input_ids=prefix, position_ids=torch.arange(s, device=prefix.device)[None], use_cache=True)
-    cache = getattr(out, cache_arg)
-    cache.batch_repeat_interleave(batch)
-    # The rest of each row, still left-padded: the columns from left + s on, with the row's own prefix tokens that
-    # fall there (rows with more padding start later) masked out. Positions continue from the prefix.
-    rest_ids = input_ids[:, left + s :]
-    cols = torch.arange(rest_ids.shape[1], device=input_ids.device)
-    rest_mask = attention_mask[:, left + s :] * (cols[None, :] >= (first - left)[:, None])
-    mask = torch.cat([rest_mask.new_ones(batch, s), rest_mask], dim=1)
-    out = trunk(input_ids=rest_ids, attention_mask=mask, position_ids=s + position_ids_from_mask(rest_mask),
-                use_cache=True, **{cache_arg: cache})
-    return out.last_hidden_state[:, start - left - s :]
+    s = split.prefix.shape[1]
+    out = trunk(input_ids=split.rest_ids, attention_mask=split.full_mask(),
+                position_ids=s + position_ids_from_mask(split.rest_mask), use_cache=True,
+                **{split.cache_arg: split.cache(trunk)})  # positions continue from the prefix
+    return out.last_hidden_state[:, start - split.left - s :]
 
 
 def response_states(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int,

@@ -49,11 +49,13 @@ class GenerationSettings:
     temperature: float = 1.0
     do_sample: bool = True
     stop_sequences: list[str] = field(default_factory=list)
+    share_prefix: bool = True  # the prompt tokens every row shares are prefilled once (policy.split_shared_prefix)
 
     @classmethod
     def from_ppo(cls, cfg: Any) -> "GenerationSettings":
         return cls(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, top_k=cfg.top_k,
-                   top_p=cfg.top_p, temperature=cfg.temperature, stop_sequences=list(cfg.stop_sequences))
+                   top_p=cfg.top_p, temperature=cfg.temperature, stop_sequences=list(cfg.stop_sequences),
+                   share_prefix=cfg.share_prompt_prefix)
 
 
 @dataclass
@@ -215,20 +217,18 @@ def hf_generate(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, prompt_mas
 
     seeds (one per row, sampling only): each row samples from its own generator (GumbelSampler) instead of the
     global RNG, so its reply is the same whatever batch it is in. min_new_tokens and EOS work as without.
+
+    settings.share_prefix: the leading prompt tokens all rows share (a system prompt) are prefilled once and their
+    KV cache repeated for the rows; generate gets [prefix | each row's left-padded rest] with that cache, and the
+    positions it counts from the attention mask are the same as in the plain left-padded layout.
     """
+    from rlhfchat.train.policy import causal_parts, split_shared_prefix
+
     kwargs: dict[str, Any] = dict(
         max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens or None,
         do_sample=settings.do_sample, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         use_cache=True,
     )
-    hidden: list[torch.Tensor] = []
-    hook = None
-    if capture:
-        from rlhfchat.train.policy import causal_parts
-
-        trunk, _ = causal_parts(model)
-        # one trunk call per generated token (the prefill, then one per step); keep its last position
-        hook = trunk.register_forward_hook(lambda module, args, out: hidden.append(out[0][:, -1].detach()))
     if seeds is not None and len(seeds) != prompt_ids.shape[0]:
         raise RlhfchatError(f"seeds: expected one seed per prompt ({prompt_ids.shape[0]}), got {len(seeds)}")
     if settings.do_sample and seeds is not None:
@@ -241,10 +241,23 @@ def hf_generate(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, prompt_mas
         kwargs.update(top_k=None, top_p=None, temperature=None)
     if settings.stop_sequences:  # stop each row early; finish_responses does the exact cut
         kwargs.update(stop_strings=list(settings.stop_sequences), tokenizer=tokenizer)
+    trunk, _ = causal_parts(model)
+    hidden: list[torch.Tensor] = []
+    hook = None
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
+            split = None
+            if settings.share_prefix:
+                split = split_shared_prefix(trunk, prompt_ids, prompt_mask, prompt_ids.shape[1] - 1)
+            if split is not None:
+                kwargs[split.cache_arg] = split.cache(trunk)
+                prompt_ids = torch.cat([split.prefix.expand(split.rest_ids.shape[0], -1), split.rest_ids], 1)
+                prompt_mask = split.full_mask()
+            if capture:
+                # one trunk call per generated token (the prefill, then one per step); keep its last position
+                hook = trunk.register_forward_hook(lambda module, args, out: hidden.append(out[0][:, -1].detach()))
             out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
     finally:
         model.train(was_training)
