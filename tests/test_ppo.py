@@ -321,3 +321,13 @@ def test_bench_ppo_prints_one_json_line(tiny_model_dir, tiny_reward_dir, tmp_pat
     assert result["tokens_per_s"] == pytest.approx(result["samples_per_s"] * 5, rel=0.01)  # exactly 5 tokens each
     for key in ("samples_per_s", "tokens_per_s", "gen_s", "train_s", "peak_rss_mb"):
         assert result[key] > 0
+
+
+def test_the_update_picks_the_math_attention_kernel_only_for_bf16_on_a_cpu():
+    from rlhfchat.train.policy import training_attention
+
+    with training_attention(torch.device("cpu"), "bf16"):
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    for device, precision in (("cpu", "no"), ("cuda", "bf16")):
+        with training_attention(torch.device(device), precision):
+            assert torch.backends.cuda.flash_sdp_enabled()

@@ -37,7 +37,7 @@ from rlhfchat.atomic import atomic_file, write_json
 from rlhfchat.config import PPOConfig, Recipe
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.train import ppo_math as pm
-from rlhfchat.train.policy import PolicyWithValueHead, Reference, build_policy
+from rlhfchat.train.policy import PolicyWithValueHead, Reference, build_policy, training_attention
 from rlhfchat.train.ppo_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhfchat.train.rollout import (GenerationSettings, Prompt, RewardScorer, check_backend, encode_prompt,
                                     gathered_for_generation, generate_replies, generate_rollout)
@@ -258,7 +258,8 @@ class PPO:
             mb = exp.select(rows)
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy)
-            with sync, self.accelerator.autocast():
+            with sync, self.accelerator.autocast(), training_attention(self.accelerator.device,
+                                                                       self.accelerator.mixed_precision):
                 out = self.policy(mb.input_ids, mb.attention_mask, mb.n_prompt)
                 pg, clipfrac, approx_kl = pm.policy_loss(out.logprobs, mb.logprobs, mb.advantages, mb.mask,
                                                          cfg.cliprange, n_tokens)
