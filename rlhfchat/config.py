@@ -199,8 +199,9 @@ class PPOConfig:
     """The value head rides on the policy's network (one trunk) instead of a separate critic."""
     share_prompt_prefix: bool = True
     """The leading tokens every prompt of a batch has in common (the system prompt, the template's opening) go
-    through the policy, critic and reference once per batch, their keys and values shared by the rows: the same
-    results and gradients, less compute. Off: every row computes its whole prompt."""
+    through the policy, critic, reference and reward model once per batch, and generation prefills them once; their
+    keys and values are shared by the rows. The same results and gradients for less compute. It does not apply under
+    gradient checkpointing or sliding-window attention. Off: every row computes its whole prompt."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     reward_device: str | None = None
     """Where the reward model lives (e.g. cuda:7, a GPU the training ranks leave free, as StableVicuna's run did);
