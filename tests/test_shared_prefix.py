@@ -92,7 +92,7 @@ def test_policy_and_reference_with_a_shared_prefix_equal_the_full_forward(tiny_m
         assert (grad - shared[2][name]).norm() <= 1e-5 * grad.norm(), name
 
 
-def test_gradient_checkpointing_takes_the_full_forward(tiny_model_dir):
+def test_gradient_checkpointing_takes_the_full_forward_when_training(tiny_model_dir):
     tok = load_tokenizer(tiny_model_dir)
     ids, mask, n_prompt, _ = _batch(tok)
     policy = build_policy(tiny_model_dir, gradient_checkpointing=True)
@@ -102,6 +102,9 @@ def test_gradient_checkpointing_takes_the_full_forward(tiny_model_dir):
     policy.train()
     states = hidden_from(trunk, ids, mask, n_prompt - 1)
     assert calls == [tuple(ids.shape)] and states.shape[:2] == (4, ids.shape[1] - n_prompt + 1)
+    with torch.no_grad():  # no backward to replay: the layers keep the cache, and the prefix is shared
+        shared = hidden_from(trunk, ids, mask, n_prompt - 1)
+    assert [c[0] for c in calls[1:]] == [1, 4] and torch.allclose(shared, states, atol=1e-5)
 
 
 def test_reward_scores_with_a_shared_prefix_equal_the_models_own_pooling(tiny_reward_dir):

@@ -122,12 +122,12 @@ class SharedPrefix:
 def split_shared_prefix(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         start: int) -> SharedPrefix | None:
     """The split of left-padded rows whose columns from `start` on each row computes itself, or None when sharing
-    does not apply: fewer than MIN_SHARED_PREFIX shared tokens, gradient checkpointing, sliding-window attention, or a
-    trunk that takes no KV cache."""
+    does not apply: fewer than MIN_SHARED_PREFIX shared tokens, a trunk that takes no KV cache, sliding-window
+    attention, or gradient checkpointing in a training forward (its layers drop the KV cache there)."""
     s = shared_prefix_length(input_ids, attention_mask, start)
     cache_arg = _cache_argument(trunk) if s >= MIN_SHARED_PREFIX else None
-    if (cache_arg is None or getattr(trunk, "gradient_checkpointing", False)
-            or getattr(getattr(trunk, "config", None), "sliding_window", None) is not None):
+    checkpointing = getattr(trunk, "gradient_checkpointing", False) and trunk.training and torch.is_grad_enabled()
+    if cache_arg is None or checkpointing or getattr(getattr(trunk, "config", None), "sliding_window", None):
         return None
     first = attention_mask[:, : start + 1].long().argmax(-1)
     left = int(first.min())
