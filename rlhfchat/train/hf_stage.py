@@ -47,13 +47,18 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def metrics_logger(path: Path, resume_step: int = 0):
-    """A TrainerCallback appending every log to `metrics.jsonl`; a resumed run first drops lines past its step."""
+def metrics_logger(path: Path, resume: Path | None = None):
+    """A TrainerCallback appending every log to `metrics.jsonl`; a run resuming from the checkpoint folder `resume`
+    (`checkpoint-<step>`) first drops the lines past that step."""
     from transformers import TrainerCallback
 
+    from rlhfchat.atomic import atomic_file
+
+    resume_step = int(resume.name.split("-")[-1]) if resume else 0
     if path.exists() and manifest.is_main_process():
         kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        with atomic_file(path) as f:
+            f.write("".join(ln + "\n" for ln in kept))
 
     class JsonlLogger(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):

@@ -65,8 +65,7 @@ def main(recipe: Recipe) -> Path:
             eval_dataset=eval_ds if len(eval_ds) else None,
             processing_class=tokenizer,
             peft_config=hf_stage.peft_config(cfg.lora, "CAUSAL_LM"),
-            callbacks=[hf_stage.metrics_logger(stage_dir / "metrics.jsonl",
-                                               int(resume.name.split("-")[-1]) if resume else 0)],
+            callbacks=[hf_stage.metrics_logger(stage_dir / "metrics.jsonl", resume)],
         )
 
         # 4. Train (from the newest checkpoint when one exists), then evaluate on the held-out conversations.
