@@ -115,6 +115,10 @@ def test_sft_resumes_after_kill(run_dir):
     assert m["status"] == "complete" and m["resumed_from"].startswith("checkpoints/checkpoint-")
     assert m["attempts"] == 2
     assert json.loads((run_dir / "sft" / "metrics.json").read_text())["steps"] == 40
+    # lines logged past the checkpoint before the kill were dropped, not logged twice
+    logs = [json.loads(x) for x in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+    loss_steps = [d["step"] for d in logs if "loss" in d]
+    assert loss_steps and loss_steps == sorted(set(loss_steps))
 
 
 def test_two_processes_match_one(run_dir, tmp_path):
@@ -145,3 +149,14 @@ def test_two_processes_match_one(run_dir, tmp_path):
     assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
     # Files written once, by rank 0.
     assert sorted(p.name for p in (two / "sft").iterdir()) == sorted(p.name for p in (run_dir / "sft").iterdir())
+
+
+def test_metrics_log_of_a_resumed_run_drops_the_lines_past_its_checkpoint(tmp_path):
+    from rlhfchat.train import hf_stage
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (2, 4, 6, 8)))
+    hf_stage.metrics_logger(log, tmp_path / "checkpoints" / "checkpoint-4")
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [2, 4]
+    hf_stage.metrics_logger(log)  # a fresh start keeps nothing
+    assert log.read_text() == ""
