@@ -201,7 +201,8 @@ class PPOConfig:
     """The leading tokens every prompt of a batch has in common (the system prompt, the template's opening) go
     through the policy, critic, reference and reward model once per batch, and generation prefills them once; their
     keys and values are shared by the rows. The same results and gradients for less compute. It does not apply to the
-    update's forward under gradient checkpointing, or to sliding-window attention. Off: every row computes its whole prompt."""
+    update's forward under gradient checkpointing, or to sliding-window attention. Off: every row computes its whole
+    prompt."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     reward_device: str | None = None
     """Where the reward model lives (e.g. cuda:7, a GPU the training ranks leave free, as StableVicuna's run did);

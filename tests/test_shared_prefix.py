@@ -121,6 +121,10 @@ def test_reward_scores_with_a_shared_prefix_equal_the_models_own_pooling(tiny_re
         with torch.no_grad():
             expected = scorer.model(**enc).logits[:, 0]
         assert torch.allclose(scores, expected, atol=1e-5), side
+    plain = RewardScorer(tiny_reward_dir, share_prefix=False)  # ppo.share_prompt_prefix: false
+    calls.clear()
+    _count_calls(plain.model.model, calls)
+    assert torch.allclose(plain.score_texts(texts), scores, atol=1e-5) and calls == [calls[0]] and calls[0][0] == 5
 
 
 def test_generation_prefills_the_shared_prefix_once_and_samples_the_same(tiny_model_dir):

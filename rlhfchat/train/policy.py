@@ -16,7 +16,7 @@ of the states before each of them (trlX's alignment: value t is the value of the
 - LoRA (`ppo.lora.enabled`): only the adapters (and the value head) train; the reference is the same network with
   the adapters disabled, so no second copy of the weights is held.
 - `share_prompt_prefix: true`: the leading tokens all rows of a batch share (the system prompt) go through the trunk
-  once per batch, their keys and values shared by every row (`response_states`).
+  once per batch, their keys and values shared by every row (`hidden_from`).
 """
 
 from __future__ import annotations

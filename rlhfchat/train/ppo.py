@@ -146,7 +146,8 @@ class PPO:
                               gradient_checkpointing=cfg.gradient_checkpointing,
                               share_prefix=cfg.share_prompt_prefix)
         reference = Reference(policy, policy_dir, dtype=frozen_dtype)
-        scorer = RewardScorer(reward_dir, max_length=reward_max_length, dtype=frozen_dtype, batch_size=cfg.chunk_size)
+        scorer = RewardScorer(reward_dir, max_length=reward_max_length, dtype=frozen_dtype, batch_size=cfg.chunk_size,
+                              share_prefix=cfg.share_prompt_prefix)
         vllm = None
         if cfg.rollout_backend == "vllm":
             from rlhfchat.train.rollout_vllm import VLLMRollouts

@@ -364,7 +364,8 @@ class RewardScorer:
     """
 
     def __init__(self, path: str | Path | Any, tokenizer: Any = None, max_length: int = 512,
-                 dtype: torch.dtype = torch.float32, batch_size: int = 16, device: Any = None):
+                 dtype: torch.dtype = torch.float32, batch_size: int = 16, device: Any = None,
+                 share_prefix: bool = True):
         from transformers import AutoModelForSequenceClassification
 
         from rlhfchat.models import load_tokenizer
@@ -388,6 +389,7 @@ class RewardScorer:
             self.model.to(device)
         self.max_length = max_length
         self.batch_size = batch_size
+        self.share_prefix = share_prefix  # see forward
 
     def text(self, prompt: Prompt, reply: str) -> str:
         if isinstance(prompt, str):
@@ -415,7 +417,8 @@ class RewardScorer:
         """Scores of left-padded rows. (B, T) -> (B,).
 
         The model's own pooling (its head on the last token that is not padding), with the leading tokens all rows
-        share computed once (policy.hidden_from); models whose head is not a linear `score` run whole.
+        share computed once (policy.hidden_from, when `share_prefix`); models whose head is not a linear `score` run
+        whole.
         """
         from rlhfchat.train.policy import hidden_from
 
@@ -427,7 +430,7 @@ class RewardScorer:
         cols = torch.arange(input_ids.shape[1], device=input_ids.device)
         last = (cols * (input_ids != model.config.pad_token_id)).argmax(-1)
         start = int(last.min())
-        hidden = hidden_from(trunk, input_ids, attention_mask, start)
+        hidden = hidden_from(trunk, input_ids, attention_mask, start, self.share_prefix)
         return head(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last - start])[:, 0]
 
     def score(self, prompts: Sequence[Prompt], replies: Sequence[str]) -> torch.Tensor:
