@@ -44,7 +44,12 @@ def prepare(stage: str, stage_dir: Path, chash: str, inputs: dict[str, str]) -> 
 def latest_checkpoint(stage_dir: Path) -> Path | None:
     """The newest complete Trainer checkpoint (`checkpoint-N` with its trainer_state.json), if any."""
     ckpts = [p for p in (stage_dir / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    return max(ckpts, key=checkpoint_step, default=None)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a Trainer checkpoint folder (`checkpoint-<step>`) was saved at."""
+    return int(checkpoint.name.split("-")[-1])
 
 
 def metrics_logger(path: Path, resume: Path | None = None):
@@ -54,7 +59,7 @@ def metrics_logger(path: Path, resume: Path | None = None):
 
     from rlhfchat.atomic import atomic_file
 
-    resume_step = int(resume.name.split("-")[-1]) if resume else 0
+    resume_step = checkpoint_step(resume) if resume else 0
     if path.exists() and manifest.is_main_process():
         kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
         with atomic_file(path) as f:
