@@ -100,7 +100,10 @@ def test_sampling_settings(engine):
     assert c.completion_tokens == 5 and c.finish_reason == "length"
 
 
-def test_batched_requests_decode_as_they_would_alone(engine):
+@pytest.mark.parametrize("room", [None, 5])
+def test_batched_requests_decode_as_they_would_alone(engine, monkeypatch, room):
+    if room:  # the batch's reserved KV room runs out every few tokens and is moved to a larger buffer
+        monkeypatch.setattr("rlhfchat.chat.engine.DECODE_ROOM", room)
     alone = [engine.generate(m, greedy(30, ignore_eos=True)).text for m in (Q, Q2, Q3)]
     # all at once: one left-padded batch
     reqs = [engine.submit(m, greedy(30, ignore_eos=True)) for m in (Q, Q2, Q3)]

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from rlhfchat.errors import RlhfchatError
-from rlhfchat.models import load_tokenizer
-from rlhfchat.train.rollout import (GenerationSettings, GumbelSampler, check_backend, encode_prompt,
+from rlhfchat.models import load_tokenizer, reserve_cache
+from rlhfchat.train import rollout
+from rlhfchat.train.rollout import (GenerationSettings, SeededSampler, check_backend, encode_prompt,
                                     gathered_for_generation, generate_rollout, seeded_processors)
 
 SHORT = [{"role": "user", "content": "What is 3 + 4?"}]
@@ -69,19 +70,19 @@ def test_seeds_must_match_the_prompts(lm):
         generate_rollout(model, tok, [encode_prompt(tok, SHORT)] * 2, GenerationSettings(max_new_tokens=2), seeds=[1])
 
 
-def test_gumbel_sampler_draws_from_the_softmax():
-    """argmax(logits + Gumbel) is a sample from softmax(logits): frequencies over many draws match."""
+def test_seeded_sampler_draws_from_the_softmax():
+    """the inverse-CDF pick is a sample from softmax(logits): frequencies over many draws match."""
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5, -torch.inf])
     probs = torch.softmax(logits, 0)
     n = 40_000
-    sampler = GumbelSampler(range(n))  # n rows, each its own seed: one draw each
+    sampler = SeededSampler(range(n))  # n rows, each its own seed: one draw each
     picks = sampler(None, logits.expand(n, -1)).argmax(-1)
     freq = torch.bincount(picks, minlength=6).double() / n
     # 4 standard errors at most (p(1-p)/n); the -inf token is never drawn
     assert torch.all((freq - probs.double()).abs() <= 4 * (probs * (1 - probs) / n).sqrt().double() + 1e-12), freq
     assert freq[5] == 0
     # one row advanced step by step draws from the same distribution too
-    row = GumbelSampler([5])
+    row = SeededSampler([5])
     seq = torch.stack([row(None, logits[None]).argmax(-1)[0] for _ in range(20_000)])
     freq = torch.bincount(seq, minlength=6).double() / 20_000
     assert torch.all((freq - probs.double()).abs() <= 4 * (probs * (1 - probs) / 20_000).sqrt().double() + 1e-12)
@@ -92,7 +93,7 @@ def test_seeded_processors_warp_like_sampling():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
     procs = seeded_processors(GenerationSettings(temperature=0.5, top_k=2), seeds=[0])
     names = [type(p).__name__ for p in procs]
-    assert names == ["TemperatureLogitsWarper", "TopKLogitsWarper", "GumbelSampler"]
+    assert names == ["TemperatureLogitsWarper", "TopKLogitsWarper", "SeededSampler"]
     draws = set()
     for seed in range(200):
         x = logits
@@ -100,6 +101,67 @@ def test_seeded_processors_warp_like_sampling():
             x = p(None, x)
         draws.add(int(x.argmax()))
     assert draws == {0, 1}
+
+
+def test_unseeded_sampling_follows_the_global_rng(lm):
+    def replies(seed):
+        torch.manual_seed(seed)
+        return _replies(lm, [SHORT, LONG], None)
+
+    assert replies(5) == replies(5)
+    assert replies(5) != replies(6)
+
+
+def test_reserved_cache_layer_returns_what_concatenation_would():
+    from transformers import DynamicCache
+
+    cache = reserve_cache(DynamicCache(), 3)  # layers appear as they are first updated: none to swap yet
+    assert cache.layers == []
+    stock, reserved = DynamicCache(), DynamicCache()
+    for c in (stock, reserved):
+        c.update(torch.zeros(2, 1, 1, 4), torch.zeros(2, 1, 1, 4), 0)  # one layer, one position
+    reserve_cache(reserved, 3)
+    layer = reserved.layers[0]
+    assert type(layer).__name__ == "ReservingLayer" and type(stock.layers[0]).__name__ == "DynamicLayer"
+    g = torch.Generator().manual_seed(0)
+    ptrs = set()
+    for step, width in enumerate([2, 1, 1, 1, 4]):  # a prefill, then decode steps, then past the reserved room
+        k, v = torch.randn(2, 1, width, 4, generator=g), torch.randn(2, 1, width, 4, generator=g)
+        want, got = stock.update(k, v, 0), reserved.update(k, v, 0)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert reserved.get_seq_length() == stock.get_seq_length()
+        ptrs.add(layer.room[0].data_ptr())
+        if step == 3:  # 1 + 2 + 1 + 1 + 1 positions: the room reserved at the prefill, filled exactly
+            assert len(ptrs) == 1, "one buffer for the prefill and the steps that fit, not a new tensor per step"
+    assert len(ptrs) == 2, "a new buffer once the room is used up"
+    k = torch.randn(4, 1, 1, 4, generator=g)
+    for c in (stock, reserved):  # a repeat replaces the keys from outside: the layer starts from them
+        c.batch_repeat_interleave(2)
+        c.update(k, -k, 0)
+    assert reserved.layers[0].keys.shape == (4, 1, 11, 4)
+    assert torch.equal(reserved.layers[0].keys, stock.layers[0].keys)
+    assert torch.equal(reserved.layers[0].values, stock.layers[0].values)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_generation_with_the_reserved_cache_matches_the_stock_cache(lm, monkeypatch, share_prefix):
+    from rlhfchat.train.policy import MIN_SHARED_PREFIX, shared_prefix_length
+
+    model, tok = lm
+    system = {"role": "system", "content": "You are a careful assistant. Answer briefly and check the arithmetic."}
+    ids = [encode_prompt(tok, [system, *p]) for p in (SHORT, LONG, SHORT)]
+    padded, mask = rollout.left_pad(ids, tok.pad_token_id)
+    assert shared_prefix_length(padded, mask, padded.shape[1] - 1) >= MIN_SHARED_PREFIX  # the prefix is shared
+    settings = GenerationSettings(max_new_tokens=10, min_new_tokens=10, stop_sequences=[], share_prefix=share_prefix)
+    swapped = []
+    real = rollout.reserve_cache
+    monkeypatch.setattr(rollout, "reserve_cache", lambda c, n: swapped.append(n) or real(c, n))
+    fast = generate_rollout(model, tok, ids, settings, capture=True, seeds=[1, 2, 3])
+    assert swapped == [10]
+    monkeypatch.setattr(rollout, "reserve_cache", lambda c, n: c)  # generate's own concatenating cache
+    stock = generate_rollout(model, tok, ids, settings, capture=True, seeds=[1, 2, 3])
+    assert torch.equal(fast.response_ids, stock.response_ids)
+    torch.testing.assert_close(fast.hidden, stock.hidden, rtol=0, atol=1e-5)
 
 
 def _fake_accelerator(stage):

@@ -251,10 +251,9 @@ class ChatEngine(EngineCalls):
         """Append rows to the running batch, left-padding whichever cache is shorter."""
         import torch
         import torch.nn.functional as F
-        from transformers import DynamicCache
 
         if not self._rows:
-            self._cache = DynamicCache(ddp_cache_data=kv)
+            self._cache = _decode_cache(kv)
             self._mask, self._pos, self._next, self._rows = mask, pos, nxt, rows
             return
         old = list(_layers(self._cache))
@@ -266,7 +265,7 @@ class ChatEngine(EngineCalls):
 
         merged = [(torch.cat([pad(k0, t_old), pad(k1, t_new)]), torch.cat([pad(v0, t_old), pad(v1, t_new)]))
                   for (k0, v0), (k1, v1) in zip(old, kv)]
-        self._cache = DynamicCache(ddp_cache_data=merged)
+        self._cache = _decode_cache(merged)
         self._mask = torch.cat([F.pad(self._mask, (t - t_old, 0)), F.pad(mask, (t - t_new, 0))])
         self._pos = torch.cat([self._pos, pos])
         self._next = torch.cat([self._next, nxt])
@@ -275,7 +274,6 @@ class ChatEngine(EngineCalls):
     def _decode(self) -> None:
         """One token for every running row; finished and cancelled rows leave the batch."""
         import torch
-        from transformers import DynamicCache
 
         b = len(self._rows)
         self._mask = torch.cat([self._mask, torch.ones((b, 1), dtype=self._mask.dtype, device=self.device)], dim=1)
@@ -294,8 +292,7 @@ class ChatEngine(EngineCalls):
         idx = torch.tensor(keep, device=self.device)
         mask = self._mask[idx]
         start = int(mask.any(dim=0).long().argmax())  # columns that are padding in every remaining row go
-        self._cache = DynamicCache(ddp_cache_data=[(k[idx, :, start:], v[idx, :, start:])
-                                                   for k, v in _layers(self._cache)])
+        self._cache = _decode_cache([(k[idx, :, start:], v[idx, :, start:]) for k, v in _layers(self._cache)])
         self._mask = mask[:, start:]
         self._pos = self._pos[idx]
         self._next = torch.tensor([tokens[i] for i in keep], device=self.device)
@@ -386,6 +383,19 @@ def server_threads() -> int:
     On a busy machine, intra-op threads that outnumber the free cores spin and wait on each other: we measured
     decoding 20x slower with 2 threads than with 1 on 2 shared cores."""
     return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+DECODE_ROOM = 128
+"""Positions of KV cache reserved ahead for the running batch (models.reserve_cache): one copy per 128 tokens."""
+
+
+def _decode_cache(kv: list[tuple[Any, Any]]) -> Any:
+    """The running batch's cache from each layer's (keys, values), written in place as tokens come."""
+    from transformers import DynamicCache
+
+    from rlhfchat.models import reserve_cache
+
+    return reserve_cache(DynamicCache(ddp_cache_data=kv), DECODE_ROOM)
 
 
 def _layers(cache: Any) -> Iterator[tuple[Any, Any]]:

@@ -85,7 +85,7 @@ def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return int(same.long().cumprod(0).sum())
 
 
-def _cache_argument(trunk: nn.Module) -> str | None:
+def cache_argument(trunk: nn.Module) -> str | None:
     """The name a HF trunk takes its KV cache under (`cache` in recent transformers, `past_key_values` before)."""
     params = inspect.signature(trunk.forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in params), None)
@@ -125,7 +125,7 @@ def split_shared_prefix(trunk: nn.Module, input_ids: torch.Tensor, attention_mas
     does not apply: fewer than MIN_SHARED_PREFIX shared tokens, a trunk that takes no KV cache, sliding-window
     attention, or gradient checkpointing in a training forward (its layers drop the KV cache there)."""
     s = shared_prefix_length(input_ids, attention_mask, start)
-    cache_arg = _cache_argument(trunk) if s >= MIN_SHARED_PREFIX else None
+    cache_arg = cache_argument(trunk) if s >= MIN_SHARED_PREFIX else None
     checkpointing = getattr(trunk, "gradient_checkpointing", False) and trunk.training and torch.is_grad_enabled()
     if cache_arg is None or checkpointing or getattr(getattr(trunk, "config", None), "sliding_window", None):
         return None
