@@ -319,8 +319,12 @@ def test_bench_ppo_prints_one_json_line(tiny_model_dir, tiny_reward_dir, tmp_pat
     result = json.loads(lines[0])
     assert result["samples"] == 8 and result["optimizer_steps"] == 4
     assert result["tokens_per_s"] == pytest.approx(result["samples_per_s"] * 5, rel=0.01)  # exactly 5 tokens each
-    for key in ("samples_per_s", "tokens_per_s", "gen_s", "train_s", "peak_rss_mb"):
+    for key in ("samples_per_s", "tokens_per_s", "gen_s", "train_s", "peak_rss_mb", "score_s", "forward_s",
+                "update_s"):
         assert result[key] > 0
+    # the phases split the run: together at most its wall time, and most of it (advantages are the rest)
+    phases = result["gen_s"] + result["score_s"] + result["forward_s"] + result["update_s"]
+    assert 0.5 * result["total_s"] <= phases <= result["total_s"] + 0.005
 
 
 def test_the_update_picks_the_math_attention_kernel_only_for_bf16_on_a_cpu():

@@ -9,8 +9,10 @@ Runs the real PPO iteration of `rlhfchat ppo` (rlhfchat.train.ppo.PPO: make_expe
 (scripts/bench_trl_ppo.py runs TRL 1.12's PPOTrainer on the same work and prints the same fields).
 
 `--prompts` rows have a `prompt`: a string is the model's input verbatim (no template), a list of chat messages
-goes through the policy's chat template. `gen_s` is the time in generation (step 1); `train_s` everything else
-(scoring, the rollout forwards, advantages and the PPO updates); peak_rss_mb is the process's peak resident memory.
+goes through the policy's chat template. `gen_s` is the time in generation (step 1); `train_s` everything else,
+split into `score_s` (the reward model), `forward_s` (old logprobs and values, the reference's logprobs),
+`update_s` (the PPO epochs: forward, backward, optimizer steps) and the little left for advantages; peak_rss_mb is
+the process's peak resident memory.
 """
 
 from __future__ import annotations
@@ -64,7 +66,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from rlhfchat.config import LoraConfig, PPOConfig
-    from rlhfchat.train import rollout
     from rlhfchat.train.ppo import PPO
 
     torch.set_num_threads(args.threads)
@@ -78,33 +79,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     ppo = PPO.from_folders(args.policy, args.reward, cfg, accelerator, seed=args.seed, reward_max_length=1024)
 
-    # Time generation inside make_experience by wrapping the one function that generates.
-    gen_s = [0.0]
-    generate = rollout.hf_generate
-
-    def timed_generate(*a: Any, **k: Any) -> Any:
-        t = time.perf_counter()
-        out = generate(*a, **k)
-        gen_s[0] += time.perf_counter() - t
-        return out
-
-    rollout.hf_generate = timed_generate
+    # make_experience times its own steps (generate, score, the rollout forwards); the update is timed here.
+    phases = {"gen_s": 0.0, "score_s": 0.0, "forward_s": 0.0, "update_s": 0.0}
     samples = tokens = 0
-    try:
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        for it in range(args.rollouts):
-            batch = [prompts[(it * args.batch + i) % len(prompts)] for i in range(args.batch)]
-            exp, _ = ppo.make_experience(batch, seeds=[it * args.batch + i for i in range(args.batch)])
-            ppo.update(exp)
-            samples += exp.input_ids.shape[0]
-            tokens += exp.mask.shape[0] * exp.mask.shape[1]  # generated positions (fixed length)
-        total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    finally:
-        rollout.hf_generate = generate
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for it in range(args.rollouts):
+        batch = [prompts[(it * args.batch + i) % len(prompts)] for i in range(args.batch)]
+        exp, stats = ppo.make_experience(batch, seeds=[it * args.batch + i for i in range(args.batch)])
+        t = time.perf_counter()
+        ppo.update(exp)
+        phases["update_s"] += time.perf_counter() - t
+        for key in ("gen_s", "score_s", "forward_s"):
+            phases[key] += stats[key]
+        samples += exp.input_ids.shape[0]
+        tokens += exp.mask.shape[0] * exp.mask.shape[1]  # generated positions (fixed length)
+    total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     result = {
         "impl": "rlhfchat", "samples": samples, "samples_per_s": round(samples / total, 3),
-        "tokens_per_s": round(tokens / total, 1), "gen_s": round(gen_s[0], 3), "train_s": round(total - gen_s[0], 3),
-        "total_s": round(total, 3), "cpu_s": round(cpu, 1),
+        "tokens_per_s": round(tokens / total, 1), "gen_s": round(phases["gen_s"], 3),
+        "train_s": round(total - phases["gen_s"], 3), "total_s": round(total, 3), "cpu_s": round(cpu, 1),
+        "score_s": round(phases["score_s"], 3), "forward_s": round(phases["forward_s"], 3),
+        "update_s": round(phases["update_s"], 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "optimizer_steps": ppo.optimizer_steps, "threads": args.threads, "share_trunk": cfg.share_trunk,
         "share_prompt_prefix": cfg.share_prompt_prefix,
