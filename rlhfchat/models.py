@@ -11,6 +11,7 @@ the whole cache per token).
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -210,17 +211,17 @@ def ensure_base(recipe: Any) -> str:
     return str(stage_dir)
 
 
-if __name__ == "__main__":
-    build_tiny(sys.argv[1], [Path(p) for p in sys.argv[2:]], TinyModelConfig())
-
-
+@functools.cache
 def _reserving_layer() -> type:
     """A transformers DynamicLayer that writes each step's keys and values into room reserved ahead of time.
 
     The stock layer concatenates every step: each generated token copies the layer's whole cache (for 16 rows of a
     27M-parameter model, a third of a CPU decode step). This one keeps a buffer with room for the tokens still to
-    come and returns views of its filled part. When its keys are replaced from outside (a repeat, a reorder, a
-    crop that leaves them a view), it starts a new buffer from them, so it behaves as the stock layer does.
+    come and returns views of its filled part. A crop leaves its keys a view of the buffer, and the next tokens
+    overwrite the cropped ones; when its keys are replaced from outside (a repeat, a reorder, a selection of rows)
+    or the room runs out, it starts a new buffer from them. Either way it returns what the stock layer would.
+
+    Decoding only (no_grad or inference mode): the buffer is written in place, which autograd cannot follow.
     """
     from transformers.cache_utils import DynamicLayer
 
@@ -256,7 +257,8 @@ def _reserving_layer() -> type:
 def reserve_cache(cache: Any, tokens: int) -> Any:
     """Give each plain dynamic layer of a HF cache room for `tokens` more positions (see _reserving_layer).
 
-    Layers of other kinds (sliding window, static, quantized) stay as they are. Returns the cache.
+    Layers of other kinds (sliding window, static, quantized) stay as they are. Returns the cache. For decoding
+    under no_grad or inference mode only.
     """
     try:
         from transformers.cache_utils import DynamicLayer
@@ -274,3 +276,7 @@ def reserve_cache(cache: Any, tokens: int) -> Any:
                 reserving.keys, reserving.values = layer.keys, layer.values
             layers[i] = reserving
     return cache
+
+
+if __name__ == "__main__":
+    build_tiny(sys.argv[1], [Path(p) for p in sys.argv[2:]], TinyModelConfig())

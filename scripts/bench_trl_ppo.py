@@ -10,7 +10,8 @@ The same work as ours: `--rollouts` PPO batches of `--batch` prompts, every resp
 policy has no stop token, so generation never ends early), `--ppo-epochs` passes over minibatches of `--minibatch`
 with one optimizer step each, `--threads` torch threads. TRL needs four networks: the policy, a reference copy, a
 value model (a sequence-classification model, initialised from the reward folder as TRL's examples do) and the
-reward model. Prints one JSON line with the same fields as `rlhfchat bench ppo`; `gen_s` is the time inside TRL's
+reward model. Prints one JSON line with the fields both benchmarks share (samples_per_s, tokens_per_s, gen_s,
+train_s, total_s, cpu_s, peak_rss_mb; not rlhfchat's finer split of train_s); `gen_s` is the time inside TRL's
 generation function, `train_s` the rest of `trainer.train()`.
 """
 

@@ -105,6 +105,7 @@ def test_batched_requests_decode_as_they_would_alone(engine, monkeypatch, room):
     if room:  # the batch's reserved KV room runs out every few tokens and is moved to a larger buffer
         monkeypatch.setattr("rlhfchat.chat.engine.DECODE_ROOM", room)
     alone = [engine.generate(m, greedy(30, ignore_eos=True)).text for m in (Q, Q2, Q3)]
+    assert alone[0] == stream_safe(hf_greedy(engine, Q, 30), [])  # and transformers' own cache agrees
     # all at once: one left-padded batch
     reqs = [engine.submit(m, greedy(30, ignore_eos=True)) for m in (Q, Q2, Q3)]
     assert [r.result().text for r in reqs] == alone

@@ -88,6 +88,16 @@ def test_seeded_sampler_draws_from_the_softmax():
     assert torch.all((freq - probs.double()).abs() <= 4 * (probs * (1 - probs) / 20_000).sqrt().double() + 1e-12)
 
 
+def test_seeded_sampler_refuses_rows_with_nothing_to_sample():
+    ok = torch.tensor([0.0, 1.0, 2.0])
+    for bad in (torch.tensor([0.0, torch.nan, 1.0]), torch.full((3,), -torch.inf)):
+        with pytest.raises(RlhfchatError, match="NaN or all -inf"):
+            SeededSampler([1, 2])(None, torch.stack([ok, bad]))
+    # a row with one token left always takes it
+    only = torch.tensor([[-torch.inf, 3.0, -torch.inf]]).expand(200, -1)
+    assert SeededSampler(range(200))(None, only).argmax(-1).eq(1).all()
+
+
 def test_seeded_processors_warp_like_sampling():
     """Temperature, top-k and top-p come before the noise, in generate's order; top-k removes the rest for good."""
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
@@ -139,8 +149,16 @@ def test_reserved_cache_layer_returns_what_concatenation_would():
         c.batch_repeat_interleave(2)
         c.update(k, -k, 0)
     assert reserved.layers[0].keys.shape == (4, 1, 11, 4)
-    assert torch.equal(reserved.layers[0].keys, stock.layers[0].keys)
-    assert torch.equal(reserved.layers[0].values, stock.layers[0].values)
+    # and whatever else transformers does to a layer (crop, row selection, beam reorder), it returns what the
+    # stock layer returns next
+    for rows, op in ((4, lambda c: c.crop(-3)), (2, lambda c: c.batch_select_indices(torch.tensor([0, 2]))),
+                     (2, lambda c: c.reorder_cache(torch.tensor([1, 0])))):
+        k = torch.randn(rows, 1, 2, 4, generator=g)
+        for c in (stock, reserved):
+            op(c)
+            c.update(k, -k, 0)
+        assert torch.equal(reserved.layers[0].keys, stock.layers[0].keys)
+        assert torch.equal(reserved.layers[0].values, stock.layers[0].values)
 
 
 @pytest.mark.parametrize("share_prefix", [True, False])
@@ -153,11 +171,14 @@ def test_generation_with_the_reserved_cache_matches_the_stock_cache(lm, monkeypa
     padded, mask = rollout.left_pad(ids, tok.pad_token_id)
     assert shared_prefix_length(padded, mask, padded.shape[1] - 1) >= MIN_SHARED_PREFIX  # the prefix is shared
     settings = GenerationSettings(max_new_tokens=10, min_new_tokens=10, stop_sequences=[], share_prefix=share_prefix)
-    swapped = []
+    caches = []
     real = rollout.reserve_cache
-    monkeypatch.setattr(rollout, "reserve_cache", lambda c, n: swapped.append(n) or real(c, n))
+    monkeypatch.setattr(rollout, "reserve_cache", lambda c, n: caches.append(real(c, n)) or caches[-1])
     fast = generate_rollout(model, tok, ids, settings, capture=True, seeds=[1, 2, 3])
-    assert swapped == [10]
+    [cache] = caches
+    for layer in cache.layers:  # one buffer from the prefill on: the 9 steps after it filled all but the last slot
+        assert type(layer).__name__ == "ReservingLayer" and layer.keys.data_ptr() == layer.room[0].data_ptr()
+        assert layer.room[0].shape[-2] - layer.keys.shape[-2] == 1
     monkeypatch.setattr(rollout, "reserve_cache", lambda c, n: c)  # generate's own concatenating cache
     stock = generate_rollout(model, tok, ids, settings, capture=True, seeds=[1, 2, 3])
     assert torch.equal(fast.response_ids, stock.response_ids)

@@ -175,24 +175,33 @@ class SeededSampler:
     depend on nothing but that seed and its own logits. The scores it returns are 0 at that token and -inf elsewhere,
     for greedy decoding to pick. Put it after the temperature / top-k / top-p warpers (their -inf gets probability
     0 and is never taken). One number per row and step: drawing a noise value per vocabulary entry instead (the
-    Gumbel-max trick, or torch.multinomial) took 2.5 to 6 ms of a 30 ms CPU decode step for 16 rows x 8k tokens.
+    Gumbel-max trick, or torch.multinomial) took 2.4 to 6 ms of a 30 ms CPU decode step for 16 rows x 8k tokens.
+
+    The generators live on the CPU and the numbers go to the scores' device in one copy per step, so a seed draws
+    the same numbers on every device. A row whose scores are NaN or all -inf is an error, as in torch.multinomial.
     """
 
     def __init__(self, seeds: Sequence[int]):
         self.seeds = [int(s) for s in seeds]
-        self.generators: list[torch.Generator] | None = None
+        self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """scores (B, V) -> (B, V) float32: 0 at each row's sampled token, -inf elsewhere."""
         if scores.shape[0] != len(self.seeds):
             raise RlhfchatError(f"seeds: expected one seed per row ({scores.shape[0]}), got {len(self.seeds)}")
         device = scores.device
-        if self.generators is None:  # on the scores' device: the same stream for a seed on every rank of one kind
-            self.generators = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
-        cdf = torch.softmax(scores.float(), dim=-1).double().cumsum(-1)  # (B, V), summed in float64: no drift
-        u = torch.cat([torch.rand(1, generator=g, device=device, dtype=torch.float64) for g in self.generators])
-        # the first token whose cumulative probability exceeds u: one with probability > 0
-        picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=scores.shape[1] - 1)
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        # the cumulative sum in float64 so that a 100k-token vocabulary does not drift
+        cdf = torch.softmax(scores.float(), dim=-1).to(dtype).cumsum(-1)  # (B, V)
+        total = cdf[:, -1]
+        if not bool(torch.isfinite(total).all() and (total > 0).all()):
+            raise RlhfchatError("sampling: a row's next-token scores are NaN or all -inf "
+                                "(overflow in the model, or the warpers removed every token)")
+        # the first token whose cumulative probability exceeds u x total: one with probability > 0 (the target stays
+        # below the total even where u x total would round up to it)
+        target = torch.minimum(u.to(dtype).to(device) * total, torch.nextafter(total, total.new_zeros(())))
+        picked = torch.searchsorted(cdf, target[:, None], right=True)
         return torch.full(scores.shape, -torch.inf, device=device).scatter_(1, picked, 0.0)
 
 
@@ -233,8 +242,11 @@ def hf_generate(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, prompt_mas
     layer and value head alone, without a second pass through the network.
 
     Sampling always goes through SeededSampler, one generator per row. seeds (one per row): each row's reply is
-    then the same whatever batch it is in; without them the seeds are drawn from the global RNG. min_new_tokens and
-    EOS work as without. The KV cache is written in place into room reserved for max_new_tokens (reserve_cache).
+    then the same whatever batch it is in; without them the seeds are drawn from torch's global (CPU) RNG. The
+    settings' temperature, top-k and top-p warp the logits, not the sampling defaults of the model's
+    generation_config (min_p, typical_p); its other logits processors (a repetition penalty) still apply, and
+    min_new_tokens and EOS work as without. The KV cache is written in place into room reserved for max_new_tokens
+    (models.reserve_cache).
 
     settings.share_prefix: the leading prompt tokens all rows share (a system prompt) are prefilled once and their
     KV cache repeated for the rows; generate gets [prefix | each row's left-padded rest] with that cache, and the
