@@ -10,10 +10,9 @@ Runs the real PPO iteration of `rlhfchat ppo` (rlhfchat.train.ppo.PPO: make_expe
 
 `--prompts` rows have a `prompt`: a string is the model's input verbatim (no template), a list of chat messages
 goes through the policy's chat template. `gen_s` is the time in generation (step 1, with encoding the prompts and
-cutting the replies); `train_s` everything else,
-split into `score_s` (the reward model), `forward_s` (old logprobs and values, the reference's logprobs),
-`update_s` (the PPO epochs: forward, backward, optimizer steps) and the little left for advantages; peak_rss_mb is
-the process's peak resident memory.
+cutting the replies); `train_s` everything else, split into `score_s` (the reward model), `forward_s` (old
+logprobs and values, the reference's logprobs), `update_s` (the PPO epochs: forward, backward, optimizer steps)
+and the little left for advantages; peak_rss_mb is the process's peak resident memory.
 """
 
 from __future__ import annotations
