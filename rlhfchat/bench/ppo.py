@@ -6,7 +6,7 @@
 Runs the real PPO iteration of `rlhfchat ppo` (rlhfchat.train.ppo.PPO: make_experience, then update) for
 `--rollouts` iterations of `--batch` prompts each. The work is fixed: every response is exactly --new-tokens long
 (min_new_tokens = max_new_tokens, no stop sequences), so runs and implementations compare like for like
-(scripts/bench_trl_ppo.py runs TRL 1.12's PPOTrainer on the same work and prints the same fields).
+(scripts/bench_trl_ppo.py runs TRL 1.12's PPOTrainer on the same work and prints the fields both share).
 
 `--prompts` rows have a `prompt`: a string is the model's input verbatim (no template), a list of chat messages
 goes through the policy's chat template. `gen_s` is the time in generation (step 1, with encoding the prompts and
