@@ -95,8 +95,9 @@ def load_tokenizer(path: str | Path) -> Any:
 
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
-    except OSError as e:
-        raise RlhfchatError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError) as e:  # ValueError: a folder without tokenizer files
+        raise RlhfchatError(f"{path}: cannot load a tokenizer, expected a model folder or hub id with one "
+                            f"({str(e).splitlines()[0].rstrip(': ')})") from None
     if not tok.chat_template or "{% generation %}" not in tok.chat_template:
         apply_template(tok)
     if tok.pad_token is None:

@@ -327,6 +327,25 @@ def test_bench_ppo_prints_one_json_line(tiny_model_dir, tiny_reward_dir, tmp_pat
     assert 0.5 * result["total_s"] <= phases <= result["total_s"] + 0.005
 
 
+def test_bench_ppo_names_the_bad_input(tiny_reward_dir, tmp_path, capsys):
+    from rlhfchat.cli import main as cli_main
+
+    good = tmp_path / "prompts.jsonl"
+    good.write_text(json.dumps({"prompt": "Hi"}) + "\n")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"prompt": "Hi"}) + "\n{oops\n")
+    empty_dir = tmp_path / "not_a_model"
+    empty_dir.mkdir()
+    cases = [(str(tiny_reward_dir), str(tmp_path / "missing.jsonl"), "missing.jsonl: cannot read the prompts"),
+             (str(tiny_reward_dir), str(broken), "broken.jsonl line 2: not JSON"),
+             (str(empty_dir), str(good), "not_a_model: cannot load a tokenizer")]
+    for policy, prompts, message in cases:
+        assert cli_main(["bench", "ppo", "--policy", policy, "--reward", str(tiny_reward_dir),
+                         "--prompts", prompts]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
 def test_the_update_picks_the_math_attention_kernel_only_for_bf16_on_a_cpu():
     from rlhfchat.train.policy import training_attention
 

@@ -47,11 +47,18 @@ def read_prompts(path: str) -> list[Any]:
     from rlhfchat.errors import RlhfchatError
 
     prompts = []
-    with open(path, encoding="utf-8") as f:
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise RlhfchatError(f"{path}: cannot read the prompts ({e.strerror})") from None
+    with f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RlhfchatError(f"{path} line {lineno}: not JSON ({e.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), (str, list)):
                 raise RlhfchatError(f"{path} line {lineno}: expected a `prompt` (a string or a list of messages)")
             prompts.append(row["prompt"])
