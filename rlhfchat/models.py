@@ -5,8 +5,8 @@ data, built deterministically from the seed, so the demo and the tests need noth
 
     python -m rlhfchat.models OUT_DIR runs/tiny/data/sft.train.jsonl
 
-Also `reserve_cache`, the KV cache that rollouts and the chat engine decode into (room reserved ahead, no copy of
-the whole cache per token).
+Also what rollouts and the chat engine both decode with: `reserve_cache`, the KV cache they write into (room
+reserved ahead, no copy of the whole cache per token), and `inverse_cdf_sample`, their draw of a token.
 """
 
 from __future__ import annotations
@@ -210,6 +210,26 @@ def ensure_base(recipe: Any) -> str:
             build_tiny(stage_dir, corpus, recipe.base.tiny, seed=recipe.seed)
         print(f"[base] tiny Llama built in {stage_dir}")
     return str(stage_dir)
+
+
+def inverse_cdf_sample(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of (B, V) logits from one uniform number per row u (B,) in [0, 1): the token where u
+    falls in the cumulative distribution of softmax(logits). -inf logits get probability 0 and are never taken.
+
+    The cumulative sum runs in float64 (float32 on MPS, which has none), so a 100k-token vocabulary does not drift.
+    A row that is NaN or all -inf is an error, as in torch.multinomial. Returns (B,) token indices.
+    """
+    dtype = torch.float32 if logits.device.type == "mps" else torch.float64
+    cdf = torch.softmax(logits.float(), dim=-1).to(dtype).cumsum(-1)  # (B, V)
+    total = cdf[:, -1]
+    if not bool(torch.isfinite(total).all() and (total > 0).all()):
+        raise RlhfchatError("sampling: a row's next-token scores are NaN or all -inf "
+                            "(overflow in the model, or the warpers removed every token)")
+    # the first token whose cumulative probability exceeds u x total: one with probability > 0 (the target stays
+    # below the total even where u x total would round up to it)
+    target = torch.minimum(u.reshape(-1).to(dtype).to(logits.device) * total,
+                           torch.nextafter(total, total.new_zeros(())))
+    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
 
 
 @functools.cache

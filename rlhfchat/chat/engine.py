@@ -306,6 +306,8 @@ class ChatEngine(EngineCalls):
         samples the same way alone or in a batch."""
         import torch
 
+        from rlhfchat.models import inverse_cdf_sample
+
         params = [r.req.params for r in rows]
         b, v = logits.shape
         dev = logits.device
@@ -331,9 +333,8 @@ class ChatEngine(EngineCalls):
                 top_p = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
                 probs = x.softmax(dim=-1)
                 x = x.masked_fill(probs.cumsum(dim=-1) - probs > top_p, float("-inf"))  # keeps >= 1 token
-        cdf = x.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
-        u = torch.stack([torch.rand((), generator=r.generator, device=dev) for r in rows]).unsqueeze(1)
-        idx = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=v - 1)  # (B, 1)
+        u = torch.stack([torch.rand((), generator=r.generator, device=dev) for r in rows])
+        idx = inverse_cdf_sample(x, u).unsqueeze(1)  # (B, 1)
         sampled = (order.gather(1, idx) if order is not None else idx).squeeze(1)
         is_greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
         return torch.where(is_greedy, greedy, sampled).tolist()
