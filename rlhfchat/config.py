@@ -197,6 +197,12 @@ class PPOConfig:
     max_prompt_length: int = 256
     share_trunk: bool = True
     """The value head rides on the policy's network (one trunk) instead of a separate critic."""
+    num_layers_unfrozen: int = -1
+    """trlX model.num_layers_unfrozen: -1 trains every layer; N >= 0 freezes the embeddings and all decoder blocks
+    but the top N (the final norm and the output layer still train, unless tied to the embeddings). The reference is
+    then the policy's own frozen bottom under frozen copies of the top (trlX's hydra): no second whole model, and the
+    update's backward stops at the lowest trainable block. trlX's own examples use 2. Not with `lora`; a separate
+    critic (`share_trunk: false`) trains in full."""
     share_prompt_prefix: bool = True
     """The leading tokens every prompt of a batch has in common (the system prompt, the template's opening) go
     through the policy, critic, reference and reward model once per batch, and generation prefills them once; their
@@ -223,6 +229,12 @@ class PPOConfig:
     report_to: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.num_layers_unfrozen < -1:
+            raise RlhfchatError(f"ppo.num_layers_unfrozen: expected -1 (all layers) or a number of top layers >= 0, "
+                                f"got {self.num_layers_unfrozen}")
+        if self.num_layers_unfrozen >= 0 and self.lora.enabled:
+            raise RlhfchatError("ppo.num_layers_unfrozen: LoRA already freezes the whole base model; set it to -1 "
+                                "with ppo.lora.enabled")
         if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
             raise RlhfchatError(f"ppo.vllm_gpu_memory_utilization: expected a number in (0, 1], "
                                 f"got {self.vllm_gpu_memory_utilization}")

@@ -208,8 +208,9 @@ def test_clip_folded_into_the_fused_step_equals_clip_then_step(run_dir, max_grad
     expected = (1 - 0.9) * grads[0] * min(1.0, max_grad_norm / norm_plain)
     assert torch.allclose(state["exp_avg"], expected, rtol=1e-4, atol=1e-9)
 
-@pytest.mark.parametrize("overrides", [(), ("ppo.share_trunk=false",), ("ppo.lora.enabled=true",)],
-                         ids=["shared-trunk", "separate-critic", "lora"])
+@pytest.mark.parametrize("overrides", [(), ("ppo.share_trunk=false",), ("ppo.lora.enabled=true",),
+                                       ("ppo.num_layers_unfrozen=1",)],
+                         ids=["shared-trunk", "separate-critic", "lora", "top-layer-only"])
 def test_every_trainable_parameter_changes(run_dir, tmp_path, overrides):
     ppo = make_ppo(run_dir, *overrides)
     before = {n: p.detach().clone() for n, p in ppo.unwrapped.named_parameters() if p.requires_grad}
@@ -221,9 +222,13 @@ def test_every_trainable_parameter_changes(run_dir, tmp_path, overrides):
     unchanged = [n for n, p in before.items() if torch.equal(p, after[n])]
     assert not unchanged, unchanged
     assert all(torch.equal(p, after[n]) for n, p in frozen.items())
-    if "ppo.lora.enabled=true" in overrides:
-        assert frozen and all("lora_" in n or "value_head" in n for n in before)
-        # the reference is the SFT model itself: LoRA disabled gives its logprobs exactly
+    if "ppo.num_layers_unfrozen=1" in overrides:  # trlX's hydra: of 2 blocks only the top one trains
+        assert sorted({n.split(".")[2] for n in frozen}) == ["embed_tokens", "layers"]
+        assert all(n.startswith(("lm.model.embed_tokens.", "lm.model.layers.0.")) for n in frozen)
+        assert {"lm.model.norm.weight", "lm.lm_head.weight", "value_head.weight"} <= set(before)
+        assert ppo.reference.lm is None, "the reference shares the frozen bottom instead of a whole copy"
+    if frozen:
+        # the reference is the SFT model itself (LoRA disabled, or the frozen top swapped in), after training too
         from transformers import AutoModelForCausalLM
 
         sft = AutoModelForCausalLM.from_pretrained(run_dir / "sft")
@@ -232,12 +237,48 @@ def test_every_trainable_parameter_changes(run_dir, tmp_path, overrides):
             assert torch.allclose(ppo.reference.logprobs(ids, attn, exp.n_prompt),
                                   response_logprobs(sft, ids, attn, exp.n_prompt), atol=1e-5)
             trained = ppo.unwrapped(ids, attn, exp.n_prompt).logprobs
+            assert not torch.allclose(trained, response_logprobs(sft, ids, attn, exp.n_prompt), atol=1e-3)
+    if "ppo.lora.enabled=true" in overrides:
+        assert frozen and all("lora_" in n or "value_head" in n for n in before)
         # the saved folder is a plain causal LM with the adapters merged in
         ppo.unwrapped.save_pretrained(tmp_path / "out")
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
         assert not any("lora" in n for n, _ in merged.named_parameters())
         with torch.no_grad():
             assert torch.allclose(response_logprobs(merged, ids, attn, exp.n_prompt), trained, atol=1e-4)
+
+
+def test_frozen_bottom_with_tied_embeddings_keeps_the_reference_exact(tiny_model_dir, tmp_path):
+    """Tied input and output embeddings: the output layer freezes with the embeddings (the shared bottom must stay
+    the SFT model's), the branch holds only the top block and the norm, and the policy gets its own modules back."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlhfchat.train.policy import Reference, build_policy
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tied")
+    load_tokenizer(tiny_model_dir).save_pretrained(tmp_path / "tied")
+    with pytest.raises(RlhfchatError, match=r"ppo.num_layers_unfrozen: expected -1 \(all\) or 0..2"):
+        build_policy(tmp_path / "tied", num_layers_unfrozen=3)
+    policy = build_policy(tmp_path / "tied", num_layers_unfrozen=1)
+    assert policy.lm.lm_head.weight is policy.lm.model.embed_tokens.weight and not policy.lm.lm_head.weight.requires_grad
+    reference = Reference(policy, tmp_path / "tied")
+    assert [name for _, name, _ in reference.branch.parts] == ["1", "norm"]
+    own = [policy.lm.model.layers[1], policy.lm.model.norm]
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    ids = torch.tensor([[3, 3, 40, 41, 42, 43, 44, 45], [50, 51, 52, 53, 54, 55, 56, 57]])
+    mask = (ids != 3).long()
+    sft = AutoModelForCausalLM.from_pretrained(tmp_path / "tied")
+    with torch.no_grad():
+        expected = response_logprobs(sft, ids, mask, 5)
+        assert torch.allclose(reference.logprobs(ids, mask, 5), expected, atol=1e-6)
+        assert not torch.allclose(response_logprobs(policy.lm, ids, mask, 5), expected, atol=1e-3)
+    assert [policy.lm.model.layers[1], policy.lm.model.norm] == own
 
 
 def test_vllm_backend_is_a_clear_error():

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-share-prefix", action="store_true",
                         help="every row computes its whole prompt (ppo.share_prompt_prefix: false)")
     parser.add_argument("--lora", action="store_true", help="LoRA adapters; the reference is the adapter disabled")
+    parser.add_argument("--num-layers-unfrozen", type=int, default=-1, metavar="N",
+                        help="train only the top N decoder blocks, trlX's hydra (default -1: all); less work than "
+                             "TRL's PPO, which trains every layer")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
                         help="bf16: autocast compute, fp32 policy weights, bf16 frozen reference and reward")
     parser.add_argument("--seed", type=int, default=0)
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     batch_size=args.minibatch, grad_accum=1, max_new_tokens=args.new_tokens,
                     min_new_tokens=args.new_tokens, stop_sequences=[], share_trunk=not args.separate_critic,
                     share_prompt_prefix=not args.no_share_prefix,
-                    lora=LoraConfig(enabled=args.lora), max_prompt_length=1024)
+                    lora=LoraConfig(enabled=args.lora), num_layers_unfrozen=args.num_layers_unfrozen,
+                    max_prompt_length=1024)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     ppo = PPO.from_folders(args.policy, args.reward, cfg, accelerator, seed=args.seed, reward_max_length=1024)
 
@@ -110,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "optimizer_steps": ppo.optimizer_steps, "threads": args.threads, "share_trunk": cfg.share_trunk,
         "share_prompt_prefix": cfg.share_prompt_prefix,
-        "lora": args.lora, "mixed_precision": args.mixed_precision,
+        "lora": args.lora, "num_layers_unfrozen": args.num_layers_unfrozen, "mixed_precision": args.mixed_precision,
         "policy_params_m": round(sum(p.numel() for p in ppo.unwrapped.lm.parameters()) / 1e6, 2),
         "reward_params_m": round(sum(p.numel() for p in ppo.scorer.model.parameters()) / 1e6, 2),
     }

@@ -15,6 +15,9 @@ of the states before each of them (trlX's alignment: value t is the value of the
 - `share_trunk: false`: a separate critic, a copy of the SFT model's trunk with its own linear head.
 - LoRA (`ppo.lora.enabled`): only the adapters (and the value head) train; the reference is the same network with
   the adapters disabled, so no second copy of the weights is held.
+- `num_layers_unfrozen: N` (trlX's hydra): the embeddings and every decoder block below the top N stay frozen, so the
+  reference is the policy's own frozen bottom under copies of what trains above it (`FrozenBranch`), not a second
+  whole model; the update's backward stops at the lowest trainable block.
 - `share_prompt_prefix: true`: the leading tokens all rows of a batch share (the system prompt) go through the trunk
   once per batch, their keys and values shared by every row (`hidden_from`).
 """
@@ -288,6 +291,75 @@ class PolicyWithValueHead(nn.Module):
         save_file(self.value_state_dict(), str(Path(out_dir) / "value_head.safetensors"))
 
 
+def decoder_blocks(trunk: nn.Module) -> nn.ModuleList:
+    """The trunk's decoder blocks: its ModuleList child with config.num_hidden_layers entries (`layers`, `h`, ...)."""
+    config = trunk.config.get_text_config() if hasattr(trunk.config, "get_text_config") else trunk.config
+    n = getattr(config, "num_hidden_layers", None)
+    for child in trunk.children():
+        if isinstance(child, nn.ModuleList) and len(child) == n:
+            return child
+    raise RlhfchatError(f"{type(trunk).__name__}: cannot find its list of {n} decoder blocks")
+
+
+def freeze_bottom_layers(lm: nn.Module, num_layers_unfrozen: int) -> None:
+    """Freeze the input embeddings and every decoder block below the top `num_layers_unfrozen` (trlX's
+    freeze_bottom_causal_layers). The final norm and the output layer keep training, unless the output layer is
+    tied to the input embeddings: then it is frozen with them (the frozen bottom must stay the SFT model's)."""
+    trunk, _ = causal_parts(lm)
+    blocks = decoder_blocks(trunk)
+    if not 0 <= num_layers_unfrozen <= len(blocks):
+        raise RlhfchatError(f"ppo.num_layers_unfrozen: expected -1 (all) or 0..{len(blocks)} (this model's "
+                            f"decoder blocks), got {num_layers_unfrozen}")
+    lm.get_input_embeddings().requires_grad_(False)
+    for child in trunk.children():
+        if isinstance(child, nn.Embedding):  # learned position embeddings (GPT-2's wpe)
+            child.requires_grad_(False)
+    for block in blocks[: len(blocks) - num_layers_unfrozen]:
+        block.requires_grad_(False)
+
+
+class FrozenBranch:
+    """trlX's hydra reference: frozen copies of the parts of a partly frozen policy that train (the top blocks, the
+    final norm, the output layer), taken while they still hold the SFT weights. Swapped into the policy for the
+    reference's forward, they make it the SFT model again on top of the shared frozen bottom; nothing else of the
+    model is held twice.
+    """
+
+    def __init__(self, lm: nn.Module, dtype: torch.dtype | None = None):
+        import copy
+
+        trunk, head = causal_parts(lm)
+        blocks = decoder_blocks(trunk)
+        owners = [(blocks, name, child) for name, child in blocks.named_children()]
+        owners += [(trunk, name, child) for name, child in trunk.named_children() if child is not blocks]
+        owners += [(lm, name, child) for name, child in lm.named_children() if child is head]
+        self.parts = []  # (owner module, attribute name, frozen copy)
+        for owner, name, child in owners:
+            if any(p.requires_grad for p in child.parameters()):
+                frozen = copy.deepcopy(child).requires_grad_(False).eval()
+                self.parts.append((owner, name, frozen.to(dtype) if dtype is not None else frozen))
+        if any(p.requires_grad for p in head.parameters()) and not any(c is head for _, _, c in owners):
+            raise RlhfchatError(f"{type(lm).__name__}: its output layer is not a direct child; cannot build the "
+                                "shared-bottom reference")
+
+    def to(self, device: torch.device) -> "FrozenBranch":
+        for _, _, frozen in self.parts:
+            frozen.to(device)
+        return self
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The policy computes the reference inside this block; its own modules are back afterwards."""
+        trained = [(owner, name, getattr(owner, name)) for owner, name, _ in self.parts]
+        try:
+            for owner, name, frozen in self.parts:
+                setattr(owner, name, frozen)
+            yield
+        finally:
+            for owner, name, module in trained:
+                setattr(owner, name, module)
+
+
 def _hidden_size(lm: nn.Module) -> int:
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     return int(config.hidden_size)
@@ -306,8 +378,10 @@ def disable_dropout(model: nn.Module) -> None:
 
 def build_policy(sft_dir: str | Path, share_trunk: bool = True, lora: LoraConfig | None = None,
                  dtype: torch.dtype = torch.float32, temperature: float = 1.0, seed: int = 0,
-                 gradient_checkpointing: bool = False, share_prefix: bool = True) -> PolicyWithValueHead:
-    """The trainable policy from an SFT folder: LoRA adapters when `lora.enabled`, a value head either way."""
+                 gradient_checkpointing: bool = False, share_prefix: bool = True,
+                 num_layers_unfrozen: int = -1) -> PolicyWithValueHead:
+    """The trainable policy from an SFT folder: LoRA adapters when `lora.enabled`, a value head either way; with
+    `num_layers_unfrozen` >= 0 only the top blocks (and the final norm and output layer) train."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     if lora is not None and lora.quantize:  # QLoRA: a 4-bit frozen base under the adapters
@@ -322,6 +396,8 @@ def build_policy(sft_dir: str | Path, share_trunk: bool = True, lora: LoraConfig
 
         lm = get_peft_model(lm, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    elif num_layers_unfrozen >= 0:
+        freeze_bottom_layers(lm, num_layers_unfrozen)
     critic = None if share_trunk else _load(AutoModel, sft_dir, dtype)
     if gradient_checkpointing:
         for model in (lm, critic):
@@ -347,16 +423,23 @@ def _load(auto_cls: Any, path: str | Path, dtype: torch.dtype) -> nn.Module:
 class Reference:
     """The frozen SFT model that the KL penalty measures against.
 
-    With LoRA it is the policy itself under `disable_adapter()` (no second copy); otherwise a frozen copy loaded
-    from the SFT folder. Not an nn.Module on purpose: it is never trained, prepared or checkpointed.
+    With LoRA it is the policy itself under `disable_adapter()` (no second copy). With a frozen bottom
+    (`num_layers_unfrozen`) and `share_bottom`, it is the policy with a FrozenBranch swapped in. Otherwise a frozen copy
+    loaded from the SFT folder (also under ZeRO-3 or FSDP, whose sharded modules cannot be swapped). Build it right
+    after the policy, before any training step or checkpoint load: the branch copies the weights it finds.
+    Not an nn.Module on purpose: it is never trained, prepared or checkpointed.
     """
 
     def __init__(self, policy: PolicyWithValueHead, sft_dir: str | Path | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, share_bottom: bool = True):
         self.policy = policy
         self.uses_adapter = hasattr(policy.lm, "disable_adapter")
         self.lm = None
-        if not self.uses_adapter:
+        self.branch = None
+        partly_frozen = any(not p.requires_grad for p in policy.lm.parameters())
+        if not self.uses_adapter and partly_frozen and share_bottom:
+            self.branch = FrozenBranch(policy.lm, dtype)
+        elif not self.uses_adapter:
             from transformers import AutoModelForCausalLM
 
             if sft_dir is None:
@@ -367,8 +450,9 @@ class Reference:
             disable_dropout(self.lm)
 
     def to(self, device: torch.device) -> "Reference":
-        if self.lm is not None:
-            self.lm.to(device)
+        for frozen in (self.lm, self.branch):
+            if frozen is not None:
+                frozen.to(device)
         return self
 
     @torch.inference_mode()
@@ -377,6 +461,9 @@ class Reference:
         t, share = self.policy.temperature, self.policy.share_prefix
         if self.uses_adapter:
             with self.policy.lm.disable_adapter():
+                return response_logprobs(self.policy.lm, input_ids, attention_mask, n_prompt, t, share)
+        if self.branch is not None:
+            with self.branch.swapped_in():
                 return response_logprobs(self.policy.lm, input_ids, attention_mask, n_prompt, t, share)
         return response_logprobs(self.lm, input_ids, attention_mask, n_prompt, t, share)
 

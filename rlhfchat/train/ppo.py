@@ -144,8 +144,9 @@ class PPO:
         policy = build_policy(policy_dir, share_trunk=cfg.share_trunk, lora=cfg.lora, dtype=dtype,
                               temperature=cfg.temperature, seed=seed,
                               gradient_checkpointing=cfg.gradient_checkpointing,
-                              share_prefix=cfg.share_prompt_prefix)
-        reference = Reference(policy, policy_dir, dtype=frozen_dtype)
+                              share_prefix=cfg.share_prompt_prefix, num_layers_unfrozen=cfg.num_layers_unfrozen)
+        sharded = accelerator.distributed_type.value in ("DEEPSPEED", "FSDP")
+        reference = Reference(policy, policy_dir, dtype=frozen_dtype, share_bottom=not sharded)
         scorer = RewardScorer(reward_dir, max_length=reward_max_length, dtype=frozen_dtype, batch_size=cfg.chunk_size,
                               share_prefix=cfg.share_prompt_prefix)
         vllm = None
