@@ -199,10 +199,11 @@ class PPOConfig:
     """The value head rides on the policy's network (one trunk) instead of a separate critic."""
     num_layers_unfrozen: int = -1
     """trlX model.num_layers_unfrozen: -1 trains every layer; N >= 0 freezes the embeddings and all decoder blocks
-    but the top N (the final norm and the output layer still train, unless tied to the embeddings). The reference is
-    then the policy's own frozen bottom under frozen copies of the top (trlX's hydra): no second whole model, and the
-    update's backward stops at the lowest trainable block. trlX's own examples use 2. Not with `lora`; a separate
-    critic (`share_trunk: false`) trains in full."""
+    but the top N (the final norm and the output layer still train, unless tied to the embeddings; trlX leaves the
+    embeddings trainable, freezing them keeps the reference exact). The reference is then the policy's own frozen
+    bottom under frozen copies of the top (trlX's hydra): no second whole model (under ZeRO-3 or FSDP it is one
+    again), and the update's backward stops at the lowest trainable block. trlX's own examples use 2. Not with
+    `lora`; a separate critic (`share_trunk: false`) trains in full."""
     share_prompt_prefix: bool = True
     """The leading tokens every prompt of a batch has in common (the system prompt, the template's opening) go
     through the policy, critic, reference and reward model once per batch, and generation prefills them once; their

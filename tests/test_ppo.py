@@ -248,37 +248,75 @@ def test_every_trainable_parameter_changes(run_dir, tmp_path, overrides):
             assert torch.allclose(response_logprobs(merged, ids, attn, exp.n_prompt), trained, atol=1e-4)
 
 
-def test_frozen_bottom_with_tied_embeddings_keeps_the_reference_exact(tiny_model_dir, tmp_path):
-    """Tied input and output embeddings: the output layer freezes with the embeddings (the shared bottom must stay
-    the SFT model's), the branch holds only the top block and the norm, and the policy gets its own modules back."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+@pytest.mark.parametrize("arch", ["llama-tied", "gpt2"])
+def test_frozen_bottom_keeps_the_reference_exact(tiny_model_dir, tmp_path, arch):
+    """Tied input and output embeddings (and GPT-2's learned positions): the output layer and the position embeddings
+    freeze with the embeddings (the shared bottom must stay the SFT model's), the branch holds only the top block and
+    the final norm, and the policy gets its own modules back."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
-    from rlhfchat.train.policy import Reference, build_policy
+    from rlhfchat.train.policy import Reference, build_policy, causal_parts, decoder_blocks
 
-    config = AutoConfig.from_pretrained(tiny_model_dir)
-    config.tie_word_embeddings = True
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+        frozen_prefixes, parts = ("lm.transformer.wte.", "lm.transformer.wpe.", "lm.transformer.h.0."), ["1", "ln_f"]
+    else:
+        config = AutoConfig.from_pretrained(tiny_model_dir)
+        config.tie_word_embeddings = True
+        frozen_prefixes, parts = ("lm.model.embed_tokens.", "lm.model.layers.0."), ["1", "norm"]
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tied")
-    load_tokenizer(tiny_model_dir).save_pretrained(tmp_path / "tied")
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / arch)
     with pytest.raises(RlhfchatError, match=r"ppo.num_layers_unfrozen: expected -1 \(all\) or 0..2"):
-        build_policy(tmp_path / "tied", num_layers_unfrozen=3)
-    policy = build_policy(tmp_path / "tied", num_layers_unfrozen=1)
-    assert policy.lm.lm_head.weight is policy.lm.model.embed_tokens.weight and not policy.lm.lm_head.weight.requires_grad
-    reference = Reference(policy, tmp_path / "tied")
-    assert [name for _, name, _ in reference.branch.parts] == ["1", "norm"]
-    own = [policy.lm.model.layers[1], policy.lm.model.norm]
+        build_policy(tmp_path / arch, num_layers_unfrozen=3)
+    policy = build_policy(tmp_path / arch, num_layers_unfrozen=1)
+    trunk, head = causal_parts(policy.lm)
+    assert head.weight is policy.lm.get_input_embeddings().weight and not head.weight.requires_grad
+    frozen = [n for n, p in policy.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(frozen_prefixes) for n in frozen)
+    assert {prefix for prefix in frozen_prefixes if any(n.startswith(prefix) for n in frozen)} == set(frozen_prefixes)
+    reference = Reference(policy, tmp_path / arch)
+    assert [name for _, name, _ in reference.branch.parts] == parts
+    own = [module for _, _, module in ((o, n, getattr(o, n)) for o, n, _ in reference.branch.parts)]
     with torch.no_grad():
         for p in policy.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
-    ids = torch.tensor([[3, 3, 40, 41, 42, 43, 44, 45], [50, 51, 52, 53, 54, 55, 56, 57]])
-    mask = (ids != 3).long()
-    sft = AutoModelForCausalLM.from_pretrained(tmp_path / "tied")
+    # two rows with 9 shared leading tokens: the reference's shared-prefix path runs under the swap too
+    shared = list(range(40, 49))
+    ids = torch.tensor([[3, 3] + shared + [60, 61, 62, 63, 64], [7, 8] + shared + [70, 71, 72, 73, 74]])
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    sft = AutoModelForCausalLM.from_pretrained(tmp_path / arch)
     with torch.no_grad():
-        expected = response_logprobs(sft, ids, mask, 5)
-        assert torch.allclose(reference.logprobs(ids, mask, 5), expected, atol=1e-6)
-        assert not torch.allclose(response_logprobs(policy.lm, ids, mask, 5), expected, atol=1e-3)
-    assert [policy.lm.model.layers[1], policy.lm.model.norm] == own
+        expected = response_logprobs(sft, ids, mask, 12)
+        assert torch.allclose(reference.logprobs(ids, mask, 12), expected, atol=1e-6)
+        assert not torch.allclose(response_logprobs(policy.lm, ids, mask, 12), expected, atol=1e-3)
+    assert [getattr(o, n) for o, n, _ in reference.branch.parts] == own
+    assert decoder_blocks(trunk)[1] is own[0]
+
+
+def test_frozen_bottom_stays_out_of_the_backward_under_gradient_checkpointing(tiny_model_dir):
+    """transformers makes the embeddings' output require grad for checkpointing; with a frozen bottom the lower
+    blocks must still stay out of the autograd graph, and the gradients must be those without checkpointing."""
+    from rlhfchat.train.policy import build_policy, causal_parts, decoder_blocks
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20]])
+    mask = torch.ones_like(ids)
+    grads = {}
+    for checkpointing in (False, True):
+        policy = build_policy(tiny_model_dir, num_layers_unfrozen=1, gradient_checkpointing=checkpointing)
+        policy.train()
+        seen = []
+        for block in decoder_blocks(causal_parts(policy.lm)[0]):
+            block.register_forward_hook(
+                lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).requires_grad))
+        out = policy(ids, mask, 4)
+        (out.logprobs.sum() + out.values.sum()).backward()
+        assert seen == [False, True], (checkpointing, seen)
+        grads[checkpointing] = {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}
+    assert grads[True].keys() == grads[False].keys()
+    for name, g in grads[False].items():
+        assert g is not None and torch.allclose(grads[True][name], g, atol=1e-6), name
 
 
 def test_vllm_backend_is_a_clear_error():

@@ -302,18 +302,22 @@ def decoder_blocks(trunk: nn.Module) -> nn.ModuleList:
 
 
 def freeze_bottom_layers(lm: nn.Module, num_layers_unfrozen: int) -> None:
-    """Freeze the input embeddings and every decoder block below the top `num_layers_unfrozen` (trlX's
-    freeze_bottom_causal_layers). The final norm and the output layer keep training, unless the output layer is
-    tied to the input embeddings: then it is frozen with them (the frozen bottom must stay the SFT model's)."""
+    """Freeze everything below the top `num_layers_unfrozen` decoder blocks: the input embeddings, whatever else the
+    trunk runs before its blocks (GPT-2's position embeddings, Bloom's embedding norm) and the lower blocks. The final
+    norm and the output layer keep training, unless the output layer is tied to the input embeddings: then it is
+    frozen with them. trlX's freeze_bottom_causal_layers freezes the lower blocks only; freezing what feeds them too
+    keeps the shared bottom exactly the SFT model's (so the reference is exact) and stops the backward at the lowest
+    trainable block."""
     trunk, _ = causal_parts(lm)
     blocks = decoder_blocks(trunk)
     if not 0 <= num_layers_unfrozen <= len(blocks):
         raise RlhfchatError(f"ppo.num_layers_unfrozen: expected -1 (all) or 0..{len(blocks)} (this model's "
                             f"decoder blocks), got {num_layers_unfrozen}")
     lm.get_input_embeddings().requires_grad_(False)
-    for child in trunk.children():
-        if isinstance(child, nn.Embedding):  # learned position embeddings (GPT-2's wpe)
-            child.requires_grad_(False)
+    for child in trunk.children():  # registered before the blocks: what the trunk runs on the input
+        if child is blocks:
+            break
+        child.requires_grad_(False)
     for block in blocks[: len(blocks) - num_layers_unfrozen]:
         block.requires_grad_(False)
 
@@ -325,7 +329,7 @@ class FrozenBranch:
     model is held twice.
     """
 
-    def __init__(self, lm: nn.Module, dtype: torch.dtype | None = None):
+    def __init__(self, lm: nn.Module):
         import copy
 
         trunk, head = causal_parts(lm)
@@ -333,14 +337,18 @@ class FrozenBranch:
         owners = [(blocks, name, child) for name, child in blocks.named_children()]
         owners += [(trunk, name, child) for name, child in trunk.named_children() if child is not blocks]
         owners += [(lm, name, child) for name, child in lm.named_children() if child is head]
+        # The copies keep the policy's dtype: the reference then computes exactly what the policy did before its
+        # first update (a zero KL at step 0, also under bf16 autocast), and they are a small part of the model.
         self.parts = []  # (owner module, attribute name, frozen copy)
+        swapped = set()
         for owner, name, child in owners:
             if any(p.requires_grad for p in child.parameters()):
-                frozen = copy.deepcopy(child).requires_grad_(False).eval()
-                self.parts.append((owner, name, frozen.to(dtype) if dtype is not None else frozen))
-        if any(p.requires_grad for p in head.parameters()) and not any(c is head for _, _, c in owners):
-            raise RlhfchatError(f"{type(lm).__name__}: its output layer is not a direct child; cannot build the "
-                                "shared-bottom reference")
+                self.parts.append((owner, name, copy.deepcopy(child).requires_grad_(False).eval()))
+                swapped.update(id(p) for p in child.parameters())
+        missed = [n for n, p in lm.named_parameters() if p.requires_grad and id(p) not in swapped]
+        if missed:
+            raise RlhfchatError(f"{type(lm).__name__}: {missed[0]} trains but is not in a block, the trunk's other "
+                                "modules or the output layer; cannot build the shared-bottom reference")
 
     def to(self, device: torch.device) -> "FrozenBranch":
         for _, _, frozen in self.parts:
@@ -403,7 +411,13 @@ def build_policy(sft_dir: str | Path, share_trunk: bool = True, lora: LoraConfig
         for model in (lm, critic):
             if model is not None:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                if hasattr(model, "enable_input_require_grads"):
+                if model is lm and num_layers_unfrozen >= 0 and not (lora is not None and lora.enabled):
+                    # transformers makes the embeddings' output require grad for checkpointing; with a frozen bottom
+                    # that would pull every frozen block into the backward. Non-reentrant checkpoints need no such
+                    # hook: the graph then starts at the lowest trainable block, as without checkpointing.
+                    if hasattr(model, "disable_input_require_grads"):
+                        model.disable_input_require_grads()
+                elif hasattr(model, "enable_input_require_grads") and not getattr(model, "_require_grads_hooks", None):
                     model.enable_input_require_grads()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -438,7 +452,7 @@ class Reference:
         self.branch = None
         partly_frozen = any(not p.requires_grad for p in policy.lm.parameters())
         if not self.uses_adapter and partly_frozen and share_bottom:
-            self.branch = FrozenBranch(policy.lm, dtype)
+            self.branch = FrozenBranch(policy.lm)
         elif not self.uses_adapter:
             from transformers import AutoModelForCausalLM
 

@@ -12,7 +12,8 @@ Each iteration ("step" in the logs) does, as trlX:
   1. generate   num_rollouts replies, chunk_size prompts at a time (left-padded, cut at stop sequences)
   2. score      the reward model on (prompt, reply); scale (none / running / ref) and clip to +-cliprange_reward
   3. forward    old logprobs, values, entropy from the hidden states generation computed (only the output layer
-                and value head run again); reference logprobs (a frozen copy, or the policy with LoRA disabled)
+                and value head run again); reference logprobs (a frozen copy, the policy with LoRA disabled, or
+                with num_layers_unfrozen the policy with frozen copies of its trained top swapped in)
   4. advantages per-token reward -kl_coef * (logp - ref_logp), score on the last real token; GAE; whitening
   5. update     ppo_epochs over shuffled minibatches of batch_size x grad_accum; clipped policy and value losses;
                 the KL controller moves after every optimizer step
@@ -40,7 +41,7 @@ from rlhfchat.train import ppo_math as pm
 from rlhfchat.train.policy import PolicyWithValueHead, Reference, build_policy, training_attention
 from rlhfchat.train.ppo_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhfchat.train.rollout import (GenerationSettings, Prompt, RewardScorer, check_backend, encode_prompt,
-                                    gathered_for_generation, generate_replies, generate_rollout)
+                                    gathered_for_generation, generate_replies, generate_rollout, zero_stage)
 
 
 @dataclass
@@ -145,7 +146,7 @@ class PPO:
                               temperature=cfg.temperature, seed=seed,
                               gradient_checkpointing=cfg.gradient_checkpointing,
                               share_prefix=cfg.share_prompt_prefix, num_layers_unfrozen=cfg.num_layers_unfrozen)
-        sharded = accelerator.distributed_type.value in ("DEEPSPEED", "FSDP")
+        sharded = accelerator.distributed_type.value == "FSDP" or zero_stage(accelerator) == 3
         reference = Reference(policy, policy_dir, dtype=frozen_dtype, share_bottom=not sharded)
         scorer = RewardScorer(reward_dir, max_length=reward_max_length, dtype=frozen_dtype, batch_size=cfg.chunk_size,
                               share_prefix=cfg.share_prompt_prefix)
@@ -194,7 +195,8 @@ class PPO:
                 scores = self.scorer.score(batch, rollout.texts).to(device)
             t2 = time.perf_counter()
             # 3. forward: old logprobs, values, entropy from the hidden states generation computed (no second
-            #    pass through the trunk); the reference's logprobs (frozen copy, or the policy with LoRA disabled)
+            #    pass through the trunk); the reference's logprobs (a frozen copy, the policy with LoRA disabled,
+            #    or its frozen bottom under copies of the trained top)
             input_ids, attention_mask, n_prompt = rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1]
             with torch.inference_mode(), self.accelerator.autocast():
                 if rollout.hidden is not None:
