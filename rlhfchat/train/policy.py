@@ -404,14 +404,15 @@ def build_policy(sft_dir: str | Path, share_trunk: bool = True, lora: LoraConfig
 
         lm = get_peft_model(lm, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
-    elif num_layers_unfrozen >= 0:
+    frozen_bottom = num_layers_unfrozen >= 0 and not (lora is not None and lora.enabled)
+    if frozen_bottom:
         freeze_bottom_layers(lm, num_layers_unfrozen)
     critic = None if share_trunk else _load(AutoModel, sft_dir, dtype)
     if gradient_checkpointing:
         for model in (lm, critic):
             if model is not None:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                if model is lm and num_layers_unfrozen >= 0 and not (lora is not None and lora.enabled):
+                if model is lm and frozen_bottom:
                     # transformers makes the embeddings' output require grad for checkpointing; with a frozen bottom
                     # that would pull every frozen block into the backward. Non-reentrant checkpoints need no such
                     # hook: the graph then starts at the lowest trainable block, as without checkpointing.
