@@ -293,8 +293,7 @@ class PolicyWithValueHead(nn.Module):
 
 def decoder_blocks(trunk: nn.Module) -> nn.ModuleList:
     """The trunk's decoder blocks: its ModuleList child with config.num_hidden_layers entries (`layers`, `h`, ...)."""
-    config = trunk.config.get_text_config() if hasattr(trunk.config, "get_text_config") else trunk.config
-    n = getattr(config, "num_hidden_layers", None)
+    n = getattr(_text_config(trunk), "num_hidden_layers", None)
     for child in trunk.children():
         if isinstance(child, nn.ModuleList) and len(child) == n:
             return child
@@ -368,9 +367,13 @@ class FrozenBranch:
                 setattr(owner, name, module)
 
 
+def _text_config(model: nn.Module) -> Any:
+    """A model's config, or the text part of a multimodal one."""
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
 def _hidden_size(lm: nn.Module) -> int:
-    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    return int(config.hidden_size)
+    return int(_text_config(lm).hidden_size)
 
 
 def disable_dropout(model: nn.Module) -> None:
