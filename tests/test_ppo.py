@@ -248,6 +248,31 @@ def test_every_trainable_parameter_changes(run_dir, tmp_path, overrides):
             assert torch.allclose(response_logprobs(merged, ids, attn, exp.n_prompt), trained, atol=1e-4)
 
 
+def _mapped_file(tensor: torch.Tensor) -> str | None:
+    """The file whose memory mapping holds the tensor's data, or None (anonymous memory)."""
+    ptr = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= ptr < hi:
+            return fields[5] if len(fields) > 5 and fields[5].startswith("/") else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory map (Linux)")
+@pytest.mark.parametrize("overrides", [(), ("ppo.lora.enabled=true",)], ids=["full", "lora"])
+def test_trainable_weights_are_copied_out_of_the_checkpoint_mapping(run_dir, overrides):
+    """What the optimizer writes lives in the process's memory; what stays frozen is still read from the mapping."""
+    ppo = make_ppo(run_dir, *overrides)
+    trainable = [(n, p) for n, p in ppo.unwrapped.named_parameters() if p.requires_grad]
+    assert trainable and not [n for n, p in trainable if _mapped_file(p)]
+    if "ppo.lora.enabled=true" in overrides:
+        frozen = [p for p in ppo.unwrapped.parameters() if not p.requires_grad]
+    else:
+        frozen = list(ppo.reference.lm.parameters())
+    assert all(str(_mapped_file(p)).endswith("model.safetensors") for p in frozen)
+
+
 @pytest.mark.parametrize("arch", ["llama-tied", "gpt2"])
 def test_frozen_bottom_keeps_the_reference_exact(tiny_model_dir, tmp_path, arch):
     """Tied input and output embeddings (and GPT-2's learned positions): the output layer and the position embeddings

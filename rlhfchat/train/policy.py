@@ -431,6 +431,20 @@ def build_policy(sft_dir: str | Path, share_trunk: bool = True, lora: LoraConfig
     return policy
 
 
+def own_trainable_weights(model: nn.Module) -> None:
+    """Copy the trainable parameters out of the checkpoint's file mapping into the process's own memory (CPU).
+
+    from_pretrained maps a safetensors file copy-on-write and the parameters are views of that mapping, so the first
+    write to each 4 KB page (the first optimizer step) is a page fault that copies it: 0.34 s for a 110 MB model on
+    the development machine, against 0.03 s for this copy. Frozen weights stay mapped (read-only, no copy). On a GPU
+    the weights leave the mapping when they move to the device; there this is not needed.
+    """
+    with torch.no_grad():
+        for param in model.parameters():  # tied weights are one parameter: copied once, still tied
+            if param.requires_grad:
+                param.data = param.data.clone()
+
+
 def _load(auto_cls: Any, path: str | Path, dtype: torch.dtype) -> nn.Module:
     try:
         return auto_cls.from_pretrained(str(path), dtype=dtype)

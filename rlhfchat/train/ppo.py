@@ -38,7 +38,9 @@ from rlhfchat.atomic import atomic_file, write_json
 from rlhfchat.config import PPOConfig, Recipe
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.train import ppo_math as pm
-from rlhfchat.train.policy import PolicyWithValueHead, Reference, build_policy, training_attention
+from rlhfchat.train.allocator import keep_freed_memory
+from rlhfchat.train.policy import (PolicyWithValueHead, Reference, build_policy, own_trainable_weights,
+                                   training_attention)
 from rlhfchat.train.ppo_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhfchat.train.rollout import (GenerationSettings, Prompt, RewardScorer, check_backend, encode_prompt,
                                     gathered_for_generation, generate_replies, generate_rollout, zero_stage)
@@ -146,6 +148,9 @@ class PPO:
                               temperature=cfg.temperature, seed=seed,
                               gradient_checkpointing=cfg.gradient_checkpointing,
                               share_prefix=cfg.share_prompt_prefix, num_layers_unfrozen=cfg.num_layers_unfrozen)
+        if accelerator.device.type == "cpu":  # memory that CPU training writes every step: see both docstrings
+            keep_freed_memory()
+            own_trainable_weights(policy)
         sharded = accelerator.distributed_type.value == "FSDP" or zero_stage(accelerator) == 3
         reference = Reference(policy, policy_dir, dtype=frozen_dtype, share_bottom=not sharded)
         scorer = RewardScorer(reward_dir, max_length=reward_max_length, dtype=frozen_dtype, batch_size=cfg.chunk_size,
