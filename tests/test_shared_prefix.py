@@ -147,3 +147,52 @@ def test_generation_prefills_the_shared_prefix_once_and_samples_the_same(tiny_mo
         assert calls[0][0] == (1 if share else 5)
     assert torch.equal(out[False].tokens, out[True].tokens)
     assert torch.allclose(out[False].hidden, out[True].hidden, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("share", [False, True])
+def test_the_last_blocks_mlp_runs_only_on_the_columns_read(tiny_model_dir, tmp_path, arch, share):
+    """Logprobs, values and every gradient equal the plain forward's (the trunk on the whole batch, every column),
+    while the last block's MLP sees only the response columns (and nothing of the shared prefix)."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from rlhfchat.train.policy import decoder_blocks, output_logits, position_ids_from_mask
+    from rlhfchat.train.ppo_math import logprobs_of_labels
+
+    tok = load_tokenizer(tiny_model_dir)
+    folder = tiny_model_dir
+    if arch == "gpt2":  # its MLP's Conv1D takes only contiguous input
+        torch.manual_seed(0)
+        folder = tmp_path / "gpt2"
+        AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2,
+                                                    n_positions=128)).save_pretrained(folder)
+    ids, mask, n_prompt, response_mask = _batch(tok)
+    policy = build_policy(folder, seed=0, share_prefix=share)
+    trunk, _ = causal_parts(policy.lm)
+    widths = []
+    # a forward hook sees the arguments the MLP ran on
+    decoder_blocks(trunk)[-1].mlp.register_forward_hook(lambda module, args, out: widths.append(args[0].shape[1]))
+    weights = torch.randn(response_mask.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for plain in (True, False):
+        policy.zero_grad()
+        widths.clear()
+        if plain:
+            hidden = trunk(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
+                           ).last_hidden_state[:, n_prompt - 1 : -1]
+            logprobs = logprobs_of_labels(output_logits(policy.lm, hidden), ids[:, n_prompt:])
+            values = policy.values_of(hidden)
+        else:
+            out = policy(ids, mask, n_prompt)
+            logprobs, values = out.logprobs, out.values
+        ((logprobs + values) * weights * response_mask).sum().backward()
+        results.append((logprobs.detach(), values.detach(), {n: p.grad.clone() for n, p in policy.named_parameters()},
+                        list(widths)))
+    (lp, v, grads, plain_widths), (lp2, v2, grads2, trimmed_widths) = results
+    m = response_mask.bool()
+    assert torch.allclose(lp[m], lp2[m], atol=1e-5) and torch.allclose(v[m], v2[m], atol=1e-5)
+    for name, grad in grads.items():
+        assert (grad - grads2[name]).norm() <= 1e-5 * grad.norm(), name
+    assert plain_widths == [ids.shape[1]]
+    # the response columns and the one before them (whose state predicts the first response token)
+    assert trimmed_widths == ([0, response_mask.shape[1] + 1] if share else [response_mask.shape[1] + 1])

@@ -28,9 +28,10 @@ import contextlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rlhfchat.config import LoraConfig
@@ -129,8 +130,7 @@ def split_shared_prefix(trunk: nn.Module, input_ids: torch.Tensor, attention_mas
     attention, or gradient checkpointing in a training forward (its layers drop the KV cache there)."""
     s = shared_prefix_length(input_ids, attention_mask, start)
     cache_arg = cache_argument(trunk) if s >= MIN_SHARED_PREFIX else None
-    checkpointing = getattr(trunk, "gradient_checkpointing", False) and trunk.training and torch.is_grad_enabled()
-    if cache_arg is None or checkpointing or getattr(getattr(trunk, "config", None), "sliding_window", None):
+    if cache_arg is None or _checkpointing(trunk) or getattr(getattr(trunk, "config", None), "sliding_window", None):
         return None
     first = attention_mask[:, : start + 1].long().argmax(-1)
     left = int(first.min())
@@ -140,6 +140,48 @@ def split_shared_prefix(trunk: nn.Module, input_ids: torch.Tensor, attention_mas
     return SharedPrefix(input_ids[:1, int(first[0]) : int(first[0]) + s], rest_ids, rest_mask, left, cache_arg)
 
 
+def _checkpointing(trunk: nn.Module) -> bool:
+    """Whether a forward now runs under gradient checkpointing (its backward then replays the layers)."""
+    return getattr(trunk, "gradient_checkpointing", False) and trunk.training and torch.is_grad_enabled()
+
+
+@contextlib.contextmanager
+def last_mlp_from(trunk: nn.Module, start: int) -> Iterator[None]:
+    """Inside this block the trunk's last decoder block runs its MLP on columns `start`.. only; the columns before
+    get a zero MLP output.
+
+    The last block's output is the trunk's output, and nothing reads it at the columns a caller drops: their MLP (two
+    thirds of a Llama block's weights) is wasted work, in a PPO step on the prompt columns of every row and on the
+    whole shared prefix. The MLP works on each position alone, so the kept columns, and the gradients, are exact.
+    Does nothing where the blocks or their `mlp` are not found, and under gradient checkpointing (the backward
+    replays the block outside this one).
+    """
+    try:
+        mlp = getattr(decoder_blocks(trunk)[-1], "mlp", None) if start > 0 and not _checkpointing(trunk) else None
+    except RlhfchatError:
+        mlp = None
+    if not isinstance(mlp, nn.Module):
+        yield
+        return
+    widths: list[int | None] = []  # the input's columns, per call (None: left whole)
+
+    def narrow(module: nn.Module, args: tuple) -> tuple | None:
+        x = args[0] if args else None
+        widths.append(x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 3 else None)
+        return None if widths[-1] is None else (x[:, start:].contiguous(), *args[1:])
+
+    def widen(module: nn.Module, args: tuple, out: Any) -> Any:
+        width = widths.pop()
+        return None if width is None else F.pad(out, (0, 0, width - out.shape[1], 0))
+
+    hooks = [mlp.register_forward_pre_hook(narrow), mlp.register_forward_hook(widen)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def hidden_from(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
                 share_prefix: bool = True) -> torch.Tensor:
     """The trunk's last hidden states of columns start .. T - 1 of left-padded rows. (B, T) -> (B, T - start, H).
@@ -147,16 +189,22 @@ def hidden_from(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     With `share_prefix`, the leading tokens every row has in common go through the trunk once: their keys and values
     are computed for one row, repeated for the batch, and the rest of each row attends to them. It is the same
     function with the same gradients as a full forward, and a batch of chat prompts under one system prompt skips
-    most of its prompt tokens (split_shared_prefix says when it does not apply).
+    most of its prompt tokens (split_shared_prefix says when it does not apply). The last block's MLP runs only on
+    the columns returned (last_mlp_from).
     """
     split = split_shared_prefix(trunk, input_ids, attention_mask, start) if share_prefix else None
     if split is None:
-        return last_hidden(trunk, input_ids, attention_mask)[:, start:]
+        with last_mlp_from(trunk, start):
+            return last_hidden(trunk, input_ids, attention_mask)[:, start:]
     s = split.prefix.shape[1]
-    out = trunk(input_ids=split.rest_ids, attention_mask=split.full_mask(),
-                position_ids=s + position_ids_from_mask(split.rest_mask), use_cache=True,
-                **{split.cache_arg: split.cache(trunk)})  # positions continue from the prefix
-    return out.last_hidden_state[:, start - split.left - s :]
+    with last_mlp_from(trunk, s):  # only the prefix's keys and values are read
+        cache = split.cache(trunk)
+    first = start - split.left - s
+    with last_mlp_from(trunk, first):
+        out = trunk(input_ids=split.rest_ids, attention_mask=split.full_mask(),
+                    position_ids=s + position_ids_from_mask(split.rest_mask), use_cache=True,
+                    **{split.cache_arg: cache})  # positions continue from the prefix
+    return out.last_hidden_state[:, first:]
 
 
 def training_attention(device: torch.device, mixed_precision: str | None) -> contextlib.AbstractContextManager:
