@@ -260,17 +260,17 @@ def _mapped_file(tensor: torch.Tensor) -> str | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory map (Linux)")
-@pytest.mark.parametrize("overrides", [(), ("ppo.lora.enabled=true",)], ids=["full", "lora"])
+@pytest.mark.parametrize("overrides", [(), ("ppo.lora.enabled=true",), ("ppo.num_layers_unfrozen=1",)],
+                         ids=["full", "lora", "top-layer-only"])
 def test_trainable_weights_are_copied_out_of_the_checkpoint_mapping(run_dir, overrides):
     """What the optimizer writes lives in the process's memory; what stays frozen is still read from the mapping."""
     ppo = make_ppo(run_dir, *overrides)
-    trainable = [(n, p) for n, p in ppo.unwrapped.named_parameters() if p.requires_grad]
-    assert trainable and not [n for n, p in trainable if _mapped_file(p)]
-    if "ppo.lora.enabled=true" in overrides:
-        frozen = [p for p in ppo.unwrapped.parameters() if not p.requires_grad]
-    else:
+    trainable = [n for n, p in ppo.unwrapped.named_parameters() if p.requires_grad]
+    assert trainable and not [n for n, p in ppo.unwrapped.named_parameters() if p.requires_grad and _mapped_file(p)]
+    frozen = [p for p in ppo.unwrapped.parameters() if not p.requires_grad]
+    if not overrides:  # everything trains; the reference is a frozen copy, loaded on its own
         frozen = list(ppo.reference.lm.parameters())
-    assert all(str(_mapped_file(p)).endswith("model.safetensors") for p in frozen)
+    assert frozen and all(str(_mapped_file(p)).endswith("model.safetensors") for p in frozen)
 
 
 @pytest.mark.parametrize("arch", ["llama-tied", "gpt2"])

@@ -153,7 +153,7 @@ def test_generation_prefills_the_shared_prefix_once_and_samples_the_same(tiny_mo
 @pytest.mark.parametrize("share", [False, True])
 def test_the_last_blocks_mlp_runs_only_on_the_columns_read(tiny_model_dir, tmp_path, arch, share):
     """Logprobs, values and every gradient equal the plain forward's (the trunk on the whole batch, every column),
-    while the last block's MLP sees only the response columns (and nothing of the shared prefix)."""
+    while the last block's MLP sees only the response columns (and one column of the shared prefix)."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
     from rlhfchat.train.policy import decoder_blocks, output_logits, position_ids_from_mask
@@ -195,4 +195,58 @@ def test_the_last_blocks_mlp_runs_only_on_the_columns_read(tiny_model_dir, tmp_p
         assert (grad - grads2[name]).norm() <= 1e-5 * grad.norm(), name
     assert plain_widths == [ids.shape[1]]
     # the response columns and the one before them (whose state predicts the first response token)
-    assert trimmed_widths == ([0, response_mask.shape[1] + 1] if share else [response_mask.shape[1] + 1])
+    assert trimmed_widths == ([1, response_mask.shape[1] + 1] if share else [response_mask.shape[1] + 1])
+    mlp = decoder_blocks(trunk)[-1].mlp
+    assert len(mlp._forward_hooks) == 1 and not mlp._forward_pre_hooks  # only this test's own hook is left
+
+
+class _SeenMLP(torch.nn.Module):
+    """Records the columns it runs on; `residual` as Bloom's MLP takes it."""
+
+    def __init__(self, routed: bool = False):
+        super().__init__()
+        self.widths: list[int] = []
+        self.routed = routed
+
+    def forward(self, x, residual=None):
+        self.widths.append(x.shape[1])
+        out = 2 * x if residual is None else 2 * x + residual
+        return (out, x.sum(-1)) if self.routed else out  # an MoE block's (states, router scores)
+
+
+def _trunk(mlp: torch.nn.Module) -> torch.nn.Module:
+    from types import SimpleNamespace
+
+    trunk = torch.nn.Module()
+    trunk.config = SimpleNamespace(num_hidden_layers=1)
+    trunk.layers = torch.nn.ModuleList([torch.nn.Module()])
+    trunk.layers[0].mlp = mlp
+    return trunk
+
+
+def test_last_mlp_from_narrows_only_a_call_on_the_states_alone_and_always_cleans_up():
+    from rlhfchat.train.policy import last_mlp_from
+
+    x = torch.randn(2, 5, 4)
+    routed = _SeenMLP(routed=True)
+    with last_mlp_from(_trunk(routed), 3):
+        out, router = routed(x)
+    assert routed.widths == [2] and router.shape == (2, 2)
+    assert torch.equal(out[:, 3:], 2 * x[:, 3:]) and not out[:, :3].any()
+
+    mlp = _SeenMLP()
+    trunk = _trunk(mlp)
+    with last_mlp_from(trunk, 3):
+        assert torch.equal(mlp(x, x), 3 * x)  # Bloom's call, with the residual: left whole
+        mlp(x[:, :2])  # narrower than `start` (a decode step): left whole
+        with last_mlp_from(trunk, 1):  # inside another: the outer narrowing alone
+            mlp(x)
+    assert mlp.widths == [5, 2, 2]
+    with pytest.raises(ValueError), last_mlp_from(trunk, 3):
+        raise ValueError
+    assert not mlp._forward_hooks and not mlp._forward_pre_hooks and not hasattr(mlp, "_rlhfchat_narrowed")
+    trunk.layers[0]._checkpoint_wrapped_module = torch.nn.Identity()  # accelerate's activation checkpointing
+    trunk.train()
+    with last_mlp_from(trunk, 3):
+        mlp(x)
+    assert mlp.widths[-1] == 5

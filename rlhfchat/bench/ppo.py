@@ -88,6 +88,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     lora=LoraConfig(enabled=args.lora), num_layers_unfrozen=args.num_layers_unfrozen,
                     max_prompt_length=1024)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    if accelerator.device.type == "cpu":  # as `rlhfchat ppo` runs on a CPU (train/allocator.py)
+        from rlhfchat.train.allocator import keep_freed_memory
+
+        keep_freed_memory()
     ppo = PPO.from_folders(args.policy, args.reward, cfg, accelerator, seed=args.seed, reward_max_length=1024)
 
     # make_experience times its own steps (generate, score, the rollout forwards); the update is timed here.

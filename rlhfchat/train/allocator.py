@@ -7,7 +7,8 @@ in the next one, so every step page-faults much of its working set in again: `rl
 740,000 page faults on the development machine, and 265,000 with these settings, 4% more samples per second.
 PyTorch's CPU performance guide recommends an allocator that keeps memory for reuse (jemalloc, tcmalloc); this
 gets the same from glibc's own settings: blocks below 32 MB come from the heap, and the heap is trimmed only once
-1 GB of it is free. Peak memory stays the same; memory freed after the peak stays with the process.
+1 GB of it is free. The bench's peak memory did not change (1,250-1,290 MB either way); memory freed after
+the peak stays with the process.
 
 Nothing changes on other C libraries, or where the environment already chose (MALLOC_* or GLIBC_TUNABLES set, or
 an allocator preloaded with LD_PRELOAD).

@@ -20,6 +20,7 @@ of the states before each of them (trlX's alignment: value t is the value of the
   whole model; the update's backward stops at the lowest trainable block.
 - `share_prompt_prefix: true`: the leading tokens all rows of a batch share (the system prompt) go through the trunk
   once per batch, their keys and values shared by every row (`hidden_from`).
+- Every forward here runs the last block's MLP only on the columns it reads (`last_mlp_from`).
 """
 
 from __future__ import annotations
@@ -145,6 +146,13 @@ def _checkpointing(trunk: nn.Module) -> bool:
     return getattr(trunk, "gradient_checkpointing", False) and trunk.training and torch.is_grad_enabled()
 
 
+def _replayed(trunk: nn.Module, block: nn.Module) -> bool:
+    """Whether the backward replays `block`: transformers' checkpointing (on the trunk or the block) or a checkpoint
+    wrapper around it (accelerate's FSDP activation checkpointing), in a training forward."""
+    flagged = getattr(trunk, "gradient_checkpointing", False) or getattr(block, "gradient_checkpointing", False)
+    return (flagged or hasattr(block, "_checkpoint_wrapped_module")) and trunk.training and torch.is_grad_enabled()
+
+
 @contextlib.contextmanager
 def last_mlp_from(trunk: nn.Module, start: int) -> Iterator[None]:
     """Inside this block the trunk's last decoder block runs its MLP on columns `start`.. only; the columns before
@@ -152,32 +160,42 @@ def last_mlp_from(trunk: nn.Module, start: int) -> Iterator[None]:
 
     The last block's output is the trunk's output, and nothing reads it at the columns a caller drops: their MLP (two
     thirds of a Llama block's weights) is wasted work, in a PPO step on the prompt columns of every row and on the
-    whole shared prefix. The MLP works on each position alone, so the kept columns, and the gradients, are exact.
-    Does nothing where the blocks or their `mlp` are not found, and under gradient checkpointing (the backward
-    replays the block outside this one).
+    whole shared prefix. The MLP works on each position alone, so the kept columns get the values, and the weights
+    the gradients, of the whole forward (up to float rounding). Only an MLP called with the hidden states alone is
+    narrowed (Bloom's also takes the residual), and only a call at least `start` columns wide. Does nothing where
+    the blocks or their `mlp` are not found, inside another such block, and where the backward replays the block
+    (gradient checkpointing), which happens outside this one.
     """
     try:
-        mlp = getattr(decoder_blocks(trunk)[-1], "mlp", None) if start > 0 and not _checkpointing(trunk) else None
-    except RlhfchatError:
-        mlp = None
-    if not isinstance(mlp, nn.Module):
+        block = decoder_blocks(trunk)[-1]
+    except (RlhfchatError, AttributeError):
+        block = None
+    mlp = getattr(block, "mlp", None)
+    if start <= 0 or not isinstance(mlp, nn.Module) or getattr(mlp, "_rlhfchat_narrowed", False) \
+            or _replayed(trunk, block):
         yield
         return
     widths: list[int | None] = []  # the input's columns, per call (None: left whole)
 
-    def narrow(module: nn.Module, args: tuple) -> tuple | None:
-        x = args[0] if args else None
-        widths.append(x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 3 else None)
-        return None if widths[-1] is None else (x[:, start:].contiguous(), *args[1:])
+    def narrow(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        x = args[0] if len(args) == 1 and not kwargs else None
+        widths.append(x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] >= start else None)
+        return None if widths[-1] is None else ((x[:, start:].contiguous(),), {})
 
     def widen(module: nn.Module, args: tuple, out: Any) -> Any:
         width = widths.pop()
-        return None if width is None else F.pad(out, (0, 0, width - out.shape[1], 0))
+        if width is None:
+            return None
+        if isinstance(out, tuple):  # an MoE block's (states, router scores)
+            return (F.pad(out[0], (0, 0, width - out[0].shape[1], 0)), *out[1:])
+        return F.pad(out, (0, 0, width - out.shape[1], 0))
 
-    hooks = [mlp.register_forward_pre_hook(narrow), mlp.register_forward_hook(widen)]
+    hooks = [mlp.register_forward_pre_hook(narrow, with_kwargs=True), mlp.register_forward_hook(widen)]
+    mlp._rlhfchat_narrowed = True
     try:
         yield
     finally:
+        del mlp._rlhfchat_narrowed
         for hook in hooks:
             hook.remove()
 
@@ -197,7 +215,7 @@ def hidden_from(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         with last_mlp_from(trunk, start):
             return last_hidden(trunk, input_ids, attention_mask)[:, start:]
     s = split.prefix.shape[1]
-    with last_mlp_from(trunk, s):  # only the prefix's keys and values are read
+    with last_mlp_from(trunk, s - 1):  # only its keys and values are read (one column: some kernels refuse none)
         cache = split.cache(trunk)
     first = start - split.left - s
     with last_mlp_from(trunk, first):
@@ -484,8 +502,8 @@ def own_trainable_weights(model: nn.Module) -> None:
 
     from_pretrained maps a safetensors file copy-on-write and the parameters are views of that mapping, so the first
     write to each 4 KB page (the first optimizer step) is a page fault that copies it: 0.34 s for a 110 MB model on
-    the development machine, against 0.03 s for this copy. Frozen weights stay mapped (read-only, no copy). On a GPU
-    the weights leave the mapping when they move to the device; there this is not needed.
+    the development machine, against 0.03 s for this copy. Frozen weights stay mapped (never written, not copied).
+    On a GPU the weights leave the mapping when they move to the device; there this is not needed.
     """
     with torch.no_grad():
         for param in model.parameters():  # tied weights are one parameter: copied once, still tied

@@ -148,8 +148,7 @@ class PPO:
                               temperature=cfg.temperature, seed=seed,
                               gradient_checkpointing=cfg.gradient_checkpointing,
                               share_prefix=cfg.share_prompt_prefix, num_layers_unfrozen=cfg.num_layers_unfrozen)
-        if accelerator.device.type == "cpu":  # memory that CPU training writes every step: see both docstrings
-            keep_freed_memory()
+        if accelerator.device.type == "cpu":  # the optimizer would copy-on-write them from the file mapping
             own_trainable_weights(policy)
         sharded = accelerator.distributed_type.value == "FSDP" or zero_stage(accelerator) == 3
         reference = Reference(policy, policy_dir, dtype=frozen_dtype, share_bottom=not sharded)
@@ -454,6 +453,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
     # On a machine without GPUs, `accelerate launch` ranks run data-parallel on the CPU over gloo (cpu=True).
     accelerator = Accelerator(log_with=cfg.report_to or None, project_dir=str(out_dir),
                               cpu=not torch.cuda.is_available())
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()  # every step frees and allocates its activations and gradients again
     set_seed(recipe.seed)
     train_prompts = _read_prompts(run / "data" / "prompts.train.jsonl")
     eval_path = run / "data" / "prompts.eval.jsonl"
