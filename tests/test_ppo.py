@@ -273,6 +273,39 @@ def test_trainable_weights_are_copied_out_of_the_checkpoint_mapping(run_dir, ove
     assert frozen and all(str(_mapped_file(p)).endswith("model.safetensors") for p in frozen)
 
 
+def test_generation_runs_on_merged_copies_of_the_adapted_weights_and_puts_the_base_back(tiny_model_dir):
+    """models.adapters_merged: the same logits without the adapters' own products, and afterwards the frozen base
+    (the PPO reference) bit for bit as it was, also after an exception."""
+    from rlhfchat.config import LoraConfig
+    from rlhfchat.models import adapters_merged
+    from rlhfchat.train.policy import build_policy
+
+    lm = build_policy(tiny_model_dir, lora=LoraConfig(enabled=True)).lm
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:  # a trained adapter (B starts at zero)
+                p.normal_(0, 0.05)
+    base = {name: (p, p.detach().clone()) for name, p in lm.named_parameters() if "base_layer" in name}
+    adapter_calls = []
+    first_a = next(m for name, m in lm.named_modules() if name.endswith("lora_A.default"))
+    first_a.register_forward_hook(lambda *args: adapter_calls.append(1))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    with torch.no_grad():
+        expected = lm(input_ids=ids).logits
+        assert adapter_calls
+        adapter_calls.clear()
+        with adapters_merged(lm) as merged_lm:
+            assert merged_lm is lm
+            assert torch.allclose(lm(input_ids=ids).logits, expected, atol=1e-5) and not adapter_calls
+            assert any(not torch.equal(p, saved) for p, saved in base.values())  # the merged copies are in use
+        assert all(torch.equal(p, saved) for p, saved in base.values())
+        assert torch.equal(lm(input_ids=ids).logits, expected) and adapter_calls
+        with pytest.raises(ValueError), adapters_merged(lm):
+            raise ValueError
+        assert all(torch.equal(p, saved) for p, saved in base.values())
+        assert not any(getattr(m, "merged_adapters", None) for m in lm.modules())
+
+
 @pytest.mark.parametrize("arch", ["llama-tied", "gpt2"])
 def test_frozen_bottom_keeps_the_reference_exact(tiny_model_dir, tmp_path, arch):
     """Tied input and output embeddings (and GPT-2's learned positions): the output layer and the position embeddings

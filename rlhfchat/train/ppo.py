@@ -37,6 +37,7 @@ import torch
 from rlhfchat.atomic import atomic_file, write_json
 from rlhfchat.config import PPOConfig, Recipe
 from rlhfchat.errors import RlhfchatError
+from rlhfchat.models import adapters_merged
 from rlhfchat.train import ppo_math as pm
 from rlhfchat.train.allocator import keep_freed_memory
 from rlhfchat.train.policy import (PolicyWithValueHead, Reference, build_policy, own_trainable_weights,
@@ -189,10 +190,13 @@ class PPO:
             ids = [encode_prompt(self.tokenizer, p, cfg.max_prompt_length) for p in batch]
             if self.vllm is not None:
                 rollout = self.vllm.generate(ids, self.settings, device, seeds=batch_seeds)
-            else:  # under ZeRO-3 the weights are gathered once for the whole generation, not layer by layer
-                with gathered_for_generation(self.policy, self.accelerator) as gen, self.accelerator.autocast():
-                    rollout = generate_rollout(gen.lm, self.tokenizer, ids, self.settings, cfg.rollout_backend,
-                                               device, capture=True, seeds=batch_seeds)
+            else:  # under ZeRO-3 the weights are gathered once for the whole generation, not layer by layer;
+                # on a CPU, LoRA adapters are merged into copies of their weights for it (a GPU lacks the memory)
+                merging = adapters_merged if device.type == "cpu" else contextlib.nullcontext
+                with gathered_for_generation(self.policy, self.accelerator) as gen, self.accelerator.autocast(), \
+                        merging(gen.lm) as lm:
+                    rollout = generate_rollout(lm, self.tokenizer, ids, self.settings, cfg.rollout_backend, device,
+                                               capture=True, seeds=batch_seeds)
             t1 = time.perf_counter()
             # 2. score: the reward model reads the rendered conversation, not our token ids
             with self.accelerator.autocast():
