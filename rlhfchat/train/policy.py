@@ -128,10 +128,11 @@ def split_shared_prefix(trunk: nn.Module, input_ids: torch.Tensor, attention_mas
                         start: int) -> SharedPrefix | None:
     """The split of left-padded rows whose columns from `start` on each row computes itself, or None when sharing
     does not apply: fewer than MIN_SHARED_PREFIX shared tokens, a trunk that takes no KV cache, sliding-window
-    attention, or gradient checkpointing in a training forward (its layers drop the KV cache there)."""
+    attention, or gradient checkpointing in a training forward (transformers' checkpointed layers drop the KV cache,
+    and a wrapper's replay would write it twice)."""
     s = shared_prefix_length(input_ids, attention_mask, start)
     cache_arg = cache_argument(trunk) if s >= MIN_SHARED_PREFIX else None
-    if cache_arg is None or _checkpointing(trunk) or getattr(getattr(trunk, "config", None), "sliding_window", None):
+    if cache_arg is None or _replayed(trunk) or getattr(getattr(trunk, "config", None), "sliding_window", None):
         return None
     first = attention_mask[:, : start + 1].long().argmax(-1)
     left = int(first.min())
@@ -141,16 +142,19 @@ def split_shared_prefix(trunk: nn.Module, input_ids: torch.Tensor, attention_mas
     return SharedPrefix(input_ids[:1, int(first[0]) : int(first[0]) + s], rest_ids, rest_mask, left, cache_arg)
 
 
-def _checkpointing(trunk: nn.Module) -> bool:
-    """Whether a forward now runs under gradient checkpointing (its backward then replays the layers)."""
-    return getattr(trunk, "gradient_checkpointing", False) and trunk.training and torch.is_grad_enabled()
-
-
-def _replayed(trunk: nn.Module, block: nn.Module) -> bool:
-    """Whether the backward replays `block`: transformers' checkpointing (on the trunk or the block) or a checkpoint
-    wrapper around it (accelerate's FSDP activation checkpointing), in a training forward."""
-    flagged = getattr(trunk, "gradient_checkpointing", False) or getattr(block, "gradient_checkpointing", False)
-    return (flagged or hasattr(block, "_checkpoint_wrapped_module")) and trunk.training and torch.is_grad_enabled()
+def _replayed(trunk: nn.Module) -> bool:
+    """Whether the backward of a forward now replays the trunk's blocks (gradient checkpointing): transformers' own,
+    on the trunk or its blocks, or a checkpoint wrapper around the blocks (accelerate's FSDP activation checkpointing).
+    """
+    if not (trunk.training and torch.is_grad_enabled()):
+        return False
+    if getattr(trunk, "gradient_checkpointing", False):
+        return True
+    try:
+        blocks = decoder_blocks(trunk)
+    except (RlhfchatError, AttributeError):
+        return False
+    return any(getattr(b, "gradient_checkpointing", False) or hasattr(b, "_checkpoint_wrapped_module") for b in blocks)
 
 
 @contextlib.contextmanager
@@ -171,8 +175,7 @@ def last_mlp_from(trunk: nn.Module, start: int) -> Iterator[None]:
     except (RlhfchatError, AttributeError):
         block = None
     mlp = getattr(block, "mlp", None)
-    if start <= 0 or not isinstance(mlp, nn.Module) or getattr(mlp, "_rlhfchat_narrowed", False) \
-            or _replayed(trunk, block):
+    if start <= 0 or not isinstance(mlp, nn.Module) or getattr(mlp, "_rlhfchat_narrowed", False) or _replayed(trunk):
         yield
         return
     widths: list[int | None] = []  # the input's columns, per call (None: left whole)
