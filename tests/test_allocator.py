@@ -1,5 +1,6 @@
-"""glibc keeps the memory a training step frees (train/allocator.py), checked in a fresh process: where a large
-block comes from, and the page faults of steps that allocate and free the same memory."""
+"""The process settings of train/allocator.py, each checked in a fresh process: glibc keeps the memory a training
+step frees (where a large block comes from, the page faults of steps that allocate and free the same memory), and
+the objects of start-up leave the garbage collector's generations while start-up's garbage is collected."""
 
 from __future__ import annotations
 
@@ -61,3 +62,27 @@ def test_freed_step_memory_stays_with_the_process():
     assert faults < 20_000, faults
     # a choice made in the environment wins: nothing is set
     assert _run("set", MALLOC_ARENA_MAX="2")[:2] == ("False", "True")
+
+
+FREEZE = """
+import gc, weakref
+from rlhfchat.train.allocator import freeze_startup_objects
+
+class Node:
+    pass
+
+loaded = [[i] for i in range(100_000)]  # what start-up keeps (models, tokenizers, configs); lists are tracked
+cycle = Node()
+cycle.self = cycle  # start-up's garbage: only a collection frees a cycle
+collected = []
+weakref.finalize(cycle, collected.append, True)
+del cycle
+freeze_startup_objects()
+print(collected == [True], gc.get_freeze_count() >= 100_000, len(gc.get_objects()) < 10_000)
+"""
+
+
+def test_startup_objects_are_frozen_after_their_garbage_is_collected():
+    proc = subprocess.run([sys.executable, "-c", FREEZE], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True", "True"]

@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from rlhfchat.config import LoraConfig, PPOConfig
+    from rlhfchat.train.allocator import freeze_startup_objects, keep_freed_memory
     from rlhfchat.train.ppo import PPO
 
     torch.set_num_threads(args.threads)
@@ -88,11 +89,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     lora=LoraConfig(enabled=args.lora), num_layers_unfrozen=args.num_layers_unfrozen,
                     max_prompt_length=1024)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    if accelerator.device.type == "cpu":  # as `rlhfchat ppo` runs on a CPU (train/allocator.py)
-        from rlhfchat.train.allocator import keep_freed_memory
-
+    if accelerator.device.type == "cpu":  # as `rlhfchat ppo` sets the process up (train/allocator.py)
         keep_freed_memory()
     ppo = PPO.from_folders(args.policy, args.reward, cfg, accelerator, seed=args.seed, reward_max_length=1024)
+    freeze_startup_objects()
 
     # make_experience times its own steps (generate, score, the rollout forwards); the update is timed here.
     phases = {"gen_s": 0.0, "score_s": 0.0, "forward_s": 0.0, "update_s": 0.0}

@@ -39,7 +39,7 @@ from rlhfchat.config import PPOConfig, Recipe
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.models import adapters_merged
 from rlhfchat.train import ppo_math as pm
-from rlhfchat.train.allocator import keep_freed_memory
+from rlhfchat.train.allocator import freeze_startup_objects, keep_freed_memory
 from rlhfchat.train.policy import (PolicyWithValueHead, Reference, build_policy, own_trainable_weights,
                                    training_attention)
 from rlhfchat.train.ppo_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -502,6 +502,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
                                                           if isinstance(v, (int, float, str, bool))})
 
     ppo.sync_rollout_weights()  # vLLM: the engine starts from the SFT folder (or asleep); a resumed policy differs
+    freeze_startup_objects()  # what is loaded by now lives for the whole run; full collections stop scanning it
     t_start = time.perf_counter()
     bar = tqdm(range(start, iterations), initial=start, total=iterations, desc="ppo",
                disable=not accelerator.is_local_main_process)
