@@ -66,7 +66,7 @@ def test_freed_step_memory_stays_with_the_process():
 
 FREEZE = """
 import gc, weakref
-from rlhfchat.train.allocator import freeze_startup_objects
+from rlhfchat.train.allocator import startup_objects_frozen
 
 class Node:
     pass
@@ -77,12 +77,13 @@ cycle.self = cycle  # start-up's garbage: only a collection frees a cycle
 collected = []
 weakref.finalize(cycle, collected.append, True)
 del cycle
-freeze_startup_objects()
-print(collected == [True], gc.get_freeze_count() >= 100_000, len(gc.get_objects()) < 10_000)
+with startup_objects_frozen():
+    print(collected == [True], gc.get_freeze_count() >= 100_000, len(gc.get_objects()) < 10_000)
+print(gc.get_freeze_count() == 0)  # back in the collected generations
 """
 
 
-def test_startup_objects_are_frozen_after_their_garbage_is_collected():
+def test_startup_objects_stay_frozen_inside_the_block_after_their_garbage_is_collected():
     proc = subprocess.run([sys.executable, "-c", FREEZE], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["True", "True", "True"]
+    assert proc.stdout.split() == ["True", "True", "True", "True"]

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from rlhfchat.config import LoraConfig, PPOConfig
-    from rlhfchat.train.allocator import freeze_startup_objects, keep_freed_memory
+    from rlhfchat.train.allocator import keep_freed_memory, startup_objects_frozen
     from rlhfchat.train.ppo import PPO
 
     torch.set_num_threads(args.threads)
@@ -92,23 +92,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if accelerator.device.type == "cpu":  # as `rlhfchat ppo` sets the process up (train/allocator.py)
         keep_freed_memory()
     ppo = PPO.from_folders(args.policy, args.reward, cfg, accelerator, seed=args.seed, reward_max_length=1024)
-    freeze_startup_objects()
 
     # make_experience times its own steps (generate, score, the rollout forwards); the update is timed here.
     phases = {"gen_s": 0.0, "score_s": 0.0, "forward_s": 0.0, "update_s": 0.0}
     samples = tokens = 0
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    for it in range(args.rollouts):
-        batch = [prompts[(it * args.batch + i) % len(prompts)] for i in range(args.batch)]
-        exp, stats = ppo.make_experience(batch, seeds=[it * args.batch + i for i in range(args.batch)])
-        t = time.perf_counter()
-        ppo.update(exp)
-        phases["update_s"] += time.perf_counter() - t
-        for key in ("gen_s", "score_s", "forward_s"):
-            phases[key] += stats[key]
-        samples += exp.input_ids.shape[0]
-        tokens += exp.mask.shape[0] * exp.mask.shape[1]  # generated positions (fixed length)
-    total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    with startup_objects_frozen():  # as `rlhfchat ppo` runs its loop (train/allocator.py)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        for it in range(args.rollouts):
+            batch = [prompts[(it * args.batch + i) % len(prompts)] for i in range(args.batch)]
+            exp, stats = ppo.make_experience(batch, seeds=[it * args.batch + i for i in range(args.batch)])
+            t = time.perf_counter()
+            ppo.update(exp)
+            phases["update_s"] += time.perf_counter() - t
+            for key in ("gen_s", "score_s", "forward_s"):
+                phases[key] += stats[key]
+            samples += exp.input_ids.shape[0]
+            tokens += exp.mask.shape[0] * exp.mask.shape[1]  # generated positions (fixed length)
+        total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     result = {
         "impl": "rlhfchat", "samples": samples, "samples_per_s": round(samples / total, 3),
         "tokens_per_s": round(tokens / total, 1), "gen_s": round(phases["gen_s"], 3),

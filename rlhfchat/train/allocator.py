@@ -1,6 +1,6 @@
 """Process-wide memory settings for a training run: glibc's malloc set to keep the memory a CPU training step frees
 for the next step (`keep_freed_memory`), and the objects built at start-up taken out of Python's garbage collection
-(`freeze_startup_objects`).
+(`startup_objects_frozen`).
 
 glibc serves a large allocation from a fresh memory mapping (above its mmap threshold: 128 KB at first, raised
 towards 32 MB as it sees such blocks freed) and gives memory back to the kernel once more than its trim threshold
@@ -18,10 +18,12 @@ an allocator preloaded with LD_PRELOAD).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
 import platform
+from collections.abc import Iterator
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
@@ -48,13 +50,20 @@ def keep_freed_memory() -> bool:
     return _set
 
 
-def freeze_startup_objects() -> None:
-    """Collect the garbage of start-up, then move every object alive into the collector's permanent generation.
+@contextlib.contextmanager
+def startup_objects_frozen() -> Iterator[None]:
+    """Inside this block, what was alive on entry stays out of the garbage collector's generations.
 
     The models, tokenizers and configs loaded at start-up (about 500,000 tracked objects for the bench's three
     models) live for the whole run, yet each full collection scans them all again: 0.1-0.2 s a time on the
     development machine, and in `rlhfchat bench ppo --lora` one fell in the first rollout more often than not
-    (first generation 0.85-0.91 s, 0.64-0.68 s with this). vLLM freezes its heap after start-up the same way.
+    (first generation 0.85-0.91 s, 0.64-0.68 s with this). On entry start-up's garbage is collected and everything
+    alive moves into the permanent generation (`gc.freeze`, as vLLM does after its start-up); on exit it moves back,
+    so what the run leaves behind (a finished stage's models, in a pipeline) can be collected again.
     """
     gc.collect()
     gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

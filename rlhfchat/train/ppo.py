@@ -39,7 +39,7 @@ from rlhfchat.config import PPOConfig, Recipe
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.models import adapters_merged
 from rlhfchat.train import ppo_math as pm
-from rlhfchat.train.allocator import freeze_startup_objects, keep_freed_memory
+from rlhfchat.train.allocator import keep_freed_memory, startup_objects_frozen
 from rlhfchat.train.policy import (PolicyWithValueHead, Reference, build_policy, own_trainable_weights,
                                    training_attention)
 from rlhfchat.train.ppo_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -502,39 +502,39 @@ def train(recipe: Recipe) -> dict[str, Any]:
                                                           if isinstance(v, (int, float, str, bool))})
 
     ppo.sync_rollout_weights()  # vLLM: the engine starts from the SFT folder (or asleep); a resumed policy differs
-    freeze_startup_objects()  # what is loaded by now lives for the whole run; full collections stop scanning it
     t_start = time.perf_counter()
     bar = tqdm(range(start, iterations), initial=start, total=iterations, desc="ppo",
                disable=not accelerator.is_local_main_process)
     stats: dict[str, Any] = {}
-    for step in bar:
-        t0 = time.perf_counter()
-        # this process's share of the iteration's prompts; each sample's seed depends only on its place in the
-        # iteration, so any number of processes samples the same replies
-        share = range(accelerator.process_index, cfg.num_rollouts, accelerator.num_processes)
-        order = sampler.next(cfg.num_rollouts)
-        seeds = [(recipe.seed * 1_000_003 + step) * cfg.num_rollouts + j for j in share]
-        exp, rollout_stats = ppo.make_experience([train_prompts[order[j]] for j in share], seeds)  # steps 1-4
-        t1 = time.perf_counter()
-        update_stats = ppo.update(exp)  # step 5
-        ppo.sync_rollout_weights()
-        # 6. log and checkpoint
-        stats = {"step": step + 1, "optimizer_steps": ppo.optimizer_steps, **rollout_stats, **update_stats,
-                 "train_s": time.perf_counter() - t1, "iteration_s": time.perf_counter() - t0}
-        stats = {k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()}
-        if accelerator.is_main_process:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(stats) + "\n")
-        if cfg.report_to:
-            accelerator.log(stats, step=step + 1)
-        bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", pg=f"{stats['policy_loss']:.3f}",
-                        vf=f"{stats['value_loss']:.3f}")
-        if (step + 1) % cfg.save_steps == 0 or step + 1 == iterations:
-            save_checkpoint(ckpt_root, step + 1, ppo, {
-                "sampler": sampler.state_dict(), "eval_before": before,
-                "wall_time_s": elapsed + time.perf_counter() - t_start,
-            })
-    bar.close()
+    with startup_objects_frozen():  # what is loaded by now lives for the whole loop: full collections skip it
+        for step in bar:
+            t0 = time.perf_counter()
+            # this process's share of the iteration's prompts; each sample's seed depends only on its place in the
+            # iteration, so any number of processes samples the same replies
+            share = range(accelerator.process_index, cfg.num_rollouts, accelerator.num_processes)
+            order = sampler.next(cfg.num_rollouts)
+            seeds = [(recipe.seed * 1_000_003 + step) * cfg.num_rollouts + j for j in share]
+            exp, rollout_stats = ppo.make_experience([train_prompts[order[j]] for j in share], seeds)  # steps 1-4
+            t1 = time.perf_counter()
+            update_stats = ppo.update(exp)  # step 5
+            ppo.sync_rollout_weights()
+            # 6. log and checkpoint
+            stats = {"step": step + 1, "optimizer_steps": ppo.optimizer_steps, **rollout_stats, **update_stats,
+                     "train_s": time.perf_counter() - t1, "iteration_s": time.perf_counter() - t0}
+            stats = {k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()}
+            if accelerator.is_main_process:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(stats) + "\n")
+            if cfg.report_to:
+                accelerator.log(stats, step=step + 1)
+            bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", pg=f"{stats['policy_loss']:.3f}",
+                            vf=f"{stats['value_loss']:.3f}")
+            if (step + 1) % cfg.save_steps == 0 or step + 1 == iterations:
+                save_checkpoint(ckpt_root, step + 1, ppo, {
+                    "sampler": sampler.state_dict(), "eval_before": before,
+                    "wall_time_s": elapsed + time.perf_counter() - t_start,
+                })
+        bar.close()
 
     # The PPO policy on the same held-out prompts, then the model folder.
     metrics: dict[str, Any] = {}
