@@ -187,29 +187,43 @@ def merged(model: Any, dtype: torch.dtype | str = "auto") -> Any:
     return fresh.merge_and_unload()
 
 
+def merged_lora_weight(layer: Any) -> tuple[torch.Tensor, list[str]]:
+    """A peft LoRA layer's base weight with its active adapters (those enabled and not merged already) added out of
+    place, W + B @ A x scale, and the names of those adapters. The base weight is not touched: merging and unmerging
+    in place would leave rounding in it, and the frozen base is the PPO reference. No adapter to add: the base
+    weight itself and [].
+    """
+    weight = layer.get_base_layer().weight.data
+    if getattr(layer, "disable_adapters", False):
+        return weight, []
+    merged = getattr(layer, "merged_adapters", [])
+    active = [a for a in getattr(layer, "active_adapters", []) if a in getattr(layer, "lora_A", {}) and a not in merged]
+    with torch.no_grad():
+        for adapter in active:
+            weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
+    return weight, active
+
+
 @contextlib.contextmanager
 def adapters_merged(model: Any) -> Iterator[Any]:
     """The model with its active LoRA adapters merged into copies of the weights they adapt, for inference.
 
     Each adapted layer then runs one product instead of three and the adapter's scaling and addition: on a CPU a
     16-row decode step spends as long in those small operations as in the weights. The original weights are put back
-    afterwards, untouched (peft's unmerge would subtract the update again and leave rounding in the frozen base, which
-    is the PPO reference). Costs one copy of every adapted weight while inside. A model without adapters, or with a
-    4-bit base, is yielded as it is.
+    afterwards, untouched (merged_lora_weight). Costs one copy of every adapted weight while inside. A model without
+    adapters, or with a 4-bit base, is yielded as it is.
     """
     from_peft = hasattr(model, "peft_config") and not is_quantized(model)
     layers = [m for m in model.modules() if hasattr(m, "get_delta_weight") and hasattr(m, "merged_adapters")] \
         if from_peft else []
     saved = []
     try:
-        with torch.no_grad():
-            for layer in layers:
-                active = [a for a in layer.active_adapters if a in layer.lora_A and a not in layer.merged_adapters]
-                if not active or layer.disable_adapters:
-                    continue
-                weight = layer.get_base_layer().weight
-                saved.append((layer, weight.data, list(layer.merged_adapters)))
-                weight.data = weight.data + sum(layer.get_delta_weight(a) for a in active)
+        for layer in layers:
+            weight, active = merged_lora_weight(layer)
+            if active:
+                base = layer.get_base_layer().weight
+                saved.append((layer, base.data, list(layer.merged_adapters)))
+                base.data = weight
                 layer.merged_adapters.extend(active)
         yield model
     finally:

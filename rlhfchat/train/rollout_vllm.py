@@ -31,6 +31,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from rlhfchat.errors import RlhfchatError
+from rlhfchat.models import merged_lora_weight
 from rlhfchat.train.rollout import GenerationSettings, Rollout, check_backend, finish_responses, left_pad
 
 
@@ -39,8 +40,8 @@ def vllm_weights(lm: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     `load_weights` maps onto its own layout (e.g. q/k/v into one qkv_proj).
 
     A peft (LoRA) model yields its base weights with the adapters' delta added out of place, one layer at a time
-    (W + B @ A * scale; the model is not touched, so no merge/unmerge rounding creeps into the base weights over
-    thousands of syncs). Other tensors are yielded as they are (no copy).
+    (models.merged_lora_weight; the model is not touched, so no merge/unmerge rounding creeps into the base weights
+    over thousands of syncs). Other tensors are yielded as they are (no copy).
     """
     if not hasattr(lm, "get_base_model"):
         for name, param in lm.named_parameters():
@@ -53,10 +54,7 @@ def vllm_weights(lm: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             continue  # the adapters (added below), and the frozen original of a modules_to_save copy
         tensor = param.data
         if name.endswith(".base_layer.weight"):
-            layer = modules[name[: -len(".base_layer.weight")]]
-            for adapter in getattr(layer, "active_adapters", []):
-                if adapter in getattr(layer, "lora_A", {}) and not getattr(layer, "merged", False):
-                    tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
+            tensor, _ = merged_lora_weight(modules[name[: -len(".base_layer.weight")]])
         yield name.replace(".base_layer", "").replace(".modules_to_save.default", ""), tensor
 
 
