@@ -313,7 +313,8 @@ def test_frozen_bottom_keeps_the_reference_exact(tiny_model_dir, tmp_path, arch)
     the final norm, and the policy gets its own modules back."""
     from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
-    from rlhfchat.train.policy import Reference, build_policy, causal_parts, decoder_blocks
+    from rlhfchat.train.policy import Reference, build_policy, causal_parts
+    from rlhfchat.train.trunk import decoder_blocks
 
     if arch == "gpt2":
         config = GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=2, n_positions=64)
@@ -356,7 +357,8 @@ def test_frozen_bottom_keeps_the_reference_exact(tiny_model_dir, tmp_path, arch)
 def test_frozen_bottom_stays_out_of_the_backward_under_gradient_checkpointing(tiny_model_dir):
     """transformers makes the embeddings' output require grad for checkpointing; with a frozen bottom the lower
     blocks must still stay out of the autograd graph, and the gradients must be those without checkpointing."""
-    from rlhfchat.train.policy import build_policy, causal_parts, decoder_blocks
+    from rlhfchat.train.policy import build_policy, causal_parts
+    from rlhfchat.train.trunk import decoder_blocks
 
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20]])
     mask = torch.ones_like(ids)

@@ -163,7 +163,7 @@ def test_reserved_cache_layer_returns_what_concatenation_would():
 
 @pytest.mark.parametrize("share_prefix", [True, False])
 def test_generation_with_the_reserved_cache_matches_the_stock_cache(lm, monkeypatch, share_prefix):
-    from rlhfchat.train.policy import MIN_SHARED_PREFIX, shared_prefix_length
+    from rlhfchat.train.trunk import MIN_SHARED_PREFIX, shared_prefix_length
 
     model, tok = lm
     system = {"role": "system", "content": "You are a careful assistant. Answer briefly and check the arithmetic."}

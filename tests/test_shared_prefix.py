@@ -1,5 +1,6 @@
-"""The leading tokens that every row of a batch shares go through the trunk once (policy.hidden_from): the same
-logprobs, values, reward scores and gradients as a full forward, on tiny local models."""
+"""The leading tokens that every row of a batch shares go through the trunk once (trunk.hidden_from's packed forward,
+generation's shared KV cache): the same logprobs, values, reward scores, samples and gradients as a full forward, on
+tiny local models."""
 
 from __future__ import annotations
 
@@ -10,15 +11,9 @@ import torch
 
 from rlhfchat.data.schema import message
 from rlhfchat.models import load_tokenizer
-from rlhfchat.train.policy import (
-    MIN_SHARED_PREFIX,
-    Reference,
-    build_policy,
-    causal_parts,
-    hidden_from,
-    shared_prefix_length,
-)
+from rlhfchat.train.policy import Reference, build_policy, causal_parts
 from rlhfchat.train.rollout import RewardScorer, encode_prompt, left_pad
+from rlhfchat.train.trunk import MIN_SHARED_PREFIX, hidden_from, shared_prefix_length
 
 SYSTEM = "You add numbers and write the sum."
 
@@ -78,8 +73,10 @@ def test_policy_and_reference_with_a_shared_prefix_equal_the_full_forward(tiny_m
         weights = torch.randn(out.logprobs.shape, generator=torch.Generator().manual_seed(1))
         ((out.logprobs + out.values) * weights * response_mask).sum().backward()
         grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
-        # sharing: the prefix alone (one row), then the rest of the 4 rows; otherwise one call of the whole batch
-        assert [c[0] for c in calls] == ([1, 4] if share else [4])
+        # sharing: one packed row (the prefix once, then the rest of each of the 4 rows); otherwise the whole batch
+        assert [c[0] for c in calls] == ([1] if share else [4])
+        if share:
+            assert calls[0][1] < ids.numel() - 3 * MIN_SHARED_PREFIX
         ref = Reference(policy, tiny_model_dir).logprobs(ids, mask, n_prompt)
         results[share] = out.logprobs.detach(), out.values.detach(), grads, ref
     full, shared = results[False], results[True]
@@ -102,9 +99,9 @@ def test_gradient_checkpointing_takes_the_full_forward_when_training(tiny_model_
     policy.train()
     states = hidden_from(trunk, ids, mask, n_prompt - 1)
     assert calls == [tuple(ids.shape)] and states.shape[:2] == (4, ids.shape[1] - n_prompt + 1)
-    with torch.no_grad():  # no backward to replay: the layers keep the cache, and the prefix is shared
+    with torch.no_grad():  # no backward to replay: the prefix is shared, in one packed call
         shared = hidden_from(trunk, ids, mask, n_prompt - 1)
-    assert [c[0] for c in calls[1:]] == [1, 4] and torch.allclose(shared, states, atol=1e-5)
+    assert [c[0] for c in calls[1:]] == [1] and torch.allclose(shared, states, atol=1e-5)
 
 
 def test_reward_scores_with_a_shared_prefix_equal_the_models_own_pooling(tiny_reward_dir):
@@ -149,15 +146,16 @@ def test_generation_prefills_the_shared_prefix_once_and_samples_the_same(tiny_mo
     assert torch.allclose(out[False].hidden, out[True].hidden, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "llama-gqa", "gpt2"])
 @pytest.mark.parametrize("share", [False, True])
 def test_the_last_blocks_mlp_runs_only_on_the_columns_read(tiny_model_dir, tmp_path, arch, share):
     """Logprobs, values and every gradient equal the plain forward's (the trunk on the whole batch, every column),
-    while the last block's MLP sees only the response columns (and one column of the shared prefix)."""
-    from transformers import AutoModelForCausalLM, GPT2Config
+    while the last block's MLP sees only the response columns; with sharing, in the packed forward."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-    from rlhfchat.train.policy import decoder_blocks, output_logits, position_ids_from_mask
+    from rlhfchat.train.policy import output_logits
     from rlhfchat.train.ppo_math import logprobs_of_labels
+    from rlhfchat.train.trunk import decoder_blocks, position_ids_from_mask
 
     tok = load_tokenizer(tiny_model_dir)
     folder = tiny_model_dir
@@ -166,6 +164,12 @@ def test_the_last_blocks_mlp_runs_only_on_the_columns_read(tiny_model_dir, tmp_p
         folder = tmp_path / "gpt2"
         AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2,
                                                     n_positions=128)).save_pretrained(folder)
+    if arch == "llama-gqa":  # two query heads per key/value head
+        torch.manual_seed(0)
+        folder = tmp_path / "gqa"
+        AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                     pad_token_id=tok.pad_token_id)).save_pretrained(folder)
     ids, mask, n_prompt, response_mask = _batch(tok)
     policy = build_policy(folder, seed=0, share_prefix=share)
     trunk, _ = causal_parts(policy.lm)
@@ -194,8 +198,8 @@ def test_the_last_blocks_mlp_runs_only_on_the_columns_read(tiny_model_dir, tmp_p
     for name, grad in grads.items():
         assert (grad - grads2[name]).norm() <= 1e-5 * grad.norm(), name
     assert plain_widths == [ids.shape[1]]
-    # the response columns and the one before them (whose state predicts the first response token)
-    assert trimmed_widths == ([1, response_mask.shape[1] + 1] if share else [response_mask.shape[1] + 1])
+    # the response columns and the one before them (whose state predicts the first response token), of every row
+    assert trimmed_widths == ([4 * (response_mask.shape[1] + 1)] if share else [response_mask.shape[1] + 1])
     mlp = decoder_blocks(trunk)[-1].mlp
     assert len(mlp._forward_hooks) == 1 and not mlp._forward_pre_hooks  # only this test's own hook is left
 
@@ -225,7 +229,7 @@ def _trunk(mlp: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_last_mlp_from_narrows_only_a_call_on_the_states_alone_and_always_cleans_up():
-    from rlhfchat.train.policy import last_mlp_from
+    from rlhfchat.train.trunk import last_mlp_from
 
     x = torch.randn(2, 5, 4)
     routed = _SeenMLP(routed=True)
@@ -242,6 +246,12 @@ def test_last_mlp_from_narrows_only_a_call_on_the_states_alone_and_always_cleans
         with last_mlp_from(trunk, 1):  # inside another: the outer narrowing alone
             mlp(x)
     assert mlp.widths == [5, 2, 2]
+    indexed = _SeenMLP()  # named columns (a packed forward's): gathered, and the outputs put back in their place
+    with last_mlp_from(_trunk(indexed), torch.tensor([1, 3])):
+        y = indexed(x)
+        indexed(x[:, :3])  # too narrow to hold column 3: left whole
+    assert indexed.widths == [2, 3]
+    assert torch.equal(y[:, [1, 3]], 2 * x[:, [1, 3]]) and not y[:, [0, 2, 4]].any()
     with pytest.raises(ValueError), last_mlp_from(trunk, 3):
         raise ValueError
     assert not mlp._forward_hooks and not mlp._forward_pre_hooks and not hasattr(mlp, "_rlhfchat_narrowed")
@@ -250,3 +260,37 @@ def test_last_mlp_from_narrows_only_a_call_on_the_states_alone_and_always_cleans
     with last_mlp_from(trunk, 3):
         mlp(x)
     assert mlp.widths[-1] == 5
+
+
+def test_a_packed_forward_leaves_the_trunk_as_it_was_and_only_sdpa_trunks_pack(tiny_model_dir):
+    from transformers import AutoModel
+
+    from rlhfchat.errors import RlhfchatError
+    from rlhfchat.train.trunk import decoder_blocks, packable, packed_attention
+
+    tok = load_tokenizer(tiny_model_dir)
+    ids, mask, n_prompt, _ = _batch(tok)
+    model = AutoModel.from_pretrained(tiny_model_dir)
+    assert model.config._attn_implementation == "sdpa" and packable(model)
+    expected = hidden_from(model, ids, mask, n_prompt - 1, share_prefix=False)
+
+    def fail(module, args):
+        raise RuntimeError("stopped in the last block")
+
+    stop = decoder_blocks(model)[-1].register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="last block"):
+        hidden_from(model, ids, mask, n_prompt - 1)
+    stop.remove()
+    mlp = decoder_blocks(model)[-1].mlp
+    assert model.config._attn_implementation == "sdpa" and not mlp._forward_hooks and not mlp._forward_pre_hooks
+    assert torch.allclose(hidden_from(model, ids, mask, n_prompt - 1), expected, atol=1e-5)
+    q = torch.zeros(1, 2, 5, 16)
+    with pytest.raises(RlhfchatError, match="packed_forward"):  # the attention function alone has no layout
+        packed_attention(decoder_blocks(model)[0].self_attn, q, q, q, None)
+
+    eager = AutoModel.from_pretrained(tiny_model_dir, attn_implementation="eager")  # no packing: the plain forward
+    calls: list[tuple[int, ...]] = []
+    _count_calls(eager, calls)
+    assert not packable(eager)
+    assert torch.allclose(hidden_from(eager, ids, mask, n_prompt - 1), expected, atol=1e-5)
+    assert calls == [tuple(ids.shape)]

@@ -19,25 +19,23 @@ of the states before each of them (trlX's alignment: value t is the value of the
   reference is the policy's own frozen bottom under copies of what trains above it (`FrozenBranch`), not a second
   whole model; the update's backward stops at the lowest trainable block.
 - `share_prompt_prefix: true`: the leading tokens all rows of a batch share (the system prompt) go through the trunk
-  once per batch, their keys and values shared by every row (`hidden_from`).
-- Every forward here runs the last block's MLP only on the columns it reads (`last_mlp_from`).
+  once per batch, and every forward here runs the last block's MLP only on the columns it reads (trunk.hidden_from).
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rlhfchat.config import LoraConfig
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.train.ppo_math import entropy_from_logits, logprobs_of_labels
+from rlhfchat.train.trunk import decoder_blocks, hidden_from, text_config
 
 
 @dataclass
@@ -45,11 +43,6 @@ class PolicyOutput:
     logprobs: torch.Tensor  # (B, R) log p(response token | everything before it)
     values: torch.Tensor | None  # (B, R) value of the state before each response token
     entropy: torch.Tensor | None  # (B, R) entropy of the next-token distribution
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions as HF generate counts them under left padding: 0 at the first real token. (B, T) -> (B, T)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def causal_parts(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -60,172 +53,6 @@ def causal_parts(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
     if trunk is None or head is None:
         raise RlhfchatError(f"{type(base).__name__}: expected a causal LM with a trunk and an output layer")
     return trunk, head
-
-
-def last_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The trunk's last hidden state. (B, T) -> (B, T, H)."""
-    out = trunk(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    return out.last_hidden_state
-
-
-MIN_SHARED_PREFIX = 8
-"""Fewer shared leading tokens than this are not worth a second trunk call."""
-
-
-def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> int:
-    """How many leading real tokens every left-padded row has in common (a system prompt, a template's opening).
-
-    Only tokens before column `start` count, so every row still computes its own state from column `start` on.
-    """
-    if input_ids.shape[0] < 2:
-        return 0
-    first = attention_mask[:, : start + 1].long().argmax(-1)  # (B,) the first real column of each row
-    limit = start - int(first.max())
-    if limit <= 0:
-        return 0
-    cols = first[:, None] + torch.arange(limit, device=input_ids.device)  # (B, limit)
-    tokens = input_ids.gather(1, cols)
-    same = (tokens == tokens[:1]).all(0)  # (limit,)
-    return int(same.long().cumprod(0).sum())
-
-
-def cache_argument(trunk: nn.Module) -> str | None:
-    """The name a HF trunk takes its KV cache under (`cache` in recent transformers, `past_key_values` before)."""
-    params = inspect.signature(trunk.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in params), None)
-
-
-@dataclass
-class SharedPrefix:
-    """Left-padded rows split into the leading tokens they all share and the rest of each row.
-
-    The rest keeps the rows' columns from `left + len(prefix)` on (`left`: the padding every row has), left-padded,
-    with each row's own prefix tokens that fall there (rows with more padding start later) masked out.
-    """
-
-    prefix: torch.Tensor  # (1, S)
-    rest_ids: torch.Tensor  # (B, T - left - S)
-    rest_mask: torch.Tensor  # (B, T - left - S)
-    left: int
-    cache_arg: str  # the keyword the trunk takes its KV cache under
-
-    def cache(self, trunk: nn.Module) -> Any:
-        """The trunk's KV cache of the prefix, repeated for every row (keeps the autograd graph)."""
-        s = self.prefix.shape[1]
-        out = trunk(input_ids=self.prefix, position_ids=torch.arange(s, device=self.prefix.device)[None],
-                    use_cache=True)
-        cache = getattr(out, self.cache_arg)
-        cache.batch_repeat_interleave(self.rest_ids.shape[0])
-        return cache
-
-    def full_mask(self) -> torch.Tensor:
-        """The attention mask over prefix + rest. (B, S + T - left - S)."""
-        return torch.cat([self.rest_mask.new_ones(self.rest_mask.shape[0], self.prefix.shape[1]), self.rest_mask], 1)
-
-
-def split_shared_prefix(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        start: int) -> SharedPrefix | None:
-    """The split of left-padded rows whose columns from `start` on each row computes itself, or None when sharing
-    does not apply: fewer than MIN_SHARED_PREFIX shared tokens, a trunk that takes no KV cache, sliding-window
-    attention, or gradient checkpointing in a training forward (transformers' checkpointed layers drop the KV cache,
-    and a wrapper's replay would write it twice)."""
-    s = shared_prefix_length(input_ids, attention_mask, start)
-    cache_arg = cache_argument(trunk) if s >= MIN_SHARED_PREFIX else None
-    if cache_arg is None or _replayed(trunk) or getattr(getattr(trunk, "config", None), "sliding_window", None):
-        return None
-    first = attention_mask[:, : start + 1].long().argmax(-1)
-    left = int(first.min())
-    rest_ids = input_ids[:, left + s :]
-    cols = torch.arange(rest_ids.shape[1], device=input_ids.device)
-    rest_mask = attention_mask[:, left + s :] * (cols[None, :] >= (first - left)[:, None])
-    return SharedPrefix(input_ids[:1, int(first[0]) : int(first[0]) + s], rest_ids, rest_mask, left, cache_arg)
-
-
-def _replayed(trunk: nn.Module) -> bool:
-    """Whether the backward of a forward now replays the trunk's blocks (gradient checkpointing): transformers' own,
-    on the trunk or its blocks, or a checkpoint wrapper around the blocks (accelerate's FSDP activation checkpointing).
-    """
-    if not (trunk.training and torch.is_grad_enabled()):
-        return False
-    if getattr(trunk, "gradient_checkpointing", False):
-        return True
-    try:
-        blocks = decoder_blocks(trunk)
-    except (RlhfchatError, AttributeError):
-        return False
-    return any(getattr(b, "gradient_checkpointing", False) or hasattr(b, "_checkpoint_wrapped_module") for b in blocks)
-
-
-@contextlib.contextmanager
-def last_mlp_from(trunk: nn.Module, start: int) -> Iterator[None]:
-    """Inside this block the trunk's last decoder block runs its MLP on columns `start`.. only; the columns before
-    get a zero MLP output.
-
-    The last block's output is the trunk's output, and nothing reads it at the columns a caller drops: their MLP (two
-    thirds of a Llama block's weights) is wasted work, in a PPO step on the prompt columns of every row and on the
-    whole shared prefix. The MLP works on each position alone, so the kept columns get the values, and the weights
-    the gradients, of the whole forward (up to float rounding). Only an MLP called with the hidden states alone is
-    narrowed (Bloom's also takes the residual), and only a call at least `start` columns wide. Does nothing where
-    the blocks or their `mlp` are not found, inside another such block, and where the backward replays the block
-    (gradient checkpointing), which happens outside this one.
-    """
-    try:
-        block = decoder_blocks(trunk)[-1]
-    except (RlhfchatError, AttributeError):
-        block = None
-    mlp = getattr(block, "mlp", None)
-    if start <= 0 or not isinstance(mlp, nn.Module) or getattr(mlp, "_rlhfchat_narrowed", False) or _replayed(trunk):
-        yield
-        return
-    widths: list[int | None] = []  # the input's columns, per call (None: left whole)
-
-    def narrow(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        x = args[0] if len(args) == 1 and not kwargs else None
-        widths.append(x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] >= start else None)
-        return None if widths[-1] is None else ((x[:, start:].contiguous(),), {})
-
-    def widen(module: nn.Module, args: tuple, out: Any) -> Any:
-        width = widths.pop()
-        if width is None:
-            return None
-        if isinstance(out, tuple):  # an MoE block's (states, router scores)
-            return (F.pad(out[0], (0, 0, width - out[0].shape[1], 0)), *out[1:])
-        return F.pad(out, (0, 0, width - out.shape[1], 0))
-
-    hooks = [mlp.register_forward_pre_hook(narrow, with_kwargs=True), mlp.register_forward_hook(widen)]
-    mlp._rlhfchat_narrowed = True
-    try:
-        yield
-    finally:
-        del mlp._rlhfchat_narrowed
-        for hook in hooks:
-            hook.remove()
-
-
-def hidden_from(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
-                share_prefix: bool = True) -> torch.Tensor:
-    """The trunk's last hidden states of columns start .. T - 1 of left-padded rows. (B, T) -> (B, T - start, H).
-
-    With `share_prefix`, the leading tokens every row has in common go through the trunk once: their keys and values
-    are computed for one row, repeated for the batch, and the rest of each row attends to them. It is the same
-    function with the same gradients as a full forward, and a batch of chat prompts under one system prompt skips
-    most of its prompt tokens (split_shared_prefix says when it does not apply). The last block's MLP runs only on
-    the columns returned (last_mlp_from).
-    """
-    split = split_shared_prefix(trunk, input_ids, attention_mask, start) if share_prefix else None
-    if split is None:
-        with last_mlp_from(trunk, start):
-            return last_hidden(trunk, input_ids, attention_mask)[:, start:]
-    s = split.prefix.shape[1]
-    with last_mlp_from(trunk, s - 1):  # only its keys and values are read (one column: some kernels refuse none)
-        cache = split.cache(trunk)
-    first = start - split.left - s
-    with last_mlp_from(trunk, first):
-        out = trunk(input_ids=split.rest_ids, attention_mask=split.full_mask(),
-                    position_ids=s + position_ids_from_mask(split.rest_mask), use_cache=True,
-                    **{split.cache_arg: cache})  # positions continue from the prefix
-    return out.last_hidden_state[:, first:]
 
 
 def training_attention(device: torch.device, mixed_precision: str | None) -> contextlib.AbstractContextManager:
@@ -360,15 +187,6 @@ class PolicyWithValueHead(nn.Module):
         save_file(self.value_state_dict(), str(Path(out_dir) / "value_head.safetensors"))
 
 
-def decoder_blocks(trunk: nn.Module) -> nn.ModuleList:
-    """The trunk's decoder blocks: its ModuleList child with config.num_hidden_layers entries (`layers`, `h`, ...)."""
-    n = getattr(_text_config(trunk), "num_hidden_layers", None)
-    for child in trunk.children():
-        if isinstance(child, nn.ModuleList) and len(child) == n:
-            return child
-    raise RlhfchatError(f"{type(trunk).__name__}: cannot find its list of {n} decoder blocks")
-
-
 def freeze_bottom_layers(lm: nn.Module, num_layers_unfrozen: int) -> None:
     """Freeze everything below the top `num_layers_unfrozen` decoder blocks: the input embeddings, whatever else the
     trunk runs before its blocks (GPT-2's position embeddings, Bloom's embedding norm) and the lower blocks. The final
@@ -436,13 +254,8 @@ class FrozenBranch:
                 setattr(owner, name, module)
 
 
-def _text_config(model: nn.Module) -> Any:
-    """A model's config, or the text part of a multimodal one."""
-    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-
-
 def _hidden_size(lm: nn.Module) -> int:
-    return int(_text_config(lm).hidden_size)
+    return int(text_config(lm).hidden_size)
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -242,7 +242,8 @@ def hf_generate(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, prompt_mas
     KV cache repeated for the rows; generate gets [prefix | each row's left-padded rest] with that cache, and the
     positions it counts from the attention mask are the same as in the plain left-padded layout.
     """
-    from rlhfchat.train.policy import cache_argument, causal_parts, split_shared_prefix
+    from rlhfchat.train.policy import causal_parts
+    from rlhfchat.train.trunk import cache_argument, split_shared_prefix
 
     kwargs: dict[str, Any] = dict(
         max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens or None,
@@ -270,7 +271,7 @@ def hf_generate(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, prompt_mas
     try:
         with torch.no_grad():
             split = None
-            if settings.share_prefix:
+            if settings.share_prefix and cache_arg is not None:
                 split = split_shared_prefix(trunk, prompt_ids, prompt_mask, prompt_ids.shape[1] - 1)
             cache = None
             if split is not None:
@@ -446,7 +447,7 @@ class RewardScorer:
         share computed once (policy.hidden_from, when `share_prefix`); models whose head is not a linear `score` run
         whole.
         """
-        from rlhfchat.train.policy import hidden_from
+        from rlhfchat.train.trunk import hidden_from
 
         model = self.model
         trunk, head = getattr(model, model.base_model_prefix, None), getattr(model, "score", None)
