@@ -224,14 +224,20 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     s, b, width = layout.prefix_len, layout.rows, layout.width
 
-    def rows(x: torch.Tensor) -> torch.Tensor:  # (1, h, S + B*L, D) -> (B, h, L, D)
-        return x[0, :, s:].unflatten(1, (b, width)).transpose(0, 1)
+    # split, not sliced: the backward of a split is one cat of the parts' gradients, where each slice's would be a
+    # zero tensor of the whole width plus a copy, summed afterwards
+    (q_prefix, q_rows), (k_prefix, k_rows), (v_prefix, v_rows) = (x.split([s, b * width], 2)
+                                                                  for x in (query, key, value))
 
-    def with_prefix(x: torch.Tensor) -> torch.Tensor:  # (1, h, S + B*L, D) -> (B, h, S + L, D)
-        return torch.cat([x[:, :, :s].expand(b, -1, -1, -1), rows(x)], 2)
+    def rows(x: torch.Tensor) -> torch.Tensor:  # (1, h, B*L, D) -> (B, h, L, D)
+        return x.squeeze(0).unflatten(1, (b, width)).transpose(0, 1)
 
-    prefix, _ = sdpa(module, query[:, :, :s], key[:, :, :s], value[:, :, :s], None, **kwargs)
-    out, _ = sdpa(module, rows(query), with_prefix(key), with_prefix(value), layout.mask, **kwargs)
+    def with_prefix(prefix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # -> (B, h, S + L, D)
+        return torch.cat([prefix.expand(b, -1, -1, -1), rows(x)], 2)
+
+    prefix, _ = sdpa(module, q_prefix, k_prefix, v_prefix, None, **kwargs)
+    out, _ = sdpa(module, rows(q_rows), with_prefix(k_prefix, k_rows), with_prefix(v_prefix, v_rows), layout.mask,
+                  **kwargs)
     return torch.cat([prefix, out.reshape(1, b * width, *out.shape[2:])], 1), None
 
 
