@@ -174,6 +174,11 @@ def test_minibatch_of_4_equals_4_accumulated_micro_batches(run_dir, monkeypatch)
     for name, p in whole.unwrapped.named_parameters():
         assert p.grad is not None, name
         assert torch.allclose(p.grad, grads_split[name].grad, atol=1e-5, rtol=1e-4), name
+    # the backward's hooks recorded each gradient as the 4th micro-batch finished it: the clip's norm is torch's
+    params = [p for p in split.unwrapped.parameters() if p.grad is not None]
+    assert len(split.grad_norms.squares) == len(params)
+    expected = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    assert split.clip_and_step() == pytest.approx(expected, rel=1e-5) and split.grad_norms.squares is None
 
 
 @pytest.mark.parametrize("max_grad_norm", [1e-3, 1e3], ids=["clipped", "not-clipped"])

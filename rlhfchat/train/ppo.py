@@ -40,6 +40,7 @@ from rlhfchat.errors import RlhfchatError
 from rlhfchat.models import adapters_merged
 from rlhfchat.train import ppo_math as pm
 from rlhfchat.train.allocator import keep_freed_memory, startup_objects_frozen
+from rlhfchat.train.optim import GradNorms, adamw, clip_and_step
 from rlhfchat.train.policy import (PolicyWithValueHead, Reference, build_policy, own_trainable_weights,
                                    training_attention)
 from rlhfchat.train.ppo_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -114,13 +115,11 @@ class PPO:
         self.settings = GenerationSettings.from_ppo(cfg)
         policy.to(self.accelerator.device)
         params = [p for p in policy.parameters() if p.requires_grad]
-        # the fused kernel: one pass over each tensor instead of a dozen (a tenth of a CPU step's time otherwise)
-        fused = self.accelerator.device.type in ("cpu", "cuda") and self.accelerator.distributed_type.value in (
-            "NO", "MULTI_GPU", "MULTI_CPU")
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.weight_decay, fused=fused or None)
-        self.fused = fused
+        optimizer = adamw(params, self.accelerator, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                          weight_decay=cfg.weight_decay)
+        self.fused = bool(optimizer.defaults.get("fused"))
         self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.grad_norms = GradNorms(params) if self.fused and self.accelerator.num_processes == 1 else None
         self.policy.eval()  # train() only inside update(); dropout is off either way
         self.reference = reference.to(self.accelerator.device)
         self.scorer = scorer
@@ -270,6 +269,8 @@ class PPO:
             mb = exp.select(rows)
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy)
+            if last and self.grad_norms is not None:  # this backward finishes the gradients: record their norms
+                self.grad_norms.start()
             with sync, self.accelerator.autocast(), training_attention(self.accelerator.device,
                                                                        self.accelerator.mixed_precision):
                 out = self.policy(mb.input_ids, mb.attention_mask, mb.n_prompt)
@@ -310,26 +311,9 @@ class PPO:
         return means
 
     def clip_and_step(self) -> float:
-        """Clip the gradient's global norm to max_grad_norm, take the optimizer step; returns the norm before.
-
-        With the fused AdamW (one process or DDP, no fp16 loss scaler) the clip goes into the fused kernel as its
-        gradient scale, the hook torch's GradScaler uses: the kernel divides each gradient by max(1, norm / max)
-        as it reads it, which saves a separate pass over every gradient (a tenth of a small model's CPU step).
-        """
+        """Clip the gradient's global norm to max_grad_norm, take the optimizer step; returns the norm before."""
         params = [p for p in self.policy.parameters() if p.grad is not None]
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        if not (self.fused and self.accelerator.scaler is None):
-            norm = self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
-            self.optimizer.step()
-            return float(norm)
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # DDP: of the synchronised gradient
-        # torch's clip_grad_norm_ multiplies by max / (norm + 1e-6) when that is below 1: the same factor, inverted
-        inner.grad_scale = ((norm.float() + 1e-6) / self.cfg.max_grad_norm).clamp(min=1.0)
-        try:
-            self.optimizer.step()
-        finally:
-            del inner.grad_scale
-        return float(norm)
+        return clip_and_step(self.optimizer, params, self.cfg.max_grad_norm, self.accelerator, self.grad_norms)
 
     # ---------------------------------------------------------------------------------------------------------
     def evaluate(self, prompts: Sequence[Prompt], seed: int) -> dict[str, float]:
