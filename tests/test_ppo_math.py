@@ -165,3 +165,15 @@ def test_logprobs_and_entropy():
     assert close(lp, [[math.log(0.5), math.log(0.75)]])
     ent = pm.entropy_from_logits(logits)
     assert close(ent, [[math.log(2), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]])
+
+
+def test_logprob_gradient_is_onehot_minus_softmax():
+    """d logp[label] / d logits = onehot(label) - softmax(logits), times the incoming gradient, by hand."""
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3), 0.0]]], requires_grad=True)  # p = [.5, .5] then [.75, .25]
+    lp = pm.logprobs_of_labels(logits, torch.tensor([[1, 0]]))
+    assert close(lp, [[math.log(0.5), math.log(0.75)]])
+    (lp * torch.tensor([[2.0, -1.0]])).sum().backward()
+    assert close(logits.grad, [[[2 * (0 - 0.5), 2 * (1 - 0.5)], [-1 * (1 - 0.75), -1 * (0 - 0.25)]]])
+    wide = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)  # and against autograd's own
+    labels = torch.randint(0, 7, (2, 3))
+    assert torch.autograd.gradcheck(lambda x: pm.logprobs_of_labels(x, labels), (wide,))

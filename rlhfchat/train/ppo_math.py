@@ -20,7 +20,7 @@ count of the whole minibatch; the micro-batch gradients then sum to the minibatc
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -202,10 +202,31 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 def logprobs_of_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[label] at each position. logits (B, R, V), labels (B, R) -> (B, R).
 
-    Written as logit[label] - logsumexp(logits), which keeps no (B, R, V) log-softmax tensor alive.
+    logit[label] - logsumexp(logits), which keeps no (B, R, V) log-softmax tensor alive. Its gradient,
+    g * (onehot(label) - softmax(logits)), is written into one (B, R, V) tensor (_LabelLogprob) instead of autograd's
+    five passes (a zero tensor for the gather, exp, product, sum).
     """
-    logits = logits.float()
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _LabelLogprob.apply(logits, labels)
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+class _LabelLogprob(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        index = labels.unsqueeze(-1)
+        ctx.save_for_backward(logits, index)
+        return logits.gather(-1, index).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, index = ctx.saved_tensors
+        g = grad.unsqueeze(-1)
+        out = torch.softmax(logits, dim=-1).mul_(-g)
+        return out.scatter_add_(-1, index, g), None
 
 
 class AdaptiveKLController:
