@@ -56,8 +56,11 @@ def _count_calls(trunk, calls):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_policy_and_reference_with_a_shared_prefix_equal_the_full_forward(tiny_model_dir, lora):
+def test_policy_and_reference_with_a_shared_prefix_equal_the_full_forward(tiny_model_dir, lora, monkeypatch):
     from rlhfchat.config import LoraConfig
+    from rlhfchat.train import trunk as trunk_mod
+
+    monkeypatch.setattr(trunk_mod, "PACK_PADDING_FROM", 0.0)  # the rows' padding always left out
 
     tok = load_tokenizer(tiny_model_dir)
     ids, mask, n_prompt, response_mask = _batch(tok)
@@ -73,10 +76,10 @@ def test_policy_and_reference_with_a_shared_prefix_equal_the_full_forward(tiny_m
         weights = torch.randn(out.logprobs.shape, generator=torch.Generator().manual_seed(1))
         ((out.logprobs + out.values) * weights * response_mask).sum().backward()
         grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
-        # sharing: one packed row (the prefix once, then the rest of each of the 4 rows); otherwise the whole batch
+        # sharing: one packed row (the prefix once, then the real tokens of each of the 4 rows); else the whole batch
         assert [c[0] for c in calls] == ([1] if share else [4])
         if share:
-            assert calls[0][1] < ids.numel() - 3 * MIN_SHARED_PREFIX
+            assert calls[0][1] == int(mask.sum()) - 3 * shared_prefix_length(ids, mask, n_prompt - 1)
         ref = Reference(policy, tiny_model_dir).logprobs(ids, mask, n_prompt)
         results[share] = out.logprobs.detach(), out.values.detach(), grads, ref
     full, shared = results[False], results[True]
@@ -101,7 +104,8 @@ def test_gradient_checkpointing_takes_the_full_forward_when_training(tiny_model_
     assert calls == [tuple(ids.shape)] and states.shape[:2] == (4, ids.shape[1] - n_prompt + 1)
     with torch.no_grad():  # no backward to replay: the prefix is shared, in one packed call
         shared = hidden_from(trunk, ids, mask, n_prompt - 1)
-    assert [c[0] for c in calls[1:]] == [1] and torch.allclose(shared, states, atol=1e-5)
+    real = mask[:, n_prompt - 1 :].bool()  # a padding column's state is not computed
+    assert [c[0] for c in calls[1:]] == [1] and torch.allclose(shared[real], states[real], atol=1e-5)
 
 
 def test_reward_scores_with_a_shared_prefix_equal_the_models_own_pooling(tiny_reward_dir):
@@ -147,11 +151,16 @@ def test_generation_prefills_the_shared_prefix_once_and_samples_the_same(tiny_mo
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama-gqa", "gpt2"])
-@pytest.mark.parametrize("share", [False, True])
-def test_the_last_blocks_mlp_runs_only_on_the_columns_read(tiny_model_dir, tmp_path, arch, share):
+@pytest.mark.parametrize("share", ["no", "packed", "packed-without-padding"])
+def test_the_last_blocks_mlp_runs_only_on_the_columns_read(tiny_model_dir, tmp_path, arch, share, monkeypatch):
     """Logprobs, values and every gradient equal the plain forward's (the trunk on the whole batch, every column),
-    while the last block's MLP sees only the response columns; with sharing, in the packed forward."""
+    while the last block's MLP sees only the response columns; with sharing, in the packed forward, with or without
+    the rows' padding."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from rlhfchat.train import trunk as trunk_mod
+
+    monkeypatch.setattr(trunk_mod, "PACK_PADDING_FROM", 0.0 if share == "packed-without-padding" else 1.0)
 
     from rlhfchat.train.policy import output_logits
     from rlhfchat.train.ppo_math import logprobs_of_labels
@@ -171,7 +180,7 @@ def test_the_last_blocks_mlp_runs_only_on_the_columns_read(tiny_model_dir, tmp_p
                                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                      pad_token_id=tok.pad_token_id)).save_pretrained(folder)
     ids, mask, n_prompt, response_mask = _batch(tok)
-    policy = build_policy(folder, seed=0, share_prefix=share)
+    policy = build_policy(folder, seed=0, share_prefix=share != "no")
     trunk, _ = causal_parts(policy.lm)
     widths = []
     # a forward hook sees the arguments the MLP ran on
@@ -198,8 +207,11 @@ def test_the_last_blocks_mlp_runs_only_on_the_columns_read(tiny_model_dir, tmp_p
     for name, grad in grads.items():
         assert (grad - grads2[name]).norm() <= 1e-5 * grad.norm(), name
     assert plain_widths == [ids.shape[1]]
-    # the response columns and the one before them (whose state predicts the first response token), of every row
-    assert trimmed_widths == ([4 * (response_mask.shape[1] + 1)] if share else [response_mask.shape[1] + 1])
+    # the response columns and the one before them (whose state predicts the first response token), of every row;
+    # without the padding, only the real ones
+    expected = {"no": response_mask.shape[1] + 1, "packed": 4 * (response_mask.shape[1] + 1),
+                "packed-without-padding": 4 + int(response_mask.sum())}
+    assert trimmed_widths == [expected[share]]
     mlp = decoder_blocks(trunk)[-1].mlp
     assert len(mlp._forward_hooks) == 1 and not mlp._forward_pre_hooks  # only this test's own hook is left
 
@@ -283,7 +295,8 @@ def test_a_packed_forward_leaves_the_trunk_as_it_was_and_only_sdpa_trunks_pack(t
     stop.remove()
     mlp = decoder_blocks(model)[-1].mlp
     assert model.config._attn_implementation == "sdpa" and not mlp._forward_hooks and not mlp._forward_pre_hooks
-    assert torch.allclose(hidden_from(model, ids, mask, n_prompt - 1), expected, atol=1e-5)
+    real = mask[:, n_prompt - 1 :].bool()
+    assert torch.allclose(hidden_from(model, ids, mask, n_prompt - 1)[real], expected[real], atol=1e-5)
     q = torch.zeros(1, 2, 5, 16)
     with pytest.raises(RlhfchatError, match="packed_forward"):  # the attention function alone has no layout
         packed_attention(decoder_blocks(model)[0].self_attn, q, q, q, None)

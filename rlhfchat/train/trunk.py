@@ -192,7 +192,8 @@ def last_mlp_from(trunk: nn.Module, columns: int | torch.Tensor) -> Iterator[Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The packed forward: one sequence of the shared prefix (S columns) followed by B rows of L columns each.
+# The packed forward: one sequence of the shared prefix (S tokens) followed by the real tokens of B rows (N in all);
+# the rows' padding (left of the prompt, right of a reply that stopped early) never goes through the trunk.
 
 PACKED = "rlhfchat_packed"
 """The attention implementation a trunk is switched to for a packed forward (see packed_forward)."""
@@ -202,8 +203,11 @@ PACKED = "rlhfchat_packed"
 class PackedRows:
     prefix_len: int  # S
     rows: int  # B
-    width: int  # L
-    mask: torch.Tensor  # (B, 1, L, S + L) bool: each row's queries read the prefix and the row's own earlier columns
+    width: int  # L: the rows' columns after the prefix, padding included
+    # Where the rows' padding is left out (see packed_hidden), else None (N = B * L):
+    slot: torch.Tensor | None  # (B * L,) long: each column's token among the N after the prefix (padding: a neighbour's)
+    real: torch.Tensor | None  # (N,) long: the columns (of the B * L) that hold a real token, in packing order
+    mask: torch.Tensor  # (B, 1, L, S + L) bool: a row's queries read the prefix and the row's own earlier real tokens
 
 
 _packed_rows: contextvars.ContextVar[PackedRows | None] = contextvars.ContextVar("rlhfchat_packed_rows", default=None)
@@ -211,10 +215,11 @@ _packed_rows: contextvars.ContextVar[PackedRows | None] = contextvars.ContextVar
 
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa attention on a packed batch. (1, heads, S + B*L, D) each -> (1, S + B*L, heads, D).
+    """transformers' sdpa attention on a packed batch. (1, heads, S + N, D) each -> (1, S + N, heads, D).
 
-    The prefix attends causally to itself. Each row attends to the prefix's keys and values (one copy, expanded to the
-    rows) and to its own, under the mask of the packed layout; `attention_mask` (None, see packed_forward) is unused.
+    The prefix attends causally to itself. The rows' tokens are laid out as B rows of L columns again; each row
+    attends to the prefix's keys and values (one copy, expanded to the rows) and to its own, under the layout's
+    mask. `attention_mask` (None, see packed_forward) is unused.
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -223,22 +228,23 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         raise RlhfchatError(f"{PACKED} attention runs only inside packed_forward")
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     s, b, width = layout.prefix_len, layout.rows, layout.width
-
+    n = query.shape[2] - s
     # split, not sliced: the backward of a split is one cat of the parts' gradients, where each slice's would be a
     # zero tensor of the whole width plus a copy, summed afterwards
-    (q_prefix, q_rows), (k_prefix, k_rows), (v_prefix, v_rows) = (x.split([s, b * width], 2)
-                                                                  for x in (query, key, value))
+    (q_prefix, q_rows), (k_prefix, k_rows), (v_prefix, v_rows) = (x.split([s, n], 2) for x in (query, key, value))
 
-    def rows(x: torch.Tensor) -> torch.Tensor:  # (1, h, B*L, D) -> (B, h, L, D)
-        return x.squeeze(0).unflatten(1, (b, width)).transpose(0, 1)
+    def rows(x: torch.Tensor) -> torch.Tensor:  # (1, h, N, D) -> (B, h, L, D)
+        x = x.squeeze(0) if layout.slot is None else x.squeeze(0).index_select(1, layout.slot)
+        return x.unflatten(1, (b, width)).transpose(0, 1)
 
     def with_prefix(prefix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # -> (B, h, S + L, D)
         return torch.cat([prefix.expand(b, -1, -1, -1), rows(x)], 2)
 
     prefix, _ = sdpa(module, q_prefix, k_prefix, v_prefix, None, **kwargs)
     out, _ = sdpa(module, rows(q_rows), with_prefix(k_prefix, k_rows), with_prefix(v_prefix, v_rows), layout.mask,
-                  **kwargs)
-    return torch.cat([prefix, out.reshape(1, b * width, *out.shape[2:])], 1), None
+                  **kwargs)  # (B, L, heads, D)
+    out = out.flatten(0, 1) if layout.real is None else out.flatten(0, 1).index_select(0, layout.real)
+    return torch.cat([prefix, out[None]], 1), None
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
@@ -274,20 +280,37 @@ def packed_forward(trunk: nn.Module, layout: PackedRows) -> Iterator[None]:
         _packed_rows.reset(token)
 
 
+PACK_PADDING_FROM = 0.1
+"""packed_hidden leaves the rows' padding out of the trunk from this share of their columns on; below it, gathering
+the real tokens into rows for the attention costs more than the padding's share of the forward."""
+
+
 def packed_hidden(trunk: nn.Module, split: SharedPrefix, first: int) -> torch.Tensor:
-    """The trunk's last hidden states of the rest's columns `first`.. of every row, in one packed forward.
-    -> (B, L - first, H)."""
+    """The trunk's last hidden states of the rest's columns `first`.. of every row, in one packed forward of the prefix
+    and the rows. -> (B, L - first, H).
+
+    Where padding (left of a prompt, right of a reply that stopped early) is at least PACK_PADDING_FROM of the rows'
+    columns, only their real tokens are packed, and a padding column gets a neighbour's state.
+    """
     s, (b, width) = split.prefix.shape[1], split.rest_ids.shape
     device = split.rest_ids.device
-    ids = torch.cat([split.prefix[0], split.rest_ids.reshape(-1)])[None]
-    positions = torch.cat([torch.arange(s, device=device),
-                           (s + position_ids_from_mask(split.rest_mask)).reshape(-1)])[None]  # from the prefix on
+    real = split.rest_mask.bool()
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    mask = torch.cat([causal.new_ones(b, width, s), causal & split.rest_mask.bool()[:, None, :]], 2)[:, None]
-    read = s + (torch.arange(b, device=device)[:, None] * width + torch.arange(first, width, device=device))
-    with packed_forward(trunk, PackedRows(s, b, width, mask)), last_mlp_from(trunk, read.reshape(-1)):
+    mask = torch.cat([causal.new_ones(b, width, s), causal & real[:, None, :]], 2)[:, None]
+    positions = s + position_ids_from_mask(split.rest_mask)  # from the prefix on
+    kept = real if real.sum() < (1 - PACK_PADDING_FROM) * real.numel() else torch.ones_like(real)
+    slot = (kept.reshape(-1).cumsum(0) - 1).clamp(min=0)  # row-major: a row's tokens follow the row before's
+    read = s + slot.view(b, width)[:, first:][kept[:, first:]]  # the last MLP's columns: those returned
+    if kept is real:
+        layout = PackedRows(s, b, width, slot, real.reshape(-1).nonzero().squeeze(1), mask)
+    else:
+        layout = PackedRows(s, b, width, None, None, mask)
+    ids = torch.cat([split.prefix[0], split.rest_ids[kept]])[None]
+    positions = torch.cat([torch.arange(s, device=device), positions[kept]])[None]
+    with packed_forward(trunk, layout), last_mlp_from(trunk, read):
         out = trunk(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
-    return out[0, s:].unflatten(0, (b, width))[:, first:]
+    rows = out[0, s:] if layout.slot is None else out[0, s:].index_select(0, slot)
+    return rows.view(b, width, -1)[:, first:]
 
 
 def hidden_from(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
