@@ -40,6 +40,7 @@ from rlhfchat.errors import RlhfchatError
 from rlhfchat.models import adapters_merged
 from rlhfchat.train import ppo_math as pm
 from rlhfchat.train.allocator import keep_freed_memory, startup_objects_frozen
+from rlhfchat.train.kernels import fuse_norms
 from rlhfchat.train.optim import GradNorms, adamw, clip_and_step
 from rlhfchat.train.policy import (PolicyWithValueHead, Reference, build_policy, own_trainable_weights,
                                    training_attention)
@@ -150,6 +151,7 @@ class PPO:
                               share_prefix=cfg.share_prompt_prefix, num_layers_unfrozen=cfg.num_layers_unfrozen)
         if accelerator.device.type == "cpu":  # the optimizer would copy-on-write them from the file mapping
             own_trainable_weights(policy)
+            fuse_norms(policy)  # a CPU's update spends as long in the RMSNorms' backward as in the attention
         sharded = accelerator.distributed_type.value == "FSDP" or zero_stage(accelerator) == 3
         reference = Reference(policy, policy_dir, dtype=frozen_dtype, share_bottom=not sharded)
         scorer = RewardScorer(reward_dir, max_length=reward_max_length, dtype=frozen_dtype, batch_size=cfg.chunk_size,
