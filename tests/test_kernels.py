@@ -38,6 +38,25 @@ def test_the_fused_norm_equals_transformers_norm_and_its_gradient(dtype):
         assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
 
 
+def test_under_bf16_autocast_the_fused_norm_stays_in_float32():
+    """The PPO update runs its forward and backward under autocast: the norm must not drop to bf16 there."""
+    from rlhfchat.train.kernels import fuse_norms
+
+    plain, fused = _norm(512), _norm(512)
+    fuse_norms(fused)
+    x = torch.randn(4, 7, 512) * 3
+    grad = torch.randn(4, 7, 512)
+    results = []
+    for norm in (plain, fused):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = norm(xi)
+            out.backward(grad)
+        results.append((out.detach(), xi.grad, norm.weight.grad))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype == torch.float32 and torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_the_gradient_by_hand():
     """One row x = (3, 4), weight (1, 2), eps 0: r = 1 / sqrt(12.5), xhat = r x, y = w xhat.
     dL/dx = r (g - xhat mean(g xhat)) with g = dy w; dL/dw = dy xhat."""

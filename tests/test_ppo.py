@@ -312,14 +312,15 @@ def test_generation_runs_on_merged_copies_of_the_adapted_weights_and_puts_the_ba
 
 
 @pytest.mark.parametrize("arch", ["llama-tied", "gpt2"])
-def test_frozen_bottom_keeps_the_reference_exact(tiny_model_dir, tmp_path, arch):
+def test_frozen_bottom_keeps_the_reference_exact(tiny_model_dir, tmp_path, arch, monkeypatch):
     """Tied input and output embeddings (and GPT-2's learned positions): the output layer and the position embeddings
     freeze with the embeddings (the shared bottom must stay the SFT model's), the branch holds only the top block and
     the final norm, and the policy gets its own modules back."""
     from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
+    from rlhfchat.train import trunk as trunk_mod
     from rlhfchat.train.policy import Reference, build_policy, causal_parts
-    from rlhfchat.train.trunk import decoder_blocks
+    from rlhfchat.train.trunk import MIN_SHARED_PREFIX, decoder_blocks, shared_prefix_length
 
     if arch == "gpt2":
         config = GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=2, n_positions=64)
@@ -345,15 +346,21 @@ def test_frozen_bottom_keeps_the_reference_exact(tiny_model_dir, tmp_path, arch)
         for p in policy.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
-    # two rows with 9 shared leading tokens: the reference's shared-prefix path runs under the swap too
+    # rows with 9 shared leading tokens: the reference's packed forward runs under the swap too (the swapped-in copies
+    # have configs of their own, which must switch to the packed attention as well)
     shared = list(range(40, 49))
-    ids = torch.tensor([[3, 3] + shared + [60, 61, 62, 63, 64], [7, 8] + shared + [70, 71, 72, 73, 74]])
+    ids = torch.tensor([[3, 3] + shared + [60, 61, 62, 63, 64], [3] + shared + [70, 71, 72, 73, 74, 75],
+                        shared + [80, 81, 82, 83, 84, 85, 86]])
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
+    mask[1, 0] = 0
+    assert shared_prefix_length(ids, mask, 11) >= MIN_SHARED_PREFIX
+    packed = []
+    monkeypatch.setattr(trunk_mod, "packed_hidden", lambda *a, f=trunk_mod.packed_hidden: packed.append(1) or f(*a))
     sft = AutoModelForCausalLM.from_pretrained(tmp_path / arch)
     with torch.no_grad():
-        expected = response_logprobs(sft, ids, mask, 12)
-        assert torch.allclose(reference.logprobs(ids, mask, 12), expected, atol=1e-6)
+        expected = response_logprobs(sft, ids, mask, 12, share_prefix=False)
+        assert torch.allclose(reference.logprobs(ids, mask, 12), expected, atol=1e-6) and packed
         assert not torch.allclose(response_logprobs(policy.lm, ids, mask, 12), expected, atol=1e-3)
     assert [getattr(o, n) for o, n, _ in reference.branch.parts] == own
     assert decoder_blocks(trunk)[1] is own[0]

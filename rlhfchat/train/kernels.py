@@ -26,25 +26,26 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x32 = x.float()
-        r = torch.linalg.vecdot(x32, x32).div_(x.shape[-1]).add_(eps).rsqrt_().unsqueeze(-1)
-        xhat = x32 * r
-        ctx.save_for_backward(xhat, r, weight)
-        ctx.input_dtype = x.dtype
-        return weight * xhat.to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run the dot products in bf16
+            x32 = x.float()
+            r = torch.linalg.vecdot(x32, x32).div_(x.shape[-1]).add_(eps).rsqrt_().unsqueeze(-1)
+            xhat = x32 * r
+            ctx.save_for_backward(xhat, r, weight)
+            ctx.input_dtype = x.dtype
+            return weight * xhat.to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         xhat, r, weight = ctx.saved_tensors
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad * xhat.to(ctx.input_dtype)).flatten(0, -2).sum(0).to(weight.dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            g = (grad * weight).float()
-            mean = torch.linalg.vecdot(g, xhat).div_(-xhat.shape[-1]).unsqueeze(-1)
-            grad_x = torch.addcmul(g, xhat, mean).mul_(r).to(ctx.input_dtype)
+        grad_weight = grad_x = None
+        with torch.autocast(grad.device.type, enabled=False):
+            if ctx.needs_input_grad[1]:
+                grad_weight = (grad * xhat.to(ctx.input_dtype)).flatten(0, -2).sum(0).to(weight.dtype)
+            if ctx.needs_input_grad[0]:
+                g = (grad * weight).float()
+                mean = torch.linalg.vecdot(g, xhat).div_(-xhat.shape[-1]).unsqueeze(-1)
+                grad_x = torch.addcmul(g, xhat, mean).mul_(r).to(ctx.input_dtype)
         return grad_x, grad_weight, None
 
 

@@ -120,7 +120,8 @@ class PPO:
                           weight_decay=cfg.weight_decay)
         self.fused = bool(optimizer.defaults.get("fused"))
         self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
-        self.grad_norms = GradNorms(params) if self.fused and self.accelerator.num_processes == 1 else None
+        one_process = self.accelerator.num_processes == 1 and self.accelerator.scaler is None  # see optim.GradNorms
+        self.grad_norms = GradNorms(params) if self.fused and one_process else None
         self.policy.eval()  # train() only inside update(); dropout is off either way
         self.reference = reference.to(self.accelerator.device)
         self.scorer = scorer

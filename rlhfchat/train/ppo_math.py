@@ -203,8 +203,8 @@ def logprobs_of_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     """log softmax(logits)[label] at each position. logits (B, R, V), labels (B, R) -> (B, R).
 
     logit[label] - logsumexp(logits), which keeps no (B, R, V) log-softmax tensor alive. Its gradient,
-    g * (onehot(label) - softmax(logits)), is written into one (B, R, V) tensor (_LabelLogprob) instead of autograd's
-    five passes (a zero tensor for the gather, exp, product, sum).
+    g * (onehot(label) - softmax(logits)), is written into one (B, R, V) tensor (_LabelLogprob) instead of the several
+    autograd writes (a zero tensor for the gather's scatter, the exponential, the product, their sum).
     """
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()

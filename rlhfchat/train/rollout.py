@@ -50,7 +50,7 @@ class GenerationSettings:
     temperature: float = 1.0
     do_sample: bool = True
     stop_sequences: list[str] = field(default_factory=list)
-    share_prefix: bool = True  # the prompt tokens every row shares are prefilled once (policy.split_shared_prefix)
+    share_prefix: bool = True  # the prompt tokens every row shares are prefilled once (trunk.split_shared_prefix)
 
     @classmethod
     def from_ppo(cls, cfg: Any) -> "GenerationSettings":
@@ -444,7 +444,7 @@ class RewardScorer:
         """Scores of left-padded rows. (B, T) -> (B,).
 
         The model's own pooling (its head on the last token that is not padding), with the leading tokens all rows
-        share computed once (policy.hidden_from, when `share_prefix`); models whose head is not a linear `score` run
+        share computed once (trunk.hidden_from, when `share_prefix`); models whose head is not a linear `score` run
         whole.
         """
         from rlhfchat.train.trunk import hidden_from

@@ -109,7 +109,7 @@ def split_shared_prefix(trunk: nn.Module, input_ids: torch.Tensor, attention_mas
 
 def text_config(model: nn.Module) -> Any:
     """A model's config, or the text part of a multimodal one."""
-    return model.config.gettext_config() if hasattr(model.config, "gettext_config") else model.config
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
 
 def decoder_blocks(trunk: nn.Module) -> nn.ModuleList:
@@ -134,8 +134,6 @@ def _replayed(trunk: nn.Module) -> bool:
     except (RlhfchatError, AttributeError):
         return False
     return any(getattr(b, "gradient_checkpointing", False) or hasattr(b, "_checkpoint_wrapped_module") for b in blocks)
-
-
 
 
 @contextlib.contextmanager
@@ -205,7 +203,7 @@ class PackedRows:
     rows: int  # B
     width: int  # L: the rows' columns after the prefix, padding included
     # Where the rows' padding is left out (see packed_hidden), else None (N = B * L):
-    slot: torch.Tensor | None  # (B * L,) long: each column's token among the N after the prefix (padding: a neighbour's)
+    slot: torch.Tensor | None  # (B * L,) long: each column's token among the N after the prefix (padding: a neighbour)
     real: torch.Tensor | None  # (N,) long: the columns (of the B * L) that hold a real token, in packing order
     mask: torch.Tensor  # (B, 1, L, S + L) bool: a row's queries read the prefix and the row's own earlier real tokens
 
@@ -215,7 +213,8 @@ _packed_rows: contextvars.ContextVar[PackedRows | None] = contextvars.ContextVar
 
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa attention on a packed batch. (1, heads, S + N, D) each -> (1, S + N, heads, D).
+    """transformers' sdpa attention on a packed batch. (1, heads, S + N, D) each (keys and values: their own head
+    count) -> (1, S + N, heads, D).
 
     The prefix attends causally to itself. The rows' tokens are laid out as B rows of L columns again; each row
     attends to the prefix's keys and values (one copy, expanded to the rows) and to its own, under the layout's
@@ -252,37 +251,45 @@ def _no_mask(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def _configs(trunk: nn.Module) -> list[Any]:
+    """Every distinct config the trunk's modules read: a block copied with copy.deepcopy (FrozenBranch) has its own."""
+    found = {id(m.config): m.config for m in trunk.modules()
+             if hasattr(getattr(m, "config", None), "_attn_implementation")}
+    return list(found.values())
+
+
 def packable(trunk: nn.Module) -> bool:
     """Whether a trunk can run a packed forward: its attention goes through transformers' attention interface and
-    is sdpa (not eager, not a flash kernel), its config has no sub-configs, and the backward does not replay its
-    blocks (gradient checkpointing would replay them outside the packed attention)."""
-    config = getattr(trunk, "config", None)
-    return (getattr(trunk, "_supports_attention_backend", False) and not getattr(config, "sub_configs", None)
-            and getattr(config, "_attn_implementation", None) == "sdpa" and not _replayed(trunk))
+    is sdpa (not eager, not a flash kernel) in every config its modules read, none of which has sub-configs, and the
+    backward does not replay its blocks (gradient checkpointing would replay them outside the packed attention)."""
+    configs = _configs(trunk)
+    return (bool(getattr(trunk, "_supports_attention_backend", False)) and bool(configs) and not _replayed(trunk)
+            and all(c._attn_implementation == "sdpa" and not getattr(c, "sub_configs", None) for c in configs))
 
 
 @contextlib.contextmanager
 def packed_forward(trunk: nn.Module, layout: PackedRows) -> Iterator[None]:
-    """Inside this block the trunk's attention is packed_attention over `layout`."""
+    """Inside this block the trunk's attention is packed_attention over `layout`, in every config its modules read."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(PACKED, packed_attention)
     AttentionMaskInterface.register(PACKED, _no_mask)
-    config = trunk.config
-    inner = config._attn_implementation
+    switched = [(config, config._attn_implementation) for config in _configs(trunk)]
     token = _packed_rows.set(layout)
-    config._attn_implementation = PACKED
     try:
+        for config, _ in switched:
+            config._attn_implementation = PACKED
         yield
     finally:
-        config._attn_implementation = inner
+        for config, inner in switched:
+            config._attn_implementation = inner
         _packed_rows.reset(token)
 
 
 PACK_PADDING_FROM = 0.1
 """packed_hidden leaves the rows' padding out of the trunk from this share of their columns on; below it, gathering
-the real tokens into rows for the attention costs more than the padding's share of the forward."""
+the real tokens into rows for the attention costs about what the padding's share of the forward saves."""
 
 
 def packed_hidden(trunk: nn.Module, split: SharedPrefix, first: int) -> torch.Tensor:
@@ -298,7 +305,7 @@ def packed_hidden(trunk: nn.Module, split: SharedPrefix, first: int) -> torch.Te
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     mask = torch.cat([causal.new_ones(b, width, s), causal & real[:, None, :]], 2)[:, None]
     positions = s + position_ids_from_mask(split.rest_mask)  # from the prefix on
-    kept = real if real.sum() < (1 - PACK_PADDING_FROM) * real.numel() else torch.ones_like(real)
+    kept = real if real.sum() <= (1 - PACK_PADDING_FROM) * real.numel() else torch.ones_like(real)
     slot = (kept.reshape(-1).cumsum(0) - 1).clamp(min=0)  # row-major: a row's tokens follow the row before's
     read = s + slot.view(b, width)[:, first:][kept[:, first:]]  # the last MLP's columns: those returned
     if kept is real:
@@ -318,9 +325,10 @@ def hidden_from(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     """The trunk's last hidden states of columns start .. T - 1 of left-padded rows. (B, T) -> (B, T - start, H).
 
     With `share_prefix`, the leading tokens every row has in common go through the trunk once, in a packed forward
-    (packed_hidden) that computes the same function with the same gradients as a full forward: a batch of chat
-    prompts under one system prompt skips most of its prompt tokens (split_shared_prefix and packable say when it
-    does not apply). The last block's MLP runs only on the columns returned (last_mlp_from).
+    (packed_hidden) that computes the same function with the same gradients as a full forward at every real column (a
+    padding column may get a neighbour's state): a batch of chat prompts under one system prompt skips most of its
+    prompt tokens (split_shared_prefix and packable say when it does not apply). The last block's MLP runs only on the
+    columns returned (last_mlp_from).
     """
     split = split_shared_prefix(trunk, input_ids, attention_mask, start) if share_prefix else None
     if split is None or not packable(trunk):
