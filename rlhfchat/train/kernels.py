@@ -4,7 +4,7 @@
 
 On a CPU the PPO update of a small model spends as much time in its RMSNorms as in its attention: autograd runs a
 dozen broadcasting passes over the activations for each norm (pow, mean, rsqrt, three products and their
-backwards). `_RMSNorm` computes the same function and its exact gradient in five passes forward and backward. Only
+backwards). `_RMSNorm` computes the same function and its exact gradient in about half the passes. Only
 modules whose forward is, line for line, transformers' `LlamaRMSNorm.forward` are swapped (Llama, Mistral, Qwen2/3,
 Phi-3, ... not Gemma's `1 + weight`), and only where a gradient is taken: inference keeps the module's own forward.
 """
