@@ -22,9 +22,9 @@ import yaml
 
 from rlhfchat.errors import RlhfchatError
 
-SOURCES_SFT = ("oasst1", "gpt4all", "alpaca")
+SOURCES_SFT = ("oasst1", "gpt4all", "alpaca", "gsm8k")
 SOURCES_PREFERENCES = ("oasst1", "hh_rlhf", "shp", "feedback")
-SOURCES_PROMPTS = ("oasst1", "gpt4all", "alpaca", "hh_rlhf", "shp", "feedback")
+SOURCES_PROMPTS = ("oasst1", "gpt4all", "alpaca", "hh_rlhf", "shp", "feedback", "gsm8k")
 
 
 @dataclass
@@ -32,13 +32,14 @@ class SourceConfig:
     """One published dataset feeding one kind of record (sft, preferences or prompts)."""
 
     source: str
-    """Adapter name: oasst1, gpt4all, alpaca, hh_rlhf, shp or feedback."""
+    """Adapter name: oasst1, gpt4all, alpaca, hh_rlhf, shp, feedback or gsm8k."""
     path: str
     """A local file or folder (.parquet, .jsonl, .jsonl.gz, .json; folders searched recursively) or a hub id."""
     split: str = "train"
     """Split to read when `path` is a hub id."""
     subset: str | None = None
-    """Hub configuration name or data_dir (e.g. `helpful-base` for hh-rlhf), when `path` is a hub id."""
+    """Hub configuration name or data_dir (e.g. `helpful-base` for hh-rlhf, `main` for gsm8k); for a local folder,
+    its subfolder of that name when it has one."""
     weight: float = 1.0
     """Sampling weight: above 1 samples with replacement, below 1 subsamples."""
     max_examples: int | None = None

@@ -47,7 +47,7 @@ def build(recipe: Recipe) -> dict[str, Any]:
     for kind in KINDS:  # fail fast on a missing file before reading anything
         for i, src in enumerate(getattr(data, kind)):
             with _naming(kind, i, src):
-                readers.local_files(src.path, src.split)
+                readers.local_files(src.path, src.split, src.subset)
     card: dict[str, Any] = {"seed": recipe.seed, "eval_fraction": data.eval_fraction, "dedupe": data.dedupe}
     try:
         with atomic_dir(run_dir / "data") as tmp:

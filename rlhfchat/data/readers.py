@@ -34,7 +34,7 @@ _BATCH_ROWS = 4096
 def read_rows(path: str, *, split: str = "train", subset: str | None = None, columns: list[str] | None = None,
               source: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield `(where, row)` for every row of `path` (file, folder or hub id); `columns` limits what is read."""
-    files = local_files(path, split)
+    files = local_files(path, split, subset)
     if files is None:
         yield from _read_hub(path, split, subset, columns, source)
         return
@@ -42,10 +42,16 @@ def read_rows(path: str, *, split: str = "train", subset: str | None = None, col
         yield from read_file(file, columns)
 
 
-def local_files(path: str, split: str = "train") -> list[Path] | None:
-    """The local data files `path` names, or None when it is a hub id; a missing local path is an error."""
+def local_files(path: str, split: str = "train", subset: str | None = None) -> list[Path] | None:
+    """The local data files `path` names, or None when it is a hub id; a missing local path is an error.
+
+    A local folder with a subfolder named `subset` (a clone of a hub repository with several configurations, such
+    as openai/gsm8k's main/ and socratic/) is read from that subfolder.
+    """
     local = Path(path).expanduser()
     if local.exists():
+        if subset and local.is_dir() and (local / subset).is_dir():
+            local = local / subset
         return data_files(local, split)
     if _looks_local(path):
         raise RlhfchatError(f"{path}: file not found")

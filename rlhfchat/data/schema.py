@@ -2,9 +2,11 @@
 
 - Conversation: {"id", "source", "messages": [{"role": "system|user|assistant", "content"}, ...]}
 - Preference:   {"id", "source", "prompt": [messages...], "chosen": str, "rejected": str, "margin"?: float}
-- Prompt:       {"id", "source", "prompt": [messages...]}
+- Prompt:       {"id", "source", "prompt": [messages...], "reference"?: str}
 
-Each source adapter (oasst1.py, gpt4all.py, ...) yields these; nothing downstream knows the sources.
+`reference` is the checkable answer of a prompt where its source has one (GSM8K's `#### N`, the sample data's math
+questions): verifiable rewards and exact-match evaluation compare a reply's final answer with it
+(`rlhfchat.data.answers`). Each source adapter (oasst1.py, gpt4all.py, ...) yields these; nothing downstream knows the sources.
 """
 
 from __future__ import annotations
@@ -37,8 +39,12 @@ def preference(id: str, source: str, prompt: list[dict[str, str]], chosen: str, 
     return rec
 
 
-def prompt_record(id: str, source: str, prompt: list[dict[str, str]]) -> dict[str, Any]:
-    return {"id": id, "source": source, "prompt": prompt}
+def prompt_record(id: str, source: str, prompt: list[dict[str, str]], reference: str | None = None
+                  ) -> dict[str, Any]:
+    rec = {"id": id, "source": source, "prompt": prompt}
+    if reference is not None:
+        rec["reference"] = str(reference)
+    return rec
 
 
 def _check_messages(msgs: Any, where: str, field: str) -> None:
@@ -64,6 +70,8 @@ def validate(kind: str, rec: Any, where: str) -> dict[str, Any]:
         _check_messages(rec["messages"], where, "messages")
     else:
         _check_messages(rec["prompt"], where, "prompt")
+    if kind == "prompts" and "reference" in rec and not isinstance(rec["reference"], str):
+        raise RlhfchatError(f"{where}: field 'reference' must be a string, got {type(rec['reference']).__name__}")
     if kind == "preferences":
         for key in ("chosen", "rejected"):
             if not isinstance(rec[key], str):
@@ -72,13 +80,13 @@ def validate(kind: str, rec: Any, where: str) -> dict[str, Any]:
 
 
 def record_key(kind: str, rec: dict[str, Any]) -> str:
-    """What makes two records exact duplicates (ids and sources aside)."""
+    """What makes two records exact duplicates (ids and sources aside; a prompt's reference counts)."""
     if kind == "sft":
         body: Any = rec["messages"]
     elif kind == "preferences":
         body = [rec["prompt"], rec["chosen"], rec["rejected"]]
     else:
-        body = rec["prompt"]
+        body = [rec["prompt"], rec["reference"]] if "reference" in rec else rec["prompt"]
     return hashlib.sha1(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
