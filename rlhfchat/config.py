@@ -22,9 +22,10 @@ import yaml
 
 from rlhfchat.errors import RlhfchatError
 
-SOURCES_SFT = ("oasst1", "gpt4all", "alpaca", "gsm8k")
-SOURCES_PREFERENCES = ("oasst1", "hh_rlhf", "shp", "feedback")
-SOURCES_PROMPTS = ("oasst1", "gpt4all", "alpaca", "hh_rlhf", "shp", "feedback", "gsm8k")
+SOURCES_SFT = ("oasst1", "gpt4all", "alpaca", "gsm8k", "messages")
+SOURCES_PREFERENCES = ("oasst1", "hh_rlhf", "shp", "feedback", "preferences")
+SOURCES_PROMPTS = ("oasst1", "gpt4all", "alpaca", "hh_rlhf", "shp", "feedback", "gsm8k", "messages", "preferences",
+                   "prompts")
 
 
 @dataclass
@@ -32,7 +33,9 @@ class SourceConfig:
     """One published dataset feeding one kind of record (sft, preferences or prompts)."""
 
     source: str
-    """Adapter name: oasst1, gpt4all, alpaca, hh_rlhf, shp, feedback or gsm8k."""
+    """Adapter name (a module of rlhfchat/data/): the published formats oasst1, gpt4all, alpaca, hh_rlhf, shp, gsm8k;
+    feedback (`rlhfchat feedback export`); and the standard formats messages (HF/TRL conversational, ShareGPT),
+    preferences (TRL's preference formats) and prompts (plain or conversational prompt lists)."""
     path: str
     """A local file or folder (.parquet, .jsonl, .jsonl.gz, .json; folders searched recursively) or a hub id."""
     split: str = "train"

@@ -256,3 +256,49 @@ def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+# Chat messages in a row: HF / TRL conversational ({role, content}) or ShareGPT ({from, value})
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+                  "system": "system"}
+"""ShareGPT's `from` values (and the roles of HF chat data) -> canonical roles; any other (tool, function_call,
+observation) makes the row unsupported."""
+
+
+class UnsupportedRow(Exception):
+    """A well-formed row the canonical records cannot hold (an adapter counts it, or raises with `strict`)."""
+
+
+def messages_field(row: dict[str, Any], name: str, where: str) -> list[dict[str, str]]:
+    """`row[name]` as canonical messages: a list of {role, content} (HF, TRL, OpenAI; extra keys ignored) or of
+    ShareGPT's {from, value}. Content may be a string or a list of parts of which the text ones are joined.
+    A malformed list is a RlhfchatError naming the message; a role outside SHAREGPT_ROLES is UnsupportedRow."""
+    value = field(row, name, list, where)
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise RlhfchatError(f"{where}: {name}[{i}] must be an object with role and content, got "
+                                f"{type(m).__name__}")
+        role_key, text_key = ("role", "content") if "role" in m or "content" in m else ("from", "value")
+        role, content = m.get(role_key), m.get(text_key)
+        if not isinstance(role, str):
+            raise RlhfchatError(f"{where}: {name}[{i}] has no {role_key!r} string (expected {{role, content}} or "
+                                "ShareGPT's {from, value})")
+        if isinstance(content, list):  # OpenAI-style content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if not isinstance(content, str):
+            raise RlhfchatError(f"{where}: {name}[{i}].{text_key} must be a string, got {type(content).__name__}")
+        canonical = SHAREGPT_ROLES.get(role.lower())
+        if canonical is None:
+            raise UnsupportedRow(f"role {role!r}")
+        out.append({"role": canonical, "content": content})
+    return out
+
+
+def drop(cfg: Any, stats: Any, where: str, reason: str) -> None:
+    """A row an adapter skips: counted under `reason`, or with `strict: true` an error naming the row."""
+    if getattr(cfg, "strict", False):
+        raise RlhfchatError(f"{where}: {reason} (strict: true)")
+    stats[reason] += 1
