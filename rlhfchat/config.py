@@ -100,6 +100,10 @@ class BaseConfig:
     """A Hugging Face model folder or hub id, or `tiny` (built locally, deterministic)."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    chat_template: str = "model"
+    """The chat format of the whole run (SFT, reward, PPO, eval, serving): `model` keeps the base model's own chat
+    template (Vicuna v0 when it has none), `vicuna_v0` is StableVicuna's, or the path of a Jinja template file. The
+    SFT folder saves it with its tokenizer; every later stage reads it from there."""
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from rlhfchat.config import TinyModelConfig
-from rlhfchat.data.chat_format import SYSTEM_PROMPT, apply_template, render
+from rlhfchat.data.chat_format import SYSTEM_PROMPT, apply_template, choose_template, render
 from rlhfchat.errors import RlhfchatError
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
@@ -90,8 +90,9 @@ def build_tiny(out_dir: str | Path, corpus: list[Path], cfg: TinyModelConfig, se
     return out_dir
 
 
-def load_tokenizer(path: str | Path) -> Any:
-    """The tokenizer of a model folder, with our chat template set when the folder has none, and a pad token."""
+def load_tokenizer(path: str | Path, chat_template: str = "model") -> Any:
+    """The tokenizer of a model folder with a pad token and its chat template: the folder's own (Vicuna v0 where it
+    has none), or as `chat_template` says (chat_format.choose_template: model, vicuna_v0 or a Jinja file)."""
     from transformers import AutoTokenizer
 
     try:
@@ -99,8 +100,7 @@ def load_tokenizer(path: str | Path) -> Any:
     except (OSError, ValueError) as e:  # ValueError: a folder without tokenizer files
         raise RlhfchatError(f"{path}: cannot load a tokenizer, expected a model folder or hub id with one "
                             f"({str(e).splitlines()[0].rstrip(': ')})") from None
-    if not tok.chat_template or "{% generation %}" not in tok.chat_template:
-        apply_template(tok)
+    choose_template(tok, chat_template)
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok

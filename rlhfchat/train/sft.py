@@ -3,7 +3,7 @@
     rlhfchat sft recipes/tiny-cpu.yaml [sft.max_steps=50 ...]
 
 Reads `<run>/data/sft.{train,eval}.jsonl` and the base model, runs TRL's SFTTrainer (optional packing, optional
-LoRA or QLoRA merged at the end) and writes a Hugging Face model folder to `<run>/sft/` with the Vicuna v0 chat template,
+LoRA or QLoRA merged at the end) and writes a Hugging Face model folder to `<run>/sft/` with the run's chat template (base.chat_template),
 `metrics.json` (train_loss, eval_loss), `metrics.jsonl` and `manifest.json`. Re-running a finished stage skips it;
 an interrupted one resumes from its newest checkpoint.
 """
@@ -17,6 +17,33 @@ from rlhfchat import manifest
 from rlhfchat.config import Recipe, config_hash
 from rlhfchat.models import ensure_base, load_pretrained, load_tokenizer, torch_dtype
 from rlhfchat.train import hf_stage
+
+
+def assistant_loss_dataset(ds, tokenizer):
+    """(dataset, whether TRL masks it) for a loss on assistant tokens only.
+
+    TRL's SFTTrainer masks a conversational dataset itself when the template has `{% generation %}` markers, or when
+    TRL ships a training version of that exact template (Llama 3's, Qwen's, ...). Any other template (a model's own
+    ChatML or Mistral format, say) gets token ids and an `assistant_masks` column made by rendering
+    (chat_format.assistant_token_mask), which TRL turns into the labels the same way.
+    """
+    from rlhfchat.data.chat_format import assistant_token_mask, has_generation_markers
+
+    if has_generation_markers(tokenizer.chat_template):
+        return ds, True
+    try:
+        from trl.chat_template_utils import get_training_chat_template
+
+        get_training_chat_template(tokenizer)
+        return ds, True
+    except (ImportError, ValueError):  # no training version of this template in TRL
+        pass
+
+    def encode(row):
+        ids, mask = assistant_token_mask(tokenizer, row["messages"])
+        return {"input_ids": ids, "assistant_masks": mask}
+
+    return ds.map(encode, remove_columns=ds.column_names), False
 
 
 def main(recipe: Recipe) -> Path:
@@ -41,9 +68,12 @@ def main(recipe: Recipe) -> Path:
         train_ds = hf_stage.load_jsonl_dataset(train_file).select_columns(["messages"])
         eval_ds = hf_stage.load_jsonl_dataset(eval_file).select_columns(["messages"])
 
-        # 3. Model and tokenizer (the tokenizer carries the template with {% generation %} markers).
-        tokenizer = load_tokenizer(base)
+        # 3. Model and tokenizer, with the run's chat template (base.chat_template), and each conversation's
+        #    assistant tokens: TRL's mask where the template marks them, else found by rendering.
+        tokenizer = load_tokenizer(base, recipe.base.chat_template)
         tokenizer.padding_side = "right"
+        train_ds, trl_masks = assistant_loss_dataset(train_ds, tokenizer)
+        eval_ds, _ = assistant_loss_dataset(eval_ds, tokenizer)
         cfg = recipe.sft
         torch.manual_seed(recipe.seed)
         # lora.quantize: 4bit loads the frozen base in 4-bit (QLoRA); the adapters go on top in the trainer
@@ -52,7 +82,7 @@ def main(recipe: Recipe) -> Path:
 
         args = SFTConfig(
             **hf_stage.trainer_args(cfg, stage_dir, recipe.seed, recipe.base.dtype),
-            assistant_only_loss=True,
+            assistant_only_loss=trl_masks,
             packing=cfg.packing,
             dataset_num_proc=None,
         )
