@@ -156,6 +156,58 @@ def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, returns
 
 
+def group_advantages(scores: torch.Tensor, group_size: int, estimator: str, eps: float = 1e-6) -> torch.Tensor:
+    """Critic-free advantages of samples drawn in groups of `group_size` per prompt (rows g*G .. g*G + G - 1 share a
+    prompt). scores: (N,) with N a multiple of G -> (N,), one advantage per sample, for every token of its reply.
+
+        grpo     (r_i - mean_g) / (std_g + eps)      GRPO, Shao et al. 2024 (DeepSeekMath); std Bessel-corrected
+        dr_grpo  r_i - mean_g                         Dr. GRPO, Liu et al. 2025: no division by the group's std
+        rloo     r_i - mean_{j != i} r_j              RLOO, Ahmadian et al. 2024: the leave-one-out baseline,
+                 = G / (G - 1) * (r_i - mean_g)
+
+    A group whose samples all score the same gets advantage 0 under each (nothing to learn from it).
+    """
+    if group_size < 1 or scores.numel() % group_size:
+        raise ValueError(f"group_advantages: {scores.numel()} scores do not split into groups of {group_size}")
+    groups = scores.reshape(-1, group_size).double()
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if estimator == "grpo":
+        std = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centred[:, :1])
+        out = torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
+    elif estimator == "dr_grpo":
+        out = centred
+    elif estimator == "rloo":
+        if group_size < 2:
+            raise ValueError("group_advantages: rloo needs at least 2 samples per prompt")
+        out = centred * group_size / (group_size - 1)
+    else:
+        raise ValueError(f"group_advantages: expected grpo, dr_grpo or rloo, got {estimator!r}")
+    return out.reshape(-1).to(scores.dtype)
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """G_t = sum over s >= t of gamma^(s - t) r_s, per response. rewards, mask: (B, R) -> (B, R), 0 on padding.
+
+    REINFORCE++ (Hu et al. 2025) takes these returns of the KL-penalised per-token rewards as the advantages, then
+    normalises them over the whole batch (whiten): no critic, and no per-prompt group needed.
+    """
+    rewards = rewards * mask
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        out[:, t] = running
+    return out * mask
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """The per-token KL estimate GRPO puts in its loss (Schulman's k3): exp(q - p) - (q - p) - 1 with p the policy's
+    and q the reference's logprob. (B, R) -> (B, R). Never negative, and on tokens sampled from the policy an unbiased
+    estimate of KL(policy || reference) with less variance than p - q."""
+    d = ref_logprobs - logprobs
+    return d.exp() - d - 1.0
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 cliprange: float, n_tokens: float | torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
