@@ -414,8 +414,53 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _local_or_hub(base: Path, value: str) -> str:
+    """A recipe's path, absolute: relative to `base` where it is there or cannot be a hub id, else left (a hub id)."""
+    import os
+
+    from rlhfchat.data.readers import _looks_local
+
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    if (base / p).exists() or _looks_local(value):
+        return os.path.abspath(base / p)
+    return value
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make the paths of a raw recipe dict absolute against `base`: output_dir, base.model, base.chat_template,
+    every data source's path and eval.models (model and data entries that are hub ids stay as they are)."""
+    import os
+
+    if isinstance(data.get("output_dir"), str):
+        data["output_dir"] = os.path.abspath(base / Path(data["output_dir"]).expanduser())
+    section = data.get("base")
+    if isinstance(section, dict):
+        for key in ("model", "chat_template"):
+            if isinstance(section.get(key), str):
+                section[key] = _local_or_hub(base, section[key])
+    section = data.get("data")
+    if isinstance(section, dict):
+        for kind in ("sft", "preferences", "prompts"):
+            for src in section.get(kind) or []:
+                if isinstance(src, dict) and isinstance(src.get("path"), str):
+                    src["path"] = _local_or_hub(base, src["path"])
+    section = data.get("eval")
+    if isinstance(section, dict) and isinstance(section.get("models"), list):
+        section["models"] = [_local_or_hub(base, m) if isinstance(m, str) else m for m in section["models"]]
+    return data
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe YAML (or start from defaults when `path` is None) and apply `key=value` overrides."""
+    """Read a recipe YAML (or start from defaults when `path` is None) and apply `key=value` overrides.
+
+    Relative paths in the file are taken from the recipe file's folder, those in overrides from the current folder,
+    and the recipe comes back with them absolute (a default output_dir, runs/<name>, is in the current folder), so
+    the run folder's saved recipe works from anywhere. Hub ids stay as they are.
+    """
+    import os
+
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -431,14 +476,25 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             loaded = {}
         if not isinstance(loaded, dict):
             raise RlhfchatError(f"{path}: expected a mapping of recipe keys at the top level")
-        data = loaded
+        data = _resolve_paths(loaded, path.resolve().parent)
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(data, Recipe, key, value)
+        tree: dict[str, Any] = {}
+        node = tree
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+        _resolve_paths(tree, Path.cwd())
+        for part in parents:
+            tree = tree[part]
+        _set_dotted(data, Recipe, key, tree[last])
     try:
-        return from_dict(Recipe, data)
+        recipe = from_dict(Recipe, data)
     except RlhfchatError as e:
         raise RlhfchatError(f"{path}: {e}" if path is not None else str(e)) from None
+    recipe.output_dir = os.path.abspath(recipe.output_dir)
+    return recipe
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -1,5 +1,7 @@
 """Recipes: YAML onto dataclasses, overrides, and the errors a user sees for a wrong key or type."""
 
+import os
+
 import pytest
 import yaml
 
@@ -15,7 +17,7 @@ def write(tmp_path, text):
 
 def test_defaults_and_output_dir(tmp_path):
     r = load_recipe(write(tmp_path, "name: demo\n"))
-    assert r.output_dir == "runs/demo"
+    assert r.output_dir == os.path.abspath("runs/demo")  # the default run folder is in the current folder
     assert r.seed == 0
     # StableVicuna's PPO values are the defaults.
     assert (r.ppo.num_rollouts, r.ppo.chunk_size, r.ppo.ppo_epochs) == (128, 16, 4)
@@ -77,3 +79,32 @@ def test_shipped_recipes_parse():
     assert recipes, "recipes/ must ship at least the tiny demo"
     for p in recipes:
         load_recipe(p)
+
+
+def test_paths_resolve_against_the_recipe_folder_and_are_saved_absolute(tmp_path, monkeypatch):
+    """A recipe's relative paths are the recipe file's neighbours, wherever the command runs from; overrides are the
+    current folder's; hub ids stay; the saved recipe holds absolute paths and loads the same from anywhere."""
+    recipes = tmp_path / "project" / "recipes"
+    (tmp_path / "project" / "data").mkdir(parents=True)
+    (tmp_path / "project" / "data" / "chats.jsonl").write_text("")
+    (tmp_path / "project" / "my-base").mkdir()
+    recipes.mkdir()
+    p = recipes / "r.yaml"
+    p.write_text("name: demo\noutput_dir: ../runs/demo\nbase: {model: ../my-base, chat_template: vicuna_v0}\n"
+                 "data:\n  sft:\n    - {source: messages, path: ../data/chats.jsonl}\n"
+                 "    - {source: oasst1, path: OpenAssistant/oasst1}\n"
+                 "eval: {models: [Qwen/Qwen2.5-0.5B-Instruct]}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = load_recipe(p, ["data.prompts=[{source: prompts, path: mine.jsonl}]"])
+    project = tmp_path / "project"
+    assert r.output_dir == str(project / "runs" / "demo")
+    assert r.base.model == str(project / "my-base") and r.base.chat_template == "vicuna_v0"
+    assert [s.path for s in r.data.sft] == [str(project / "data" / "chats.jsonl"), "OpenAssistant/oasst1"]
+    assert r.data.prompts[0].path == str(elsewhere / "mine.jsonl")  # an override: the current folder
+    assert r.eval.models == ["Qwen/Qwen2.5-0.5B-Instruct"]
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(dump_recipe(r))
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe(saved) == r

@@ -212,7 +212,7 @@ def test_bundled_samples_smoke(tmp_path, monkeypatch):
     if not (root / "data" / "sample" / "oasst1").is_dir():
         pytest.skip("no bundled sample data")
     monkeypatch.chdir(root)
-    s = "data/sample"
+    s = str(root / "data" / "sample")
     data = {"sft": [{"source": "oasst1", "path": f"{s}/oasst1"}, {"source": "gpt4all", "path": f"{s}/gpt4all"},
                     {"source": "alpaca", "path": f"{s}/alpaca"}],
             "preferences": [{"source": "oasst1", "path": f"{s}/oasst1", "langs": ["en"]},
