@@ -1,7 +1,13 @@
-"""Write files and folders so that an interrupted run leaves nothing half-written.
+"""Write files and folders so that an interrupted run leaves nothing half-written, and sweep what a kill left.
 
 Everything is written under a temporary name beside its destination and renamed into place at the end: a crash,
-a kill or a full disk leaves either the old content or the new, never a mix.
+a kill or a full disk leaves either the old content or the new, never a mix. What a kill leaves is the temporary
+itself; `sweep` (called where each stage, and `delta apply`/`make`, starts) removes those of writers that are gone.
+
+The names, one place for them:
+
+    .<name>.<8 random>.<pid>.tmp   the temporary file or folder of a write to <name>, by process <pid>
+    .<name>.<pid>.old              atomic_dir's previous <name>, for the moment between its two renames
 """
 
 from __future__ import annotations
@@ -9,10 +15,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
+
+# tempfile's random part is 8 characters of [a-z0-9_]; the pid is absent in names made before it was added
+_TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}(?:\.(?P<pid>\d+))?\.tmp$")
+_OLD = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.old$")
+
+
+def _temp_args(path: Path) -> dict[str, Any]:
+    return {"prefix": f".{path.name}.", "suffix": f".{os.getpid()}.tmp", "dir": path.parent}
 
 
 @contextlib.contextmanager
@@ -20,7 +35,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str | None =
     """Open a temporary file beside `path`; on success fsync and rename it to `path`, on error remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(**_temp_args(path))
     os.close(fd)
     try:
         with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
@@ -46,11 +61,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `path`; on success replace `path` with it, on error remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(**_temp_args(path)))
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
+            old = path.with_name(f".{path.name}.{os.getpid()}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)
@@ -60,3 +75,62 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one this module makes (a temporary, or atomic_dir's previous folder)."""
+    return bool(_TEMP.match(name) or _OLD.match(name))
+
+
+def _writer_gone(pid: str | None) -> bool:
+    """The process that made a temporary no longer runs (a name without a pid comes from an older rlhfchat)."""
+    if pid is None:
+        return True
+    if int(pid) == os.getpid():
+        return False  # ours: written right now (or by a process whose pid we reuse: kept, the safe side)
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's process
+        return False
+    return False
+
+
+def stale(folder: str | os.PathLike, names: Iterable[str] | None = None, recursive: bool = False) -> list[Path]:
+    """The temporaries under `folder` whose writer is gone (only those of writes to `names`, when given)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    wanted = set(names) if names is not None else None
+    found = []
+    for root, dirs, files in os.walk(folder):  # symlinks to folders are not followed
+        for name in sorted(dirs + files):
+            m = _TEMP.match(name) or _OLD.match(name)
+            if m and (wanted is None or m["name"] in wanted) and _writer_gone(m["pid"]):
+                found.append(Path(root) / name)
+        dirs[:] = [d for d in dirs if recursive and not is_temporary(d)]  # nothing to look for inside a temporary
+    return found
+
+
+def sweep(folder: str | os.PathLike, names: Iterable[str] | None = None, recursive: bool = False) -> list[Path]:
+    """Remove what interrupted writes left in `folder` (see `stale`) and return it.
+
+    An atomic_dir killed between its two renames leaves no `<name>` but its previous folder as `.<name>.<pid>.old`:
+    that one is put back (it is complete), not removed.
+    """
+    removed = []
+    for p in stale(folder, names, recursive):
+        m = _OLD.match(p.name)
+        dest = p.with_name(m["name"]) if m else None
+        if dest is not None and not os.path.lexists(dest):
+            os.replace(p, dest)
+        elif p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        removed.append(p)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) left in {folder} by an interrupted run", flush=True)
+    return removed

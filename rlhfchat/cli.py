@@ -45,12 +45,14 @@ def _stage(args: argparse.Namespace) -> None:
 def _delta(args: argparse.Namespace) -> None:
     from rlhfchat import delta
 
+    shard = {"shard_size": args.shard_size_mb << 20} if getattr(args, "shard_size_mb", None) else {}
     if args.action == "make":
-        manifest = delta.make_delta(args.base, args.target, args.out)
+        manifest = delta.make_delta(args.base, args.target, args.out, **shard)
         print(f"delta written to {args.out} ({len(manifest.get('tensors', {}))} tensors)")
     elif args.action == "apply":
-        out = delta.apply_delta(args.base, args.delta, args.out)
-        print(f"model written to {out} and verified against the delta's manifest")
+        out = delta.apply_delta(args.base, args.delta, args.out, legacy=args.legacy, **shard)
+        print(f"model written to {out} (legacy layout: applied as its apply_delta.py does, nothing checked)"
+              if args.legacy else f"model written to {out} and verified against the delta's manifest")
     else:
         delta.verify_delta(args.target, args.delta)
         print(f"{args.target}: matches {args.delta}")
@@ -86,10 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--base", required=True)
     d.add_argument("--target", required=True)
     d.add_argument("--out", required=True)
+    d.add_argument("--shard-size-mb", type=int, help="size of the delta's safetensors shards (default 500)")
     d = dsub.add_parser("apply", help="TARGET = BASE + DELTA, streamed tensor by tensor and verified")
     d.add_argument("--base", required=True)
     d.add_argument("--delta", required=True)
     d.add_argument("--out", required=True)
+    d.add_argument("--shard-size-mb", type=int, help="size of the model's safetensors shards (default 500)")
+    d.add_argument("--legacy", action="store_true",
+                   help="the delta has no delta.json (the published StableVicuna layout, e.g. "
+                        "CarperAI/stable-vicuna-13b-delta): apply it as its apply_delta.py does, with nothing "
+                        "checked; without this flag a delta with no manifest is refused")
     d = dsub.add_parser("verify", help="check a model folder against a delta's manifest")
     d.add_argument("--target", required=True)
     d.add_argument("--delta", required=True)

@@ -5,11 +5,20 @@
     python -m rlhfchat.delta verify --target TARGET --delta DELTA
 
 A delta folder is a Hugging Face model folder whose weights are TARGET - BASE (safetensors shards in the target's
-dtypes), plus the target's config, tokenizer and chat template, plus:
+dtypes), plus the target's other files (config, generation config, tokenizer, chat template, PPO's
+value_head.safetensors when it holds the head alone), plus:
   delta.json                the manifest: format version, each tensor's shape and dtype, the sha256 of each base
-                            tensor (a wrong base is refused before anything is written) and of each target tensor
-                            (the result is verified), how the vocabulary grew, the sha256 of each copied file.
+                            tensor (a wrong base is refused before anything is written), of each delta tensor and of
+                            each target tensor (the result is verified), how the vocabulary grew, the sha256 of each
+                            carried file and of the fixes file.
   delta-fixes.safetensors   the exact target values of the few elements the delta cannot reproduce (see below).
+
+Trust. Apply checks, before writing a byte: the base's tensors and every carried file and the fixes file against
+their sha256s; shard headers (names, shapes, dtypes, sizes) against the manifest. It copies only the files the
+manifest lists, hashes each result tensor and copy as it writes them, and renames the output into place only when
+all match (a damaged delta shard is named once its tensor's result differs). Every damage is a one-line error naming
+the file, and leaves nothing behind. A delta without delta.json is refused, unless `--legacy` says it is one in the
+published StableVicuna layout (below).
 
 Exactness. Apply computes, per element, round_to_target_dtype(float32(base) + float32(delta)). A delta stored in
 the target's dtype cannot always make that exact: when |delta| is much larger than |target| (a weight that crossed
@@ -21,18 +30,18 @@ fine-tune costs well under 1% in fixes.
 Vocabulary growth: a target tensor with more rows than its base (an added [PAD] token) is the base grown with zero
 rows plus the delta, so the new rows are stored whole. The published StableVicuna delta (`.bin` shards, no
 manifest) is applied the way its own apply_delta.py does it: base rounded to the delta's dtype, embedding and
-output matrices grown with zero rows, delta added; nothing can be checked without a manifest.
+output matrices grown with zero rows, delta added; nothing can be checked without a manifest, so it takes `--legacy`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import threading
@@ -43,8 +52,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from rlhfchat.atomic import atomic_dir, write_json
+from rlhfchat.atomic import atomic_dir, sweep, write_json
 from rlhfchat.errors import RlhfchatError
+from rlhfchat.manifest import require_complete
 from rlhfchat.weights import (
     WORKERS,
     Checkpoint,
@@ -55,6 +65,7 @@ from rlhfchat.weights import (
     file_sha256,
     other_files,
     row_chunks,
+    safetensors_header,
     write_shards,
 )
 
@@ -65,6 +76,7 @@ FORMAT_VERSION = 1
 MANIFEST = "delta.json"
 FIXES = "delta-fixes.safetensors"
 DEFAULT_SHARD_SIZE = 500 << 20  # output shard size in bytes; streaming writes make it cost no memory
+VALUE_HEAD = "value_head.safetensors"  # PPO's value head: carried as a file when it holds the head alone
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -124,13 +136,12 @@ def _entry(e: dict) -> dict:
     return out
 
 
-def _read_manifest(delta: Path, required: bool) -> dict | None:
+def _read_manifest(delta: Path) -> dict | None:
+    """The delta's manifest, checked for shape; None when the folder has none."""
     if not delta.is_dir():
         raise RlhfchatError(f"{delta}: no such folder")
     path = delta / MANIFEST
     if not path.is_file():
-        if required:
-            raise RlhfchatError(f"{delta} has no {MANIFEST} manifest to verify against")
         return None
     try:
         manifest = json.loads(path.read_text())
@@ -144,10 +155,27 @@ def _read_manifest(delta: Path, required: bool) -> dict | None:
         manifest["tensors"] = {k: _entry(v) for k, v in manifest["tensors"].items()}
     except (KeyError, TypeError, AttributeError, RlhfchatError) as e:
         raise RlhfchatError(f"{path}: damaged tensor list ({e})") from None
+    files = manifest.get("files", {})
+    bad = [n for n in files if not isinstance(n, str) or Path(n).name != n or n.startswith(".")] \
+        if isinstance(files, dict) else [files]
+    if bad:  # a name with a folder in it would be copied from, and to, outside the folders
+        raise RlhfchatError(f"{path}: damaged file list: {bad[0]!r} is not a plain file name")
     return manifest
 
 
-def _refuse_existing(out: Path) -> None:
+def _required_manifest(delta: Path) -> dict:
+    manifest = _read_manifest(delta)
+    if manifest is None:
+        raise RlhfchatError(f"{delta} has no {MANIFEST} manifest to verify against")
+    return manifest
+
+
+def _start_output(out: Path) -> None:
+    """Remove what an interrupted make or apply to `out` left (`.OUT.*.tmp`), and refuse an existing `out`."""
+    sweep(out.parent, names=(out.name,))
+    if out.is_symlink() and not out.exists():
+        raise RlhfchatError(f"{out} is a symlink to {os.readlink(out)}, which does not exist; remove it or choose "
+                            f"another output folder")
     if out.exists():
         raise RlhfchatError(f"{out} already exists; remove it or choose another output folder")
 
@@ -205,13 +233,57 @@ def _bar(total: int, desc: str) -> tqdm:
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None)
 
 
-def _copy_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """Copy every non-weight file (config, tokenizer, chat template ...) and return name -> sha256."""
-    files = {}
-    for path in other_files(src, skip=skip):
-        shutil.copyfile(path, dst / path.name)
-        files[path.name] = file_sha256(dst / path.name)
-    return files
+def _carried_files(folder: Path) -> list[Path]:
+    """What a delta carries from its target, whole: every file that is not the weights, plus the value head."""
+    files = other_files(folder, skip=(MANIFEST,))
+    head = folder / VALUE_HEAD
+    if head.is_file():
+        if all(i.name.startswith("value_head.") for i in safetensors_header(head)):
+            files.append(head)
+        else:  # the critic's own trunk: base weights, which a delta must not publish whole
+            log.warning("%s holds a critic's trunk as well as the value head: the delta leaves it out", head)
+    return sorted(files)
+
+
+def _check_file(path: Path, want: str) -> None:
+    if not path.is_file():
+        raise RlhfchatError(f"{path} is missing; the delta's manifest lists it")
+    got = file_sha256(path)
+    if got != want:
+        raise RlhfchatError(f"{path} differs from the delta's manifest (sha256 {got[:12]}..., expected "
+                            f"{want[:12]}...)")
+
+
+def _check_files(manifest: dict, delta: Path) -> None:
+    """Every file the delta carries, against its sha256 in the manifest; files it does not list are not copied."""
+    for name, want in manifest.get("files", {}).items():
+        _check_file(delta / name, want)
+    for path in _carried_files(delta):
+        if path.name not in manifest.get("files", {}):
+            log.warning("%s is not in the delta's manifest: not copied", path)
+
+
+def _open_fixes(manifest: dict, delta: Path):
+    """delta-fixes.safetensors, checked against its sha256 and the manifest's counts before anything is written."""
+    need = {n: e for n, e in manifest["tensors"].items() if e.get("fixes")}
+    path, want = delta / FIXES, manifest.get("fixes_sha256")
+    if not need and want is None:
+        return None
+    if not path.is_file():
+        raise RlhfchatError(f"{path} is missing; the delta's manifest counts "
+                            f"{sum(e['fixes'] for e in need.values())} fixed elements in it")
+    if want is not None:
+        _check_file(path, want)
+    found = {i.name: i for i in safetensors_header(path)}
+    for name, e in need.items():
+        idx, val = found.get(f"{name}:index"), found.get(f"{name}:value")
+        if (idx is None or val is None or idx.shape != (e["fixes"],) or val.shape != (e["fixes"],)
+                or idx.dtype != torch.int64 or val.dtype != e["dtype"]):
+            raise RlhfchatError(f"{path} is damaged: the fixes of {name} are missing or not {e['fixes']} int64 "
+                                f"indices and {e['fixes']} {dtype_name(e['dtype'])} values")
+    from safetensors import safe_open
+
+    return safe_open(str(path), framework="pt")
 
 
 def _read_json(path: Path) -> Any:
@@ -241,7 +313,9 @@ def _vocab(target: Path, grown: dict[str, tuple[int, int]]) -> dict:
 def make_delta(base: str | Path, target: str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE) -> dict:
     """Write DELTA = TARGET - BASE to `out` (with manifest, fixes and the target's files); return the manifest."""
     base, target, out = Path(base), Path(target), Path(out)
-    _refuse_existing(out)
+    for folder in (base, target):  # a run's stage folder only once its stage has finished
+        require_complete(folder)
+    _start_output(out)
     with Checkpoint(base) as B, Checkpoint(target) as T:
         # 1. match tensors by name; shapes must agree except for rows added along dim 0
         entries: dict[str, dict] = {}
@@ -289,22 +363,28 @@ def make_delta(base: str | Path, target: str | Path, out: str | Path, *, shard_s
                 fixes[f"{name}:index"], fixes[f"{name}:value"] = torch.cat(idx), torch.cat(val)
 
         with _disk_errors(out), _one_thread(), atomic_dir(out) as tmp, _bar(total, "making delta") as bar:
-            write_shards(tmp, specs, shard_size, produce, bar.update, workers=_workers(B, T))
+            delta_hashes = write_shards(tmp, specs, shard_size, produce, bar.update, workers=_workers(B, T))
+            fixes_sha256 = None
             if fixes:
                 from safetensors.torch import save_file
 
                 save_file(fixes, str(tmp / FIXES))
-            files = _copy_files(target, tmp, skip=(MANIFEST,))
+                fixes_sha256 = file_sha256(tmp / FIXES)
+            files = {}
+            for path in _carried_files(target):
+                shutil.copyfile(path, tmp / path.name)
+                files[path.name] = file_sha256(tmp / path.name)
             manifest = {
                 "format": FORMAT, "format_version": FORMAT_VERSION,
                 "dtype": _main_dtype(specs),
                 "vocab": _vocab(target, grown),
                 "files": files,
+                "fixes_sha256": fixes_sha256,
                 "dropped_base_tensors": sorted(set(B.tensors) - set(T.tensors)),
                 "tensors": {n: {"shape": list(e["shape"]), "dtype": dtype_name(e["dtype"]),
                                 "base_shape": list(e["base_shape"]), "base_dtype": dtype_name(e["base_dtype"]),
-                                "base_sha256": e["base_sha256"], "sha256": e["sha256"], "mode": e["mode"],
-                                "fixes": e["fixes"]}
+                                "base_sha256": e["base_sha256"], "delta_sha256": delta_hashes[n],
+                                "sha256": e["sha256"], "mode": e["mode"], "fixes": e["fixes"]}
                             for n, e in entries.items()},
             }
             write_json(tmp / MANIFEST, manifest)  # last: a delta folder with a manifest is complete
@@ -337,9 +417,11 @@ def _check_inputs(manifest: dict, B: Checkpoint, D: Checkpoint) -> None:
         if (bi.shape, bi.dtype) != (e["base_shape"], e["base_dtype"]):
             raise RlhfchatError(f"shape mismatch for {name}: base {list(bi.shape)} {dtype_name(bi.dtype)} vs "
                                 f"{list(e['base_shape'])} {dtype_name(e['base_dtype'])} in the delta's manifest")
-        if di is None or (di.shape, di.dtype) != (e["shape"], e["dtype"]):
-            raise RlhfchatError(f"delta {D.folder} is damaged: tensor {name} is missing or not "
-                                f"{list(e['shape'])} {dtype_name(e['dtype'])}")
+        if di is None:
+            raise RlhfchatError(f"delta {D.folder} is damaged: it has no tensor {name}, which its manifest lists")
+        if (di.shape, di.dtype) != (e["shape"], e["dtype"]):
+            raise RlhfchatError(f"{di.file} is damaged: tensor {name} is {list(di.shape)} {dtype_name(di.dtype)}, "
+                                f"the delta's manifest says {list(e['shape'])} {dtype_name(e['dtype'])}")
 
 
 def _check_base(manifest: dict, B: Checkpoint) -> None:
@@ -353,28 +435,39 @@ def _check_base(manifest: dict, B: Checkpoint) -> None:
                                     f"(sha256 {got[:12]}..., expected {want[:12]}...); nothing was written")
 
 
-def apply_delta(base: str | Path, delta: str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE) -> Path:
-    """Write TARGET = BASE + DELTA to `out`, streamed chunk by chunk, checked before and verified after."""
+def apply_delta(base: str | Path, delta: str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE,
+                legacy: bool = False) -> Path:
+    """Write TARGET = BASE + DELTA to `out`, streamed chunk by chunk, checked before and verified after.
+
+    `legacy`: the delta has no delta.json (the published StableVicuna layout): applied as its apply_delta.py does,
+    with nothing checked. Without it, a delta with no manifest is refused.
+    """
     base, delta, out = Path(base), Path(delta), Path(out)
-    manifest = _read_manifest(delta, required=False)
-    _refuse_existing(out)
+    manifest = _read_manifest(delta)
+    if manifest is None and not legacy:
+        raise RlhfchatError(f"{delta} has no {MANIFEST}, so nothing in it can be checked; if it is a delta in the "
+                            f"published StableVicuna layout, pass --legacy to apply it unchecked as its apply_delta.py "
+                            f"does")
+    if manifest is not None and legacy:
+        raise RlhfchatError(f"{delta} has a {MANIFEST}: apply it without --legacy, so that it is checked")
+    require_complete(base)
+    _start_output(out)
     with Checkpoint(base) as B, Checkpoint(delta) as D:
         # 1. check everything that can be checked before writing a byte
         if manifest is None:
-            log.warning("%s has no %s: applying it like its own apply_delta.py, without checks", delta, MANIFEST)
+            log.warning("%s: applying it like its own apply_delta.py, without checks (--legacy)", delta)
             entries = _legacy_entries(B, D)
+            fixes, files = None, {p.name: None for p in _carried_files(delta)}
         else:
-            entries = manifest["tensors"]
+            entries, files = manifest["tensors"], manifest.get("files", {})
             _check_inputs(manifest, B, D)
+            _check_files(manifest, delta)
+            fixes = _open_fixes(manifest, delta)
             _check_base(manifest, B)
         specs = [Spec(n, e["shape"], e["dtype"]) for n, e in entries.items()]
         total = sum(s.nbytes for s in specs)
         _check_space(out, total)
-        fixes, fixes_lock = None, threading.Lock()
-        if (delta / FIXES).is_file():
-            from safetensors import safe_open
-
-            fixes = safe_open(str(delta / FIXES), framework="pt")
+        fixes_lock = threading.Lock()
 
         def produce(spec: Spec, take) -> Iterator[torch.Tensor]:
             name, e = spec.name, entries[spec.name]
@@ -412,10 +505,22 @@ def apply_delta(base: str | Path, delta: str | Path, out: str | Path, *, shard_s
             if manifest is not None:
                 for name, e in entries.items():
                     if hashes[name] != e["sha256"]:
-                        raise RlhfchatError(f"result tensor {name} does not match the delta's manifest "
-                                            f"(sha256 {hashes[name][:12]}..., expected {e['sha256'][:12]}...)")
-            _copy_files(delta, tmp, skip=(MANIFEST,))
+                        raise _result_differs(name, e, hashes[name], D)
+            for name, want in files.items():
+                shutil.copyfile(delta / name, tmp / name)
+                if want is not None:
+                    _check_file(tmp / name, want)  # what was written, not only what was read
     return out
+
+
+def _result_differs(name: str, e: dict, got: str, D: Checkpoint) -> RlhfchatError:
+    """The error for a result tensor whose sha256 is not the manifest's: the base is checked by now, so the delta's
+    tensor or its fixes differ from what make wrote; name the file that does."""
+    if e.get("delta_sha256") and D.sha256(name) != e["delta_sha256"]:
+        return RlhfchatError(f"{D.tensors[name].file} is damaged: its tensor {name} differs from the delta's "
+                             f"manifest; nothing was written")
+    return RlhfchatError(f"result tensor {name} does not match the delta's manifest (sha256 {got[:12]}..., "
+                         f"expected {e['sha256'][:12]}...); nothing was written")
 
 
 # ---- verify -----------------------------------------------------------------------------------------------------
@@ -423,7 +528,7 @@ def apply_delta(base: str | Path, delta: str | Path, out: str | Path, *, shard_s
 def verify_delta(target: str | Path, delta: str | Path) -> None:
     """Check a model folder against a delta's manifest: same tensors, shapes, dtypes, sha256s and files."""
     target, delta = Path(target), Path(delta)
-    manifest = _read_manifest(delta, required=True)
+    manifest = _required_manifest(delta)
     tensors = manifest["tensors"]
     with Checkpoint(target) as T:
         extra = sorted(set(T.tensors) - set(tensors))
@@ -452,27 +557,10 @@ def verify_delta(target: str | Path, delta: str | Path) -> None:
 # ---- python -m rlhfchat.delta -----------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rlhfchat.delta", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="action", required=True)
-    for action, flags in (("make", ("base", "target", "out")), ("apply", ("base", "delta", "out")),
-                          ("verify", ("target", "delta"))):
-        a = sub.add_parser(action)
-        for flag in flags:
-            a.add_argument(f"--{flag}", required=True)
-        if action != "verify":
-            a.add_argument("--shard-size-mb", type=int, default=DEFAULT_SHARD_SIZE >> 20)
-    args = p.parse_args(argv)
-    try:
-        if args.action == "make":
-            make_delta(args.base, args.target, args.out, shard_size=args.shard_size_mb << 20)
-        elif args.action == "apply":
-            apply_delta(args.base, args.delta, args.out, shard_size=args.shard_size_mb << 20)
-        else:
-            verify_delta(args.target, args.delta)
-    except RlhfchatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """`rlhfchat delta ...` (the same arguments and messages)."""
+    from rlhfchat.cli import main as cli_main
+
+    return cli_main(["delta", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ Each stage folder (`runs/NAME/sft/`, ...) holds `manifest.json`:
 A stage whose manifest says complete with the same config hash and the same input hashes is skipped. A model folder
 made by an earlier stage is hashed through that stage's own manifest (cheap, and it covers that stage's inputs); an
 outside model folder by its file names and sizes; a hub id by its name.
+
+A stage reads another stage's folder only once that folder's manifest says complete (`require_complete`: one line
+naming the folder otherwise); a folder without a manifest is a model made elsewhere and is taken as it is. Where a
+stage starts, the temporary files an interrupted attempt left in its folder are removed (`sweep`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from rlhfchat import atomic
 from rlhfchat.atomic import write_json
+from rlhfchat.errors import RlhfchatError
 
 MANIFEST = "manifest.json"
 
@@ -76,6 +82,35 @@ def is_complete(stage_dir: Path, config_hash: str, inputs: dict[str, str]) -> bo
                 and m.get("inputs") == inputs)
 
 
+def require_complete(folder: str | Path) -> dict[str, Any] | None:
+    """A stage folder's manifest, refusing with one line naming the folder when it does not say complete.
+
+    A folder without `manifest.json` (a model made elsewhere, or nothing there yet) gives None: the caller reports a
+    missing file itself, in its own words.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        m = json.loads(path.read_text())
+        status, stage = m.get("status"), m.get("stage")
+    except (OSError, ValueError, AttributeError) as e:
+        raise RlhfchatError(f"{path}: not a valid stage manifest ({e})") from None
+    if status != "complete":
+        command = {"base": "sft"}.get(stage, stage)  # the tiny base is built by the sft stage
+        raise RlhfchatError(f"{folder}: incomplete: its {MANIFEST} says the {stage} stage is {status!r} (interrupted, "
+                            f"or still running); rerun `rlhfchat {command} RECIPE.yaml` to finish it")
+    return m
+
+
+def sweep(stage_dir: str | Path) -> None:
+    """Remove the temporary files an interrupted attempt left anywhere in a stage folder (rank 0 only: the other
+    ranks may start earlier or later, and the writes are rank 0's)."""
+    if is_main_process():
+        atomic.sweep(stage_dir, recursive=True)
+
+
 def distributed_state():
     """accelerate's process state; on a machine without GPUs the ranks talk over gloo on the CPU."""
     import torch
@@ -114,9 +149,11 @@ def running(stage: str, stage_dir: Path, config_hash: str, inputs: dict[str, str
     """Mark the stage running while the body executes, complete when it returns; a failure leaves it running.
 
     The yielded dict can take extra fields (e.g. `resumed_from`); they are written with the final manifest.
+    What an interrupted attempt left in the folder (temporary files) is removed first.
     """
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    sweep(stage_dir)
     previous = read(stage_dir) or {}
     manifest = {"stage": stage, "status": "running", "config_hash": config_hash, "inputs": inputs,
                 "started": _now(), "finished": None, "wall_seconds": None,

@@ -251,6 +251,7 @@ def ensure_base(recipe: Any) -> str:
                                 f"run `rlhfchat data RECIPE.yaml` first")
     chash = config_hash({"tiny": recipe.base.tiny, "seed": recipe.seed})
     inputs = manifest.input_hashes(run, corpus)
+    manifest.sweep(stage_dir)  # what an interrupted build left, also when the base is complete
     if not manifest.is_complete(stage_dir, chash, inputs):
         with manifest.running("base", stage_dir, chash, inputs):
             build_tiny(stage_dir, corpus, recipe.base.tiny, seed=recipe.seed)

@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from rlhfchat.atomic import atomic_file
+from rlhfchat.atomic import atomic_file, sweep
 from rlhfchat.config import Recipe, dump_recipe
+from rlhfchat.manifest import is_main_process
 
 STAGES = [
     ("data", "rlhfchat.data.mixture"),
@@ -37,6 +38,8 @@ STAGES = [
 def main(recipe: Recipe) -> None:
     run = recipe.run_dir
     run.mkdir(parents=True, exist_ok=True)
+    if is_main_process():  # each stage sweeps its own folder when it starts
+        sweep(run, names=("recipe.yaml",))
     with atomic_file(run / "recipe.yaml") as f:
         f.write(dump_recipe(recipe))
     t0 = time.perf_counter()

@@ -117,6 +117,39 @@ def _index_files(folder: Path, index: Path) -> dict[str, Path]:
     return files
 
 
+def safetensors_header(path: Path) -> list[TensorInfo]:
+    """The tensors of a safetensors file, in the order of their data, from its header alone (the data is not read).
+
+    A file that is not safetensors, whose header is damaged (a tensor's byte range that does not fit its shape and
+    dtype) or that is shorter than its header says is a one-line error naming it.
+    """
+    # The header is 8 bytes of little-endian length, then JSON.
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as e:
+        raise RlhfchatError(f"{path}: not a safetensors file ({e})") from None
+    infos, ends = [], []
+    try:
+        for start, name, v in sorted((v["data_offsets"][0], k, v) for k, v in header.items() if k != "__metadata__"):
+            dtype = ST_DTYPES.get(v["dtype"])
+            if dtype is None:
+                raise RlhfchatError(f"{path}: tensor {name} has unsupported dtype {v['dtype']}")
+            infos.append(TensorInfo(name, tuple(int(d) for d in v["shape"]), dtype, path, 8 + n + start))
+            ends.append(8 + n + v["data_offsets"][1])
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+        raise RlhfchatError(f"{path}: damaged safetensors header ({type(e).__name__}: {e})") from None
+    for info, stop in zip(infos, ends):
+        if stop - info.offset != info.nbytes:
+            raise RlhfchatError(f"{path}: damaged safetensors header: tensor {info.name} ({list(info.shape)} "
+                                f"{dtype_name(info.dtype)}) spans {stop - info.offset} bytes, not {info.nbytes}")
+    size = path.stat().st_size
+    if max(ends, default=0) > size:
+        raise RlhfchatError(f"{path} is truncated: its header describes {max(ends)} bytes, the file has {size}")
+    return infos
+
+
 class Checkpoint:
     """The tensors of one model folder: names, shapes and dtypes up front, data read on demand by rows."""
 
@@ -151,25 +184,8 @@ class Checkpoint:
                     self.tensors[name] = TensorInfo(name, tuple(t.shape), t.dtype, path)
 
     def _scan_safetensors(self, path: Path) -> None:
-        # The header is 8 bytes of little-endian length, then JSON: read it without touching the data.
-        try:
-            with open(path, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError) as e:
-            raise RlhfchatError(f"{path}: not a safetensors file ({e})") from None
-        try:
-            entries = sorted((v["data_offsets"][0], k, v) for k, v in header.items() if k != "__metadata__")
-        except (KeyError, TypeError, AttributeError) as e:
-            raise RlhfchatError(f"{path}: damaged safetensors header ({e})") from None
-        end = max((v["data_offsets"][1] for _, _, v in entries), default=0)
-        if 8 + n + end > path.stat().st_size:
-            raise RlhfchatError(f"{path} is truncated: its header describes {8 + n + end} bytes, the file has "
-                                f"{path.stat().st_size}")
-        for start, name, v in entries:  # in the order of the data, so reading them in this order is sequential
-            if v["dtype"] not in ST_DTYPES:
-                raise RlhfchatError(f"{path}: tensor {name} has unsupported dtype {v['dtype']}")
-            self.tensors[name] = TensorInfo(name, tuple(v["shape"]), ST_DTYPES[v["dtype"]], path, 8 + n + start)
+        for info in safetensors_header(path):
+            self.tensors[info.name] = info
 
     def _load_bin(self, path: Path) -> dict:
         if self._bin is None or self._bin[0] != path:

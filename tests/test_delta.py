@@ -256,7 +256,10 @@ def test_stablevicuna_layout_applies_like_its_apply_delta_script(tmp_path):
     save(tmp_path / "stable-vicuna-delta", legacy, fmt="bin", shards=3, files=files)
     assert (tmp_path / "stable-vicuna-delta" / "pytorch_model-00003-of-00003.bin").is_file()
 
-    out = D.apply_delta(tmp_path / "llama", tmp_path / "stable-vicuna-delta", tmp_path / "stable-vicuna")
+    with pytest.raises(RlhfchatError, match="has no delta.json, so nothing in it can be checked; .* pass --legacy"):
+        D.apply_delta(tmp_path / "llama", tmp_path / "stable-vicuna-delta", tmp_path / "stable-vicuna")
+    assert not (tmp_path / "stable-vicuna").exists()
+    out = D.apply_delta(tmp_path / "llama", tmp_path / "stable-vicuna-delta", tmp_path / "stable-vicuna", legacy=True)
 
     # the script's arithmetic: base in float16, embedding and output grown with zero rows, then param += delta
     ref = {k: v.clone() for k, v in base.items()}

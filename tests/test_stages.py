@@ -1,4 +1,7 @@
-"""SFT and reward stages on a tiny run: files of the contract, real learning, skip, resume, and 2-process parity."""
+"""SFT and reward stages on a tiny run: files of the contract, real learning, skip, and 2-process parity.
+
+Resumes after kills, with the figures they report, are in test_faults.py.
+"""
 
 from __future__ import annotations
 
@@ -89,38 +92,6 @@ def test_sft_then_reward_write_the_contract_and_learn(run_dir):
     assert json.loads((out / "metrics.json").read_text())["steps"] == 4
 
 
-def test_sft_resumes_after_kill(run_dir):
-    """Kill the SFT process after its first checkpoint; the rerun resumes and ends at the same step count."""
-    args = [sys.executable, "-m", "rlhfchat.cli", "sft", "/dev/null"]
-    overrides = ["name=t", f"output_dir={run_dir}", *TINY, *SFT, "sft.max_steps=40", "sft.save_steps=4"]
-    recipe_file = run_dir / "r.yaml"
-    recipe_file.write_text("name: t\n")
-    args[-1] = str(recipe_file)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(args + overrides, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    ckpt = run_dir / "sft" / "checkpoints"
-    import time
-
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(ckpt.glob("checkpoint-*/trainer_state.json")):
-        time.sleep(0.2)
-    proc.kill()
-    proc.wait()
-    assert list(ckpt.glob("checkpoint-*")), "no checkpoint appeared before the kill"
-    assert manifest.read(run_dir / "sft")["status"] == "running"
-
-    done = subprocess.run(args + overrides, capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    m = manifest.read(run_dir / "sft")
-    assert m["status"] == "complete" and m["resumed_from"].startswith("checkpoints/checkpoint-")
-    assert m["attempts"] == 2
-    assert json.loads((run_dir / "sft" / "metrics.json").read_text())["steps"] == 40
-    # lines logged past the checkpoint before the kill were dropped, not logged twice
-    logs = [json.loads(x) for x in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
-    loss_steps = [d["step"] for d in logs if "loss" in d]
-    assert loss_steps and loss_steps == sorted(set(loss_steps))
-
-
 def test_two_processes_match_one(run_dir, tmp_path):
     """`accelerate launch` with 2 CPU processes x batch 4 follows the loss of 1 process x batch 8."""
     import shutil
@@ -151,12 +122,32 @@ def test_two_processes_match_one(run_dir, tmp_path):
     assert sorted(p.name for p in (two / "sft").iterdir()) == sorted(p.name for p in (run_dir / "sft").iterdir())
 
 
-def test_metrics_log_of_a_resumed_run_drops_the_lines_past_its_checkpoint(tmp_path):
+def test_metrics_log_of_a_resumed_run_is_its_checkpoints_log(tmp_path):
     from rlhfchat.train import hf_stage
 
+    ckpt = tmp_path / "checkpoints" / "checkpoint-4"
+    ckpt.mkdir(parents=True)
+    history = [{"loss": 3.0, "epoch": 0.5, "step": 2}, {"loss": 2.0, "epoch": 1.0, "step": 4}]
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": history}))
     log = tmp_path / "metrics.jsonl"
-    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (2, 4, 6, 8)))
-    hf_stage.metrics_logger(log, tmp_path / "checkpoints" / "checkpoint-4")
-    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [2, 4]
+    # what the killed attempt wrote past the checkpoint: a row, its summary, a line cut short by the kill
+    log.write_text("".join(json.dumps(r) + "\n" for r in [{"step": 2, "loss": 3.0}, {"step": 4, "loss": 2.0},
+                                                             {"step": 6, "loss": 1.0},
+                                                             {"step": 6, "train_loss": 2.0, "train_runtime": 1}])
+                   + '{"step": 8, "lo')
+    hf_stage.metrics_logger(log, ckpt)
+    assert [json.loads(x) for x in log.read_text().splitlines()] == [
+        {"step": 2, "epoch": 0.5, "loss": 3.0}, {"step": 4, "epoch": 1.0, "loss": 2.0}]
     hf_stage.metrics_logger(log)  # a fresh start keeps nothing
     assert log.read_text() == ""
+
+
+def test_mean_train_loss_counts_the_steps_before_the_resume():
+    from rlhfchat.train.hf_stage import mean_train_loss
+
+    log = [{"loss": 3.0, "step": 2}, {"loss": 2.0, "step": 4}, {"eval_loss": 9.0, "step": 4}]  # steps 1-4 sum to 10
+    assert mean_train_loss(log, 0, 6, 1.7) == 1.7  # not resumed: the Trainer's own figure
+    assert mean_train_loss(log, 4, 6, 1.5) == pytest.approx((10 + 2 * 1.5) / 6)  # resumed at 4: 2 steps of 1.5
+    assert mean_train_loss(log, 4, 4, 0.0) == 2.5  # resumed from the final checkpoint: the Trainer says 0.0
+    # a checkpoint at step 3 between two logs (older rlhfchat): step 3 is in no row and is left out of the mean
+    assert mean_train_loss(log[:1], 3, 5, 1.0) == pytest.approx((6 + 2 * 1.0) / 4)

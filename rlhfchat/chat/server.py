@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfchat.errors import RlhfchatError
+from rlhfchat.manifest import require_complete
 
 API_KEY_ENV = "RLHFCHAT_API_KEY"
 
@@ -87,6 +88,7 @@ def main(args: argparse.Namespace) -> None:
     for d in args.model_dirs:
         if not Path(d).is_dir():
             raise RlhfchatError(f"{d}: no such model folder")
+        require_complete(d)  # a run's stage folder serves only once its stage has finished
 
     import uvicorn
 

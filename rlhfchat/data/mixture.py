@@ -28,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-from rlhfchat.atomic import atomic_dir, atomic_file, write_json
+from rlhfchat.atomic import atomic_dir, atomic_file, sweep, write_json
 from rlhfchat.config import Recipe, SourceConfig, dump_recipe
 from rlhfchat.data import readers
 from rlhfchat.data.schema import KINDS, record_key
@@ -215,6 +215,9 @@ def main(recipe: Recipe) -> dict[str, Any]:
     from rlhfchat.config import config_hash
 
     stage_dir = recipe.run_dir / "data"
+    if manifest.is_main_process():  # what an interrupted attempt left: `.data.*.tmp`, `.recipe.yaml.*.tmp`, ...
+        sweep(recipe.run_dir, names=("data", "recipe.yaml"))
+        manifest.sweep(stage_dir)
     sources = [s.path for kind in KINDS for s in getattr(recipe.data, kind)]
     inputs = manifest.input_hashes(recipe.run_dir, sources)
     chash = config_hash({"data": recipe.data, "seed": recipe.seed})

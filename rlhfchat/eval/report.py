@@ -20,6 +20,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
+from rlhfchat import manifest
 from rlhfchat.config import Recipe
 from rlhfchat.errors import RlhfchatError
 
@@ -237,6 +238,7 @@ def main(recipe: Recipe) -> Path:
 
     run = recipe.run_dir
     eval_dir = run / "eval"
+    manifest.sweep(eval_dir)  # a killed report's report.md.*.tmp
     results_file = eval_dir / "results.json"
     if not results_file.is_file():
         raise RlhfchatError(f"{results_file}: not found; run `rlhfchat eval RECIPE.yaml` first")

@@ -39,11 +39,9 @@ def batch_size() -> int:
 
 
 def _is_model_folder(path: Path) -> bool:
-    """A finished stage folder holding a model (its manifest, when it has one, says complete)."""
-    if not (path / "config.json").is_file():
-        return False
-    m = manifest.read(path)
-    return m is None or m.get("status") == "complete"
+    """A folder holding a model; a stage folder whose manifest does not say complete is refused (one line)."""
+    manifest.require_complete(path)
+    return (path / "config.json").is_file()
 
 
 def models_to_evaluate(recipe: Recipe) -> list[tuple[str, str]]:
@@ -62,6 +60,7 @@ def models_to_evaluate(recipe: Recipe) -> list[tuple[str, str]]:
     for path in recipe.eval.models:
         if not Path(path).exists():
             raise RlhfchatError(f"eval.models: {path}: no such model folder")
+        manifest.require_complete(path)
         name, k = Path(path).resolve().name, 2
         while name in names:
             name, k = f"{Path(path).resolve().name}-{k}", k + 1
@@ -126,6 +125,8 @@ def main(recipe: Recipe) -> dict[str, Any]:
     cfg = recipe.eval
     prompts_file = run / "data" / "prompts.eval.jsonl"
     reward_dir = run / "reward"
+    manifest.sweep(stage_dir)  # before the skip: the report's temporary files live here too
+    manifest.require_complete(run / "data")
     has_reward = _is_model_folder(reward_dir)
 
     # 1. Inputs and skip: the same eval section, seed and inputs as a finished evaluation.

@@ -27,8 +27,9 @@ def prepare(stage: str, stage_dir: Path, chash: str, inputs: dict[str, str]) -> 
     """True when the stage is already complete for this config and these inputs (skip it).
 
     Otherwise, checkpoints left by a run with another config or other inputs are removed, so that only a run of
-    the same work resumes from them.
+    the same work resumes from them. Either way, temporary files an interrupted attempt left are removed first.
     """
+    manifest.sweep(stage_dir)
     if manifest.is_complete(stage_dir, chash, inputs):
         print(f"[{stage}] complete for this recipe and inputs; skipping ({stage_dir})")
         return True
@@ -38,12 +39,26 @@ def prepare(stage: str, stage_dir: Path, chash: str, inputs: dict[str, str]) -> 
     if changed and ckpt.exists() and manifest.is_main_process():
         print(f"[{stage}] recipe or inputs changed since the last attempt; starting over")
         shutil.rmtree(ckpt)
+    partial = [p for p in ckpt.glob("checkpoint-*") if not _is_complete(p)]
+    if partial and manifest.is_main_process():  # saves a kill cut short: at 13B, tens of GB of optimizer state
+        print(f"[{stage}] removing {len(partial)} checkpoint(s) an interrupted save left incomplete")
+        for p in partial:
+            shutil.rmtree(p)
     return False
 
 
+def _is_complete(checkpoint: Path) -> bool:
+    """Whether a Trainer checkpoint is whole: the Trainer writes its trainer_state.json last (not atomically)."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def latest_checkpoint(stage_dir: Path) -> Path | None:
-    """The newest complete Trainer checkpoint (`checkpoint-N` with its trainer_state.json), if any."""
-    ckpts = [p for p in (stage_dir / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    """The newest complete Trainer checkpoint (`checkpoint-N` with a whole trainer_state.json), if any."""
+    ckpts = [p for p in (stage_dir / "checkpoints").glob("checkpoint-*") if _is_complete(p)]
     return max(ckpts, key=checkpoint_step, default=None)
 
 
@@ -53,25 +68,93 @@ def checkpoint_step(checkpoint: Path) -> int:
 
 
 def metrics_logger(path: Path, resume: Path | None = None):
-    """A TrainerCallback appending every log to `metrics.jsonl`; a run resuming from the checkpoint folder `resume`
-    (`checkpoint-<step>`) first drops the lines past that step."""
+    """A TrainerCallback appending every log to `metrics.jsonl`, so that a resumed run's figures are an
+    uninterrupted run's:
+
+    - every checkpoint is also a logging step (the callback asks for a log wherever the Trainer saves), so the
+      checkpoint's own log (`trainer_state.json`'s log_history) accounts for every step up to it;
+    - a run resuming from the checkpoint folder `resume` first rewrites `metrics.jsonl` from that log: lines written
+      after it by the interrupted attempt (a summary row, eval rows, a line cut short by the kill) go;
+    - the summary row's `train_loss` is the mean over all steps, the ones before the resume included (the Trainer
+      reports the mean of this attempt's steps only: 0.0 when it resumed from the final checkpoint); the callback
+      keeps it as `train_loss` for metrics.json.
+    """
     from transformers import TrainerCallback
 
     from rlhfchat.atomic import atomic_file
 
-    resume_step = checkpoint_step(resume) if resume else 0
-    if path.exists() and manifest.is_main_process():
-        kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+    history = _checkpoint_log(resume) if resume else []
+    if manifest.is_main_process() and (path.exists() or history):
         with atomic_file(path) as f:
-            f.write("".join(ln + "\n" for ln in kept))
+            f.write("".join(_jsonl_line(row) for row in history))
 
     class JsonlLogger(TrainerCallback):
+        train_loss: float | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start_step = state.global_step  # after the Trainer loaded the checkpoint's state
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save:
+                control.should_log = True
+
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "train_loss" in logs and "train_runtime" in logs:  # the Trainer's summary at the end
+                logs = dict(logs, train_loss=mean_train_loss(state.log_history, self.start_step, state.global_step,
+                                                             logs["train_loss"]))
+                self.train_loss = logs["train_loss"]
             if state.is_world_process_zero and logs:
                 with open(path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+                    f.write(_jsonl_line({"step": state.global_step, "epoch": state.epoch, **logs}))
 
     return JsonlLogger()
+
+
+def _jsonl_line(row: dict[str, Any]) -> str:
+    return json.dumps({"step": row.get("step", 0), "epoch": row.get("epoch"), **row}) + "\n"
+
+
+def _checkpoint_log(checkpoint: Path) -> list[dict[str, Any]]:
+    """What the Trainer had logged when it saved `checkpoint` (its trainer_state.json's log_history)."""
+    try:
+        return json.loads((checkpoint / "trainer_state.json").read_text()).get("log_history", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def mean_train_loss(log: list[dict[str, Any]], start: int, end: int, attempt_loss: float) -> float:
+    """The mean loss over steps 1..`end` of a run that resumed at step `start`.
+
+    `attempt_loss` is the Trainer's figure, the mean over steps start+1..end; the steps before come from the loss
+    rows logged up to `start` (each the mean over the steps since the row before it). Steps no row covers (a
+    checkpoint saved between two logs by an older rlhfchat) are left out of the mean.
+    """
+    if start == 0:
+        return attempt_loss
+    total, covered, last = 0.0, 0, 0
+    for row in log:
+        step = row.get("step", 0)
+        if "loss" in row and last < step <= start:
+            total += row["loss"] * (step - last)
+            covered += step - last
+            last = step
+    steps = covered + (end - start)
+    return (total + attempt_loss * (end - start)) / steps if steps else attempt_loss
+
+
+def train(trainer: Any, logger: Any, resume: Path | None) -> dict[str, Any]:
+    """`trainer.train()`, from the checkpoint `resume` when given; returns `train_loss` over all steps and `steps`.
+
+    `logger` is the trainer's `metrics_logger` callback. TRL counts the tokens trained on (`num_tokens` in the logs)
+    in the trainer rather than in its saved state: a resumed run continues the count from the checkpoint's log.
+    """
+    if resume is not None and hasattr(trainer, "_total_train_tokens"):
+        counts = [row["num_tokens"] for row in _checkpoint_log(resume) if "num_tokens" in row]
+        if counts:
+            trainer._total_train_tokens = int(counts[-1])
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    loss = logger.train_loss if logger.train_loss is not None else result.training_loss
+    return {"train_loss": loss, "steps": result.global_step}
 
 
 def peft_config(lora: LoraConfig, task_type: str):

@@ -397,11 +397,15 @@ def _read_prompts(path: Path) -> list[Prompt]:
 
 
 def _check_inputs(run: Path) -> None:
+    """The folders PPO reads are there, and finished where their manifests say what they are."""
+    from rlhfchat.manifest import require_complete
+
     for rel, what in (("sft/config.json", "the SFT model (run the sft stage first)"),
                       ("reward/config.json", "the reward model (run the reward stage first)"),
                       ("data/prompts.train.jsonl", "the training prompts (run the data stage first)")):
         if not (run / rel).is_file():
             raise RlhfchatError(f"{run / rel}: not found; PPO needs {what}")
+        require_complete(run / rel.split("/")[0])
 
 
 # -------------------------------------------------------------------------------------------------------------

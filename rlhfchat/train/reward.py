@@ -41,8 +41,10 @@ def main(recipe: Recipe) -> Path:
     train_file, eval_file = run / "data" / "preferences.train.jsonl", run / "data" / "preferences.eval.jsonl"
 
     # 1. Inputs: the finished SFT model and the preference pairs.
-    if (manifest.read(sft_dir) or {}).get("status") != "complete":
-        raise RlhfchatError(f"{sft_dir}: no finished SFT model; run `rlhfchat sft RECIPE.yaml` first")
+    if not (sft_dir / "config.json").is_file():
+        raise RlhfchatError(f"{sft_dir}: no SFT model; run `rlhfchat sft RECIPE.yaml` first")
+    manifest.require_complete(sft_dir)
+    manifest.require_complete(run / "data")
     inputs = manifest.input_hashes(run, [sft_dir, train_file, eval_file])
     chash = config_hash({"reward": recipe.reward, "seed": recipe.seed, "dtype": recipe.base.dtype})
     if hf_stage.prepare("reward", stage_dir, chash, inputs):
@@ -68,6 +70,7 @@ def main(recipe: Recipe) -> Path:
         )
         resume = hf_stage.latest_checkpoint(stage_dir)
         m["resumed_from"] = str(resume.relative_to(stage_dir)) if resume else None
+        logger = hf_stage.metrics_logger(stage_dir / "metrics.jsonl", resume)
         trainer = RewardTrainer(
             model=model,
             args=args,
@@ -75,7 +78,7 @@ def main(recipe: Recipe) -> Path:
             eval_dataset=eval_ds if len(eval_ds) else None,
             processing_class=tokenizer,
             peft_config=hf_stage.peft_config(cfg.lora, "SEQ_CLS"),
-            callbacks=[hf_stage.metrics_logger(stage_dir / "metrics.jsonl", resume)],
+            callbacks=[logger],
         )
 
         if cfg.lora.quantize and not args.bf16:
@@ -86,8 +89,7 @@ def main(recipe: Recipe) -> Path:
                     p.data = p.data.float()
 
         # 4. Train, then measure pairwise accuracy on the held-out pairs.
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        metrics = {"train_loss": result.training_loss, "steps": result.global_step}
+        metrics = hf_stage.train(trainer, logger, resume)  # the figures of all steps, also when resumed
         if len(eval_ds):
             ev = trainer.evaluate()
             metrics.update(eval_loss=ev["eval_loss"], eval_accuracy=ev["eval_accuracy"],

@@ -56,6 +56,7 @@ def main(recipe: Recipe) -> Path:
     train_file, eval_file = run / "data" / "sft.train.jsonl", run / "data" / "sft.eval.jsonl"
 
     # 1. What this stage depends on: skip when already done for the same recipe section and inputs.
+    manifest.require_complete(run / "data")
     with manifest.main_process_first():
         base = ensure_base(recipe)
     inputs = manifest.input_hashes(run, [base, train_file, eval_file])
@@ -88,6 +89,7 @@ def main(recipe: Recipe) -> Path:
         )
         resume = hf_stage.latest_checkpoint(stage_dir)
         m["resumed_from"] = str(resume.relative_to(stage_dir)) if resume else None
+        logger = hf_stage.metrics_logger(stage_dir / "metrics.jsonl", resume)
         trainer = SFTTrainer(
             model=model,
             args=args,
@@ -95,12 +97,11 @@ def main(recipe: Recipe) -> Path:
             eval_dataset=eval_ds if len(eval_ds) else None,
             processing_class=tokenizer,
             peft_config=hf_stage.peft_config(cfg.lora, "CAUSAL_LM"),
-            callbacks=[hf_stage.metrics_logger(stage_dir / "metrics.jsonl", resume)],
+            callbacks=[logger],
         )
 
         # 4. Train (from the newest checkpoint when one exists), then evaluate on the held-out conversations.
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        metrics = {"train_loss": result.training_loss, "steps": result.global_step}
+        metrics = hf_stage.train(trainer, logger, resume)  # the figures of all steps, also when resumed
         if len(eval_ds):
             metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
