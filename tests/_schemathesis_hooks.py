@@ -1,4 +1,4 @@
-"""Hooks for the schemathesis run of tests/test_chat_fuzz.py, loaded through SCHEMATHESIS_HOOKS.
+"""Hooks for the schemathesis run of tests/test_chat_faults.py, loaded through SCHEMATHESIS_HOOKS.
 
 1. Requests name the served model (RLHFCHAT_FUZZ_MODEL): the public spec does not list the models (GET /v1/models,
    behind the key, does), so a generated name would only ever reach the 404 and never the engine.

@@ -15,7 +15,7 @@ is full (with Retry-After), 503 when the model cannot answer (shutting down, or 
 What keeps one caller from harming the others, in the order a request meets it:
 1. the guard (an ASGI layer in front of every route and the web page): the API key on every /v1 route but the
    spec and docs, before anything else (an unauthenticated caller learns nothing, not even the schema's rules);
-   then the body limit, answered 413 from Content-Length before the body is read (or as soon as a chunked body
+   then 404 and 405 for what the API does not route; then the body limit, answered 413 from Content-Length before the body is read (or as soon as a chunked body
    passes it); and a crash in a route is a 500 in the error shape that keeps the keep-alive connection usable;
 2. parsing, tokenizing and queueing run in a small thread pool, never on the event loop, so /health and every
    stream keep answering while a maximal prompt is processed;
@@ -59,7 +59,9 @@ API_WORKERS = 4
 """Threads that parse and tokenize requests: enough to keep a CPU busy, few enough to bound the memory of many
 maximal prompts at once (tokenizing a 1 MB prompt takes about 100 MB for a moment)."""
 PUBLIC = {"/v1/openapi.json", "/v1/docs", "/v1/docs/oauth2-redirect"}
-ROUTES = {"/v1/chat/completions": ["POST"], "/v1/models": ["GET"]}
+ROUTES = {"/v1/chat/completions": ["POST"], "/v1/models": ["GET"], "/health": ["GET"]}
+"""Each route and its methods (and HEAD with GET): the guard answers any other method with a 405 naming them, and
+any other /v1 path with a 404 (else the web page, mounted at /, would answer for them)."""
 
 
 def default_max_body(engines: dict[str, Any]) -> int:
@@ -101,6 +103,14 @@ class Guard:
             error = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", None,
                              "authentication_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
             return await error.response()(scope, receive, send)
+        path, method = scope["path"], scope["method"]
+        if path in ROUTES and method not in (*ROUTES[path], *(["HEAD"] if "GET" in ROUTES[path] else [])):
+            allowed = ", ".join(ROUTES[path])
+            return await ApiError(405, f"{method} is not allowed here; use {allowed}", None, code="method_not_allowed",
+                                  headers={"Allow": allowed}).response()(scope, receive, send)
+        if is_protected(path) and path not in ROUTES:
+            return await ApiError(404, f"{path}: no such API route", None, code="not_found").response()(
+                scope, receive, send)
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
             return await self.too_large()(scope, receive, send)
@@ -253,16 +263,6 @@ def create_app(engines: dict[str, Any], *, api_key: str | None = None, title: st
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
-                   include_in_schema=False)
-    async def _no_route(request: Request) -> Response:
-        """API-shaped 404 and 405 under /v1 (else the web page, mounted at /, would answer for them)."""
-        allowed = ROUTES.get(request.url.path)
-        if allowed:
-            raise ApiError(405, f"{request.method} is not allowed here; use {', '.join(allowed)}", None,
-                           code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
-        raise ApiError(404, f"{request.url.path}: no such API route", None, code="not_found")
 
     return app
 

@@ -3,7 +3,7 @@ what the spec calls invalid is refused), the response and error shapes, and the 
 with every status the API returns and the rules JSON Schema cannot state written beside the fields they concern.
 
 The spec is served at /v1/openapi.json; the suite runs schemathesis against it on a live server
-(tests/test_chat_fuzz.py) with its conformance checks on.
+(tests/test_chat_faults.py) with its conformance checks on.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import re
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, WithJsonSchema
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, WithJsonSchema, model_validator,
+)
 
 from rlhfchat.chat.request import REPETITION_PENALTY_RANGE, SEED_RANGE, check_text
 from rlhfchat.errors import RlhfchatError
@@ -97,6 +99,20 @@ class ChatRequest(BaseModel):
     n: _only(int, 1, "integer") | None = None
     logprobs: _only(bool, False, "boolean") | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral(cls, data: Any) -> Any:
+        """5.0 is an integer to JSON Schema (and to schemathesis); strict pydantic takes only 5."""
+        if isinstance(data, dict):
+            for name in INTEGER_FIELDS:
+                x = data.get(name)
+                if isinstance(x, float) and x.is_integer():
+                    data = {**data, name: int(x)}
+        return data
+
+
+INTEGER_FIELDS = ("top_k", "max_tokens", "max_completion_tokens", "seed", "n")
 
 
 MESSAGES_RULES = (
@@ -216,6 +232,32 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class Delta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a stream: a piece of the reply; the last one (with stream_options.include_usage) has no
+    choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]
@@ -244,10 +286,16 @@ def _error(description: str) -> dict[str, Any]:
     return {"model": ErrorResponse, "description": description}
 
 
+SSE_EVENT = {  # OpenAPI before 3.2: the `schema` of text/event-stream describes one event
+    "type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+        {"const": "[DONE]"},
+        {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [
+            {"$ref": "#/components/schemas/ChatCompletionChunk"}, {"$ref": "#/components/schemas/ErrorResponse"}]}},
+    ]}}}
 CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"model": ChatCompletion, "description": "The reply; with `stream: true`, server-sent events: "
-          "`chat.completion.chunk` objects, then `data: [DONE]` (an error after the stream began is an event "
-          "`{\"error\": ...}`).", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    200: {"model": ChatCompletion, "description": "The reply; with `stream: true`, server-sent events, each a "
+          "`chat.completion.chunk`, then `data: [DONE]`; an error after the stream began is an event "
+          "`{\"error\": ...}` (and no [DONE]).", "content": {"text/event-stream": {"schema": SSE_EVENT}}},
     400: _error("Invalid request: `param` names the field. Includes the rules JSON Schema cannot state: the last "
                 "message must be the user's; the prompt (plus max_tokens) must fit the model's context "
                 "(code context_length_exceeded); text must be valid Unicode."),
@@ -282,6 +330,9 @@ def openapi_document(app: Any, protected: set[str], secured: bool) -> dict[str, 
         "type": "array", "minItems": 1, "title": "Messages", "description": MESSAGES_RULES,
         "prefixItems": [{"$ref": "#/components/schemas/Message"}], "items": {"$ref": "#/components/schemas/Turn"}}
     schemas["ChatRequest"] = chat
+    chunk = ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(chunk.pop("$defs", {}))
+    schemas["ChatCompletionChunk"] = chunk
     post = doc["paths"]["/v1/chat/completions"]["post"]
     post["requestBody"] = {"required": True, "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/ChatRequest"}}}}
