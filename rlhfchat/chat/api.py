@@ -15,8 +15,9 @@ is full (with Retry-After), 503 when the model cannot answer (shutting down, or 
 What keeps one caller from harming the others, in the order a request meets it:
 1. the guard (an ASGI layer in front of every route and the web page): the API key on every /v1 route but the
    spec and docs, before anything else (an unauthenticated caller learns nothing, not even the schema's rules);
-   then 404 and 405 for what the API does not route; then the body limit, answered 413 from Content-Length before the body is read (or as soon as a chunked body
-   passes it); and a crash in a route is a 500 in the error shape that keeps the keep-alive connection usable;
+   then 404 and 405 for what the API does not route; then the body limit, answered 413 from Content-Length
+   before the body is read (or as soon as a chunked body passes it); and a crash in a route is a 500 in the error
+   shape that keeps the keep-alive connection usable;
 2. parsing, tokenizing and queueing run in a small thread pool, never on the event loop, so /health and every
    stream keep answering while a maximal prompt is processed;
 3. the engine checks every setting and seeds the request's generator before it joins a batch (engine.py);

@@ -74,7 +74,8 @@ def model_names(dirs: list[str | Path]) -> list[str]:
         depth += 1
 
 
-def build_app(engines: dict[str, Any], store: Any, api_key: str | None = None, max_body_bytes: int | None = None) -> Any:
+def build_app(engines: dict[str, Any], store: Any, api_key: str | None = None,
+              max_body_bytes: int | None = None) -> Any:
     """The FastAPI app with the API routes and the Gradio page mounted at /."""
     import gradio as gr
 
