@@ -262,7 +262,8 @@ def test_schemathesis_finds_the_api_as_its_spec_says(server, tmp_path):
 
 def test_an_engine_failure_is_a_503_and_a_started_stream_ends_with_an_error_event(tiny_model_dir, monkeypatch):
     """Not the caller's fault: 503 (code generation_failed), or, once a stream has begun, an error event and no
-    [DONE]; a closed engine is a 503 too. Served in-process (uvicorn on 127.0.0.1) to break the engine's forward."""
+    [DONE]; a closed engine is a 503 too, and a bug a 500 that keeps the connection. Served in-process (uvicorn on
+    127.0.0.1) to break the engine."""
     import uvicorn
     from _chat_server import free_port
 
@@ -294,9 +295,21 @@ def test_an_engine_failure_is_a_503_and_a_started_stream_ends_with_an_error_even
             lines = [ln for ln in s.iter_lines() if ln]
         assert s.status_code == 200 and "data: [DONE]" not in lines
         assert json.loads(lines[-1][6:])["error"]["code"] == "generation_failed", lines
+        # a bug (here: submit raising what it never should) is a 500 in the error shape, and the connection lives
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        body, headers = json.dumps({"model": "tiny", "messages": USER}), {**AUTH, "Content-Type": "application/json"}
+        with monkeypatch.context() as m:
+            m.setattr(engine, "submit", lambda *a, **k: {}["no such key"])
+            conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
+            r = conn.getresponse()
+            assert r.status == 500 and json.loads(r.read())["error"]["code"] == "internal_error"
+        sock = conn.sock
         engine.close()
-        r = httpx.post(url, json={"model": "tiny", "messages": USER}, headers=AUTH, timeout=30)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable", r.text
+        conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
+        r = conn.getresponse()
+        assert r.status == 503 and json.loads(r.read())["error"]["code"] == "unavailable"
+        assert conn.sock is sock
+        conn.close()
     finally:
         srv.should_exit = True
         thread.join(timeout=30)

@@ -246,3 +246,17 @@ def test_fuzzed_settings_never_harm_bystanders(engine):
     assert FUZZED["answered"] > 20 and FUZZED["refused"] > 20, FUZZED  # both sides were exercised
     print(f"\nfuzzed {FUZZED['requests']} requests ({FUZZED['refused']} refused, {FUZZED['answered']} answered); "
           f"{len(by.reqs)} of {len(by.reqs)} bystanders unharmed, {sum(FUZZED['bystander_pieces'])} pieces streamed")
+
+
+def test_the_vllm_backend_shares_the_prompt_checks(engine):
+    """VLLMEngine (GPU only) takes its prompt handling from ChatEngine: run it on this machine without vLLM."""
+    from rlhfchat.chat.engine_vllm import VLLMEngine
+
+    v = object.__new__(VLLMEngine)  # no vLLM here: only what fit() uses
+    v.tokenizer, v.context_window, v.name = engine.tokenizer, engine.context_window, "vllm"
+    v.chars_per_token = chars_per_token_bound(engine.tokenizer)
+    assert v.fit(Q) == engine.fit(Q)
+    with pytest.raises(PromptTooLong, match="more than 4096 tokens"):
+        v.fit([{"role": "user", "content": "x" * 1_000_000}], truncate=False)
+    with pytest.raises(RlhfchatError, match=r"^messages\[0\]\.content: not valid Unicode"):
+        v.fit([{"role": "user", "content": "\ud800"}])

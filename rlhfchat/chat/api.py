@@ -58,7 +58,8 @@ context is far smaller (English is about 4 bytes a token; a JSON-escaped emoji 1
 the limit only refuses bodies that could never be served, before they are read, parsed or tokenized."""
 API_WORKERS = 4
 """Threads that parse and tokenize requests: enough to keep a CPU busy, few enough to bound the memory of many
-maximal prompts at once (tokenizing a 1 MB prompt takes about 100 MB for a moment)."""
+large prompts at once (tokenizing one of a million tokens peaks at about 280 MB). A prompt certainly too long for
+the context is refused before the tokenizer sees it (engine.chars_per_token_bound)."""
 PUBLIC = {"/v1/openapi.json", "/v1/docs", "/v1/docs/oauth2-redirect"}
 ROUTES = {"/v1/chat/completions": ["POST"], "/v1/models": ["GET"], "/health": ["GET"]}
 """Each route and its methods (and HEAD with GET): the guard answers any other method with a 405 naming them, and
