@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +14,16 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+
+
+def long_context_copy(model_dir: Path, dest: Path, positions: int = 4096) -> Path:
+    """The same tiny model with a longer context window, so that a greedy reply (which never meets EOS on these
+    random weights) runs for seconds: bystanders that are still decoding, a request left to be cancelled."""
+    shutil.copytree(model_dir, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["max_position_embeddings"] = positions
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
 
 
 def free_port() -> int:

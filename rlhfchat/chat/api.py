@@ -4,148 +4,193 @@
                                  "stop"?, "stream_options"?, and the extensions "top_k", "repetition_penalty"}
     GET  /v1/models
     GET  /health                (no key needed)
+    GET  /v1/openapi.json, /v1/docs   the spec (api_schema.py), every status and rule in it
 
 The official `openai` client works unchanged: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)`.
 Errors are OpenAI-shaped JSON, `{"error": {"message", "type", "param", "code"}}`, and `param` names the field:
 400 for an invalid request (including a prompt the model cannot take: the API never drops turns or truncates),
-401 for a missing or wrong key, 404 for an unknown model, 429 when the engine's queue is full (with Retry-After).
+401 for a missing or wrong key, 404 for an unknown model, 413 for a body over the limit, 429 when the engine's queue
+is full (with Retry-After), 503 when the model cannot answer (shutting down, or its generation failed).
+
+What keeps one caller from harming the others, in the order a request meets it:
+1. the guard (an ASGI layer in front of every route and the web page): the API key on every /v1 route but the
+   spec and docs, before anything else (an unauthenticated caller learns nothing, not even the schema's rules);
+   then 404 and 405 for what the API does not route; then the body limit, answered 413 from Content-Length
+   before the body is read (or as soon as a chunked body passes it); and a crash in a route is a 500 in the error
+   shape that keeps the keep-alive connection usable;
+2. parsing, tokenizing and queueing run in a small thread pool, never on the event loop, so /health and every
+   stream keep answering while a maximal prompt is processed;
+3. the engine checks every setting and seeds the request's generator before it joins a batch (engine.py);
+4. a client that goes away cancels its request, streamed or not.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
-import re
+import logging
 import secrets
 import time
 import uuid
-from typing import Any, Literal
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rlhfchat.chat.engine import EngineBusy, PromptTooLong, SamplingParams
+from rlhfchat.chat.api_schema import (
+    CHAT_RESPONSES, ApiError, Health, ModelList, field_of, openapi_document, parse_chat_request,
+)
+from rlhfchat.chat.request import (
+    EngineBusy, EngineClosed, GenerationFailed, PromptTooLong, Request as Reply, SamplingParams,
+)
 from rlhfchat.errors import RlhfchatError
 
+log = logging.getLogger(__name__)
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # "name" and other per-message fields are accepted and unused
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+BODY_BASE_BYTES = 1 << 20
+BODY_BYTES_PER_TOKEN = 64
+"""The default body limit: 1 MiB plus 64 bytes per token of the largest context served. A prompt that fits a
+context is far smaller (English is about 4 bytes a token; a JSON-escaped emoji 12 bytes for one to four tokens), so
+the limit only refuses bodies that could never be served, before they are read, parsed or tokenized."""
+API_WORKERS = 4
+"""Threads that parse and tokenize requests: enough to keep a CPU busy, few enough to bound the memory of many
+large prompts at once (tokenizing one of a million tokens peaks at about 280 MB). A prompt certainly too long for
+the context is refused before the tokenizer sees it (engine.chars_per_token_bound)."""
+PUBLIC = {"/v1/openapi.json", "/v1/docs", "/v1/docs/oauth2-redirect"}
+ROUTES = {"/v1/chat/completions": ["POST"], "/v1/models": ["GET"], "/health": ["GET"]}
+"""Each route and its methods (and HEAD with GET): the guard answers any other method with a 405 naming them, and
+any other /v1 path with a 404 (else the web page, mounted at /, would answer for them)."""
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
+def default_max_body(engines: dict[str, Any]) -> int:
+    """The request-body limit (bytes) when the operator sets none, from the largest context window served."""
+    return BODY_BASE_BYTES + BODY_BYTES_PER_TOKEN * max((e.context_window for e in engines.values()), default=0)
 
 
-class ChatRequest(BaseModel):
-    """The request fields we honour; any other field is a 400 that names it (nothing is silently ignored)."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    messages: list[Message] = Field(min_length=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
-    presence_penalty: Literal[0] | None = None
-    frequency_penalty: Literal[0] | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: Literal[1] | None = None
-    logprobs: Literal[False] | None = None
-    user: str | None = None
+def is_protected(path: str) -> bool:
+    """The paths the API key guards: every /v1 path but the spec and its docs page."""
+    return (path == "/v1" or path.startswith("/v1/")) and path not in PUBLIC
 
 
-def _param(loc: tuple[Any, ...]) -> str | None:
-    """("body", "messages", 0, "role") -> "messages[0].role"."""
-    out = ""
-    for part in loc:
-        if part in ("body",) and not out:
-            continue
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif isinstance(part, str) and part not in ("str", "int", "float", "bool") and "[" not in part \
-                and not part.startswith("function-"):  # skip pydantic's union-member tags
-            out += f".{part}" if out else part
-    return out or None
+def key_matches(headers: Headers, api_key: str) -> bool:
+    header = headers.get("authorization", "")
+    given = header[7:].strip() if header.lower().startswith("bearer ") else headers.get("x-api-key", "")
+    return bool(given) and secrets.compare_digest(given.encode(), api_key.encode())
 
 
-def _field_of(message: str) -> str | None:
-    """The field an RlhfchatError names ("messages[2].role: ..." -> "messages[2].role")."""
-    m = re.match(r"([A-Za-z_][\w\[\].]*): ", message)
-    return m.group(1) if m else None
+class _BodyTooLarge(Exception):
+    pass
 
 
-def create_app(engines: dict[str, Any], *, api_key: str | None = None, title: str = "rlhfchat") -> FastAPI:
+class Guard:
+    """The ASGI layer in front of every route (see the module docstring, step 1)."""
+
+    def __init__(self, app: Any, *, api_key: str | None, max_body: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    def too_large(self) -> Response:
+        return ApiError(413, f"the request body is over this server's limit of {self.max_body} bytes "
+                             "(rlhfchat serve --max-body-bytes)", None, code="request_too_large",
+                        headers={"Connection": "close"}).response()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        if self.api_key is not None and is_protected(scope["path"]) and not key_matches(headers, self.api_key):
+            error = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", None,
+                             "authentication_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+            return await error.response()(scope, receive, send)
+        path, method = scope["path"], scope["method"]
+        if path in ROUTES and method not in (*ROUTES[path], *(["HEAD"] if "GET" in ROUTES[path] else [])):
+            allowed = ", ".join(ROUTES[path])
+            return await ApiError(405, f"{method} is not allowed here; use {allowed}", None, code="method_not_allowed",
+                                  headers={"Allow": allowed}).response()(scope, receive, send)
+        if is_protected(path) and path not in ROUTES:
+            return await ApiError(404, f"{path}: no such API route", None, code="not_found").response()(
+                scope, receive, send)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return await self.too_large()(scope, receive, send)
+        seen, started = 0, False
+
+        async def counting_receive() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:  # a chunked body, or one longer than its Content-Length said
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self.too_large()(scope, receive, send)
+        except Exception:
+            if started:
+                raise
+            log.exception("%s %s failed", scope.get("method"), scope["path"])
+            # answered here rather than by Starlette's error handler, which re-raises, and then uvicorn drops the
+            # keep-alive connection and the client's next request with it
+            await ApiError(500, "internal error (the server's log has the traceback)", type="server_error",
+                           code="internal_error").response()(scope, receive, send)
+
+
+def create_app(engines: dict[str, Any], *, api_key: str | None = None, title: str = "rlhfchat",
+               max_body_bytes: int | None = None) -> FastAPI:
     """The FastAPI app with the OpenAI routes for `engines` (name -> ChatEngine/VLLMEngine)."""
-    app = FastAPI(title=title, docs_url="/v1/docs", openapi_url="/v1/openapi.json", redoc_url=None)
+    app = FastAPI(title=title, docs_url="/v1/docs", openapi_url="/v1/openapi.json", redoc_url=None,
+                  description="OpenAI-compatible chat API of rlhfchat. Every error is `{\"error\": {\"message\", "
+                              "\"type\", \"param\", \"code\"}}`; `param` names the field at fault.")
     app.state.engines = engines
+    app.state.max_body_bytes = max_body_bytes or default_max_body(engines)
+    app.add_middleware(Guard, api_key=api_key, max_body=app.state.max_body_bytes)
+    pool = ThreadPoolExecutor(max_workers=API_WORKERS, thread_name_prefix="api")
+
+    async def offload(fn: Any, *args: Any, **kw: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kw))
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+    async def _api_error(_: Request, e: ApiError) -> Response:
         return e.response()
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        if err.get("type") == "json_invalid":
-            return ApiError(400, f"the body is not valid JSON ({err.get('msg')})").response()
-        param = _param(tuple(err.get("loc", ())))
-        msg = err.get("msg", "invalid value")
-        if err.get("type") == "extra_forbidden":
-            msg = "unknown or unsupported field"
-        if param is None:
-            msg = f"the body must be a JSON object (Content-Type: application/json): {msg}"
-        return ApiError(400, f"{param}: {msg}" if param else msg, param).response()
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> Response:
+        return ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None,
+                        headers=e.headers).response()
 
-    @app.exception_handler(Exception)
-    async def _crash(_: Request, e: Exception) -> JSONResponse:
-        return ApiError(500, f"internal error ({type(e).__name__})", type="server_error").response()
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            protected = {path for path in ROUTES if is_protected(path)}
+            app.openapi_schema = openapi_document(app, protected, api_key is not None)
+        return app.openapi_schema
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        given = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        if not given or not secrets.compare_digest(given.encode(), api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", None,
-                           "authentication_error", "invalid_api_key")
+    app.openapi = openapi  # type: ignore[method-assign]
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     async def health() -> dict[str, Any]:
         return {"status": "ok", "models": {name: e.load() for name, e in engines.items()}}
 
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    @app.get("/v1/models", response_model=ModelList)
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "rlhfchat",
              "context_window": e.context_window, "backend": e.backend} for name, e in engines.items()]}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat_completions(body: ChatRequest) -> Any:
+    @app.post("/v1/chat/completions", responses=CHAT_RESPONSES)  # the request body: api_schema.openapi_document
+    async def chat_completions(request: Request) -> Any:
+        body = await offload(parse_chat_request, await request.body())
         engine = engines.get(body.model)
         if engine is None:
             raise ApiError(404, f"model: {body.model!r} is not served here; models: {', '.join(engines)}", "model",
@@ -154,31 +199,32 @@ def create_app(engines: dict[str, Any], *, api_key: str | None = None, title: st
         for m in body.messages:
             text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-        stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-        if len(stop) > 4 or any(not s for s in stop):
-            raise ApiError(400, "stop: at most 4 non-empty strings", "stop")
         try:
             params = SamplingParams(
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
                 max_new_tokens=body.max_completion_tokens or body.max_tokens,
-                repetition_penalty=body.repetition_penalty or 1.0, seed=body.seed, stop=stop)
-            req = engine.submit(messages, params, truncate=False)
+                repetition_penalty=body.repetition_penalty or 1.0, seed=body.seed,
+                stop=[body.stop] if isinstance(body.stop, str) else (body.stop or []))
+            req = await offload(engine.submit, messages, params, truncate=False)
         except EngineBusy as e:
             raise ApiError(429, str(e), None, "rate_limit_error", "busy", {"Retry-After": "1"}) from None
         except PromptTooLong as e:
             raise ApiError(400, str(e), "messages", code="context_length_exceeded") from None
+        except EngineClosed as e:
+            raise ApiError(503, str(e), None, "server_error", "unavailable") from None
         except RlhfchatError as e:
-            raise ApiError(400, str(e), _field_of(str(e))) from None
+            raise ApiError(400, str(e), field_of(str(e))) from None
 
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
             try:
-                async for _ in req:
-                    pass
-            except RlhfchatError as e:
-                raise ApiError(500, str(e), type="server_error") from None
-            c = req.completion
+                c = await _reply_unless_gone(req, request)
+            except RlhfchatError as e:  # GenerationFailed, or the engine closed under it
+                code = "generation_failed" if isinstance(e, GenerationFailed) else "unavailable"
+                raise ApiError(503, str(e), None, "server_error", code) from None
+            if c is None:
+                return Response(status_code=204)  # nobody is there to read it
             return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
                     "system_fingerprint": None,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
@@ -197,26 +243,55 @@ def create_app(engines: dict[str, Any], *, api_key: str | None = None, title: st
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
         async def events() -> Any:
-            yield chunk({"role": "assistant", "content": ""})
             try:
-                async for piece in req:
-                    yield chunk({"content": piece})
-            except RlhfchatError as e:  # the status line is sent already: the error goes in the stream
-                err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
-                yield f"data: {json.dumps(err)}\n\n"
-                return
-            c = req.completion
-            yield chunk({}, _finish(c.finish_reason))
-            if include_usage:
-                usage = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                         "choices": [], "usage": _usage(c)}
-                yield f"data: {json.dumps(usage)}\n\n"
-            yield "data: [DONE]\n\n"
+                yield chunk({"role": "assistant", "content": ""})
+                try:
+                    async for piece in req:
+                        yield chunk({"content": piece})
+                except RlhfchatError as e:  # the status line is sent already: the error goes in the stream
+                    code = "generation_failed" if isinstance(e, GenerationFailed) else "unavailable"
+                    err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": code}}
+                    yield f"data: {json.dumps(err)}\n\n"
+                    return
+                c = req.completion
+                yield chunk({}, _finish(c.finish_reason))
+                if include_usage:
+                    usage = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                             "choices": [], "usage": _usage(c)}
+                    yield f"data: {json.dumps(usage)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                req.cancel()  # the client went away (a no-op once the reply is complete)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+async def _reply_unless_gone(req: Reply, request: Request) -> Any:
+    """Wait for a whole (non-streamed) reply; None when the client disconnects first, and then the request is
+    cancelled, as a stream's is. Once the body is read, the next ASGI message is http.disconnect."""
+
+    async def drain() -> Any:
+        async for _ in req:
+            pass
+        return req.completion
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.ensure_future(drain()), asyncio.ensure_future(gone())
+    done: set[Any] = set()
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if work not in done:
+            req.cancel()
+            work.cancel()
+    return work.result() if work in done else None
 
 
 def _finish(reason: str) -> str:

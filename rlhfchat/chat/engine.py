@@ -16,6 +16,10 @@ once. Rows are left-padded, with an attention mask and per-row position ids, so 
 alone or in a batch. At most `max_batch` requests decode together; up to `max_queue` more wait, and past that
 `submit` raises `EngineBusy` (the API answers 429).
 
+Isolation: every per-request setting is checked, and the request's random generator seeded, in `submit`, before the
+request can join a batch; a failure that belongs to one request (its prefill, NaN scores in its row) fails that
+request alone, and only a failed decoding step of the whole batch fails every running request.
+
 Stop handling: a reply ends at EOS or at a stop sequence of the chat template ("### Human:"); while streaming, text
 that could be the start of a stop sequence (and trailing whitespace) is held back, so no part of it ever leaks.
 
@@ -38,8 +42,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rlhfchat.chat.request import (  # noqa: F401  (re-exported: callers import everything from engine)
-    DEFAULT_MAX_NEW_TOKENS, Completion, EngineCalls, EngineBusy, PromptTooLong, Request, SamplingParams, check_messages,
-    stop_sequences, stream_safe,
+    DEFAULT_MAX_NEW_TOKENS, Completion, EngineBusy, EngineCalls, EngineClosed, GenerationFailed, PromptTooLong, Request,
+    SamplingParams, check_messages, stop_sequences, stream_safe,
 )
 from rlhfchat.data.chat_format import cut_at_stop
 from rlhfchat.errors import RlhfchatError
@@ -84,6 +88,7 @@ class ChatEngine(EngineCalls):
         self.model, tok_dir = _load_model(self.model_dir, torch_dtype)
         self.model.to(self.device).eval()
         self.tokenizer = load_tokenizer(tok_dir)
+        self.chars_per_token = chars_per_token_bound(self.tokenizer)
         cfg = self.model.config
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         window = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
@@ -123,12 +128,16 @@ class ChatEngine(EngineCalls):
         messages = check_messages(messages)
         system, turns = (messages[:1], messages[1:]) if messages[0]["role"] == "system" else ([], messages)
         want = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-        ids = self.encode(system + turns)
-        while truncate and len(ids) + want > self.context_window and len(turns) > 1:
+        ids = self.encode(system + turns, limit=self.context_window)
+        while truncate and (ids is None or len(ids) + want > self.context_window) and len(turns) > 1:
             turns = turns[1:]
             while turns[0]["role"] != "user":  # a kept conversation starts with the user
                 turns = turns[1:]
-            ids = self.encode(system + turns)
+            ids = self.encode(system + turns, limit=self.context_window)
+        if ids is None:
+            raise PromptTooLong(f"messages: the prompt is more than {self.context_window} tokens (it is "
+                                f"{len(self.render(system + turns))} characters); {self.name} takes at most "
+                                f"{self.context_window} tokens in all")
         room = self.context_window - len(ids)
         if room < 1 or (not truncate and max_new_tokens is not None and max_new_tokens > room):
             asked = f" plus max_tokens {max_new_tokens}" if max_new_tokens and not truncate else ""
@@ -136,21 +145,38 @@ class ChatEngine(EngineCalls):
                                 f"{self.context_window} tokens in all")
         return system + turns, ids, min(want, room)
 
-    def encode(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of the messages rendered through the chat template, ending with the assistant's cue."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The messages through the chat template, ending with the assistant's cue."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, messages: list[dict[str, str]], limit: int | None = None) -> list[int] | None:
+        """Token ids of the rendered messages; None, without tokenizing, when `limit` is given and the text is
+        certainly longer than `limit` tokens (`chars_per_token`): a megabyte prompt then costs a character count,
+        not seconds of tokenizer time and a hundred megabytes."""
+        text = self.render(messages)
+        if limit is not None and self.chars_per_token and len(text) > limit * self.chars_per_token:
+            return None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def submit(self, messages: list[dict[str, str]], params: SamplingParams | None = None, *, truncate: bool = True,
                block: bool = False) -> Request:
-        """Queue one reply. Raises PromptTooLong, RlhfchatError (bad messages), EngineBusy (queue full; with
-        block=True it waits for room instead)."""
-        params = params or SamplingParams()
+        """Queue one reply. Raises PromptTooLong, RlhfchatError (bad messages or settings), EngineBusy (queue full;
+        with block=True it waits for room instead), EngineClosed. CPU work (the tokenizer): call it off an event
+        loop."""
+        import torch
+
+        params = (params or SamplingParams()).check()
         used, ids, budget = self.fit(messages, params.max_new_tokens, truncate)
         req = Request(used, params, ids, self.name, budget)
+        gen = torch.Generator(device=self.device)
+        try:  # here, not in the batched step: a seed torch refuses fails this request alone
+            gen.manual_seed(params.seed if params.seed is not None else random.randrange(2**63))
+        except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+            raise RlhfchatError(f"seed: {params.seed!r} is not a seed torch takes ({e})") from None
+        req.backend_state = gen
         with self._cond:
             if self._closed:
-                raise RlhfchatError(f"{self.name}: the engine is closed")
+                raise EngineClosed(f"{self.name}: the engine is closed")
             if len(self._pending) >= self.max_queue:
                 if not block:
                     raise EngineBusy(f"{self.name}: busy ({self.max_queue} requests waiting); try again shortly")
@@ -185,25 +211,44 @@ class ChatEngine(EngineCalls):
                     new.append(self._pending.popleft())
                 self._running = len(self._rows) + len(new)
                 self._cond.notify_all()  # room in the queue for blocked submitters
-            try:
-                with torch.inference_mode():
-                    for req in [r for r in new if r.cancelled]:
-                        req._finish("", "cancelled", 0)
-                    new = [r for r in new if not r.cancelled]
-                    if new:
-                        self._prefill(new)
-                    if self._rows:
+            with torch.inference_mode():
+                for req in [r for r in new if r.cancelled]:
+                    req._finish("", "cancelled", 0)
+                new = [r for r in new if not r.cancelled]
+                if new:
+                    self._admit(new)
+                if self._rows:
+                    try:
                         self._decode()
-            except Exception as e:  # a failed step fails its requests, not the engine
-                log.exception("generation step failed")
-                err = RlhfchatError(f"{self.name}: generation failed ({type(e).__name__}: {e})")
-                for req in [*(r.req for r in self._rows), *new]:
-                    if not req.done:
-                        req._push(error=err)
-                self._rows, self._cache = [], None
-        err = RlhfchatError(f"{self.name}: the engine is closed")
+                    except Exception as e:  # no telling which row is at fault: the running rows fail, not the engine
+                        self._fail([r.req for r in self._rows], e)
+                        self._rows, self._cache = [], None
+            with self._cond:
+                self._running = len(self._rows)
+        err = EngineClosed(f"{self.name}: the engine is closed")
         for req in [*(r.req for r in self._rows), *self._pending]:
             req._push(error=err)
+
+    def _fail(self, reqs: list[Request], e: BaseException) -> None:
+        log.error("generation failed for %d request(s)", len(reqs), exc_info=e)
+        err = e if isinstance(e, GenerationFailed) else GenerationFailed(
+            f"{self.name}: generation failed ({type(e).__name__}: {e})")
+        for req in reqs:
+            if not req.done:
+                req._push(error=err)
+
+    def _admit(self, reqs: list[Request]) -> None:
+        """Prefill new requests and join them to the running batch. The batch is untouched until the join, so a
+        failure here fails these requests only; when several fail before any of them streamed a token, each is
+        tried alone, so that only the one at fault fails."""
+        try:
+            self._prefill(reqs)
+        except Exception as e:
+            if len(reqs) > 1 and all(r.first_token_at is None for r in reqs):
+                for r in reqs:
+                    self._admit([r])
+            else:
+                self._fail(reqs, e)
 
     def _forward(self, input_ids: Any, mask: Any, pos: Any, cache: Any) -> tuple[Any, Any]:
         kw: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, self._cache_kw: cache, "use_cache": True}
@@ -230,14 +275,12 @@ class ChatEngine(EngineCalls):
         logits, cache = self._forward(ids, mask, pos, DynamicCache())
         rows = []
         for r in reqs:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(r.params.seed if r.params.seed is not None else random.randrange(2**63))
             seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
             seen[torch.tensor([t for t in r.prompt_ids if t < self.vocab_size], dtype=torch.long,
                               device=self.device)] = True
-            rows.append(_Row(r, gen, seen, stop_sequences(r.params)))
+            rows.append(_Row(r, r.backend_state, seen, stop_sequences(r.params)))  # the generator seeded in submit
         tokens = self._sample(logits, rows)
-        keep = [i for i, (row, t) in enumerate(zip(rows, tokens)) if not self._accept(row, t)]
+        keep = [i for i, (row, t) in enumerate(zip(rows, tokens)) if not self._settle(row, t)]
         if not keep:
             return
         idx = torch.tensor(keep, device=self.device)
@@ -253,8 +296,7 @@ class ChatEngine(EngineCalls):
         import torch.nn.functional as F
 
         if not self._rows:
-            self._cache = _decode_cache(kv)
-            self._mask, self._pos, self._next, self._rows = mask, pos, nxt, rows
+            self._cache, self._mask, self._pos, self._next, self._rows = _decode_cache(kv), mask, pos, nxt, rows
             return
         old = list(_layers(self._cache))
         t_old, t_new = self._mask.shape[1], mask.shape[1]
@@ -265,11 +307,10 @@ class ChatEngine(EngineCalls):
 
         merged = [(torch.cat([pad(k0, t_old), pad(k1, t_new)]), torch.cat([pad(v0, t_old), pad(v1, t_new)]))
                   for (k0, v0), (k1, v1) in zip(old, kv)]
-        self._cache = _decode_cache(merged)
-        self._mask = torch.cat([F.pad(self._mask, (t - t_old, 0)), F.pad(mask, (t - t_new, 0))])
-        self._pos = torch.cat([self._pos, pos])
-        self._next = torch.cat([self._next, nxt])
-        self._rows = self._rows + rows
+        # all or nothing: if anything above fails (out of memory), the running batch is as it was
+        self._cache, self._mask, self._pos, self._next, self._rows = (
+            _decode_cache(merged), torch.cat([F.pad(self._mask, (t - t_old, 0)), F.pad(mask, (t - t_new, 0))]),
+            torch.cat([self._pos, pos]), torch.cat([self._next, nxt]), self._rows + rows)
 
     def _decode(self) -> None:
         """One token for every running row; finished and cancelled rows leave the batch."""
@@ -280,7 +321,7 @@ class ChatEngine(EngineCalls):
         logits, self._cache = self._forward(self._next.view(b, 1), self._mask, self._pos.view(b, 1), self._cache)
         self._pos = self._pos + 1
         tokens = self._sample(logits, self._rows)
-        keep = [i for i, (row, t) in enumerate(zip(self._rows, tokens)) if not self._accept(row, t)]
+        keep = [i for i, (row, t) in enumerate(zip(self._rows, tokens)) if not self._settle(row, t)]
         if len(keep) == b:
             self._next = torch.tensor(tokens, device=self.device)
             return
@@ -298,16 +339,26 @@ class ChatEngine(EngineCalls):
         self._next = torch.tensor([tokens[i] for i in keep], device=self.device)
         self._rows = [self._rows[i] for i in keep]
 
-    def _sample(self, logits: Any, rows: list[_Row]) -> list[int]:
-        """One token per row from (B, V) float logits, each row with its own settings and random generator.
+    def _sample(self, logits: Any, rows: list[_Row]) -> list[int | None]:
+        """One token per row from (B, V) float logits, each row with its own settings and random generator; None
+        for a row whose scores are NaN or +inf (or all -inf): that row fails alone (`_settle`).
 
         The HF order: repetition penalty, temperature, top-k, then top-p on what top-k left. Vectorised over
         rows; each row draws one uniform number from its own generator and inverts its CDF, so a seeded request
-        samples the same way alone or in a batch."""
+        samples the same way alone or in a batch. Scores are shifted so that each row's best is 0 before the
+        temperature divides them: a tiny temperature then tends to greedy instead of overflowing to NaN."""
         import torch
 
         from rlhfchat.models import inverse_cdf_sample
 
+        bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)  # (B,)
+        if bool(bad.any()):
+            good = [i for i, b in enumerate(bad.tolist()) if not b]
+            out: list[int | None] = [None] * len(rows)
+            if good:
+                for i, t in zip(good, self._sample(logits[good], [rows[i] for i in good])):
+                    out[i] = t
+            return out
         params = [r.req.params for r in rows]
         b, v = logits.shape
         dev = logits.device
@@ -319,8 +370,8 @@ class ChatEngine(EngineCalls):
         greedy = x.argmax(dim=-1)  # (B,)
         if all(p.temperature == 0 for p in params):
             return greedy.tolist()
-        temp = torch.tensor([p.temperature or 1.0 for p in params], device=dev).unsqueeze(1)
-        x = x / temp
+        temp = torch.tensor([p.temperature or 1.0 for p in params], device=dev).clamp(min=1e-30).unsqueeze(1)
+        x = (x - x.max(dim=-1, keepdim=True).values) / temp  # (B, V), each row's best token at 0
         use_k = any(0 < p.top_k < v for p in params)
         use_p = any(p.top_p < 1.0 for p in params)
         order = None
@@ -338,6 +389,18 @@ class ChatEngine(EngineCalls):
         sampled = (order.gather(1, idx) if order is not None else idx).squeeze(1)
         is_greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
         return torch.where(is_greedy, greedy, sampled).tolist()
+
+    def _settle(self, row: _Row, token: int | None) -> bool:
+        """`_accept` for one row of a batched step, failing that row alone when it cannot go on; True when the row
+        leaves the batch."""
+        try:
+            if token is None:
+                raise GenerationFailed(f"{self.name}: generation failed (the model's next-token scores for this "
+                                       "request are NaN or infinite)")
+            return self._accept(row, token)
+        except Exception as e:  # noqa: BLE001 - this row's failure, not the batch's
+            self._fail([row.req], e)
+            return True
 
     def _accept(self, row: _Row, token: int) -> bool:
         """Add a sampled token to a row, stream what is safe to show; True when the row is finished."""
@@ -377,6 +440,53 @@ class ChatEngine(EngineCalls):
             row.req._push(text[len(row.shown):])
         row.req._finish(text, reason, row.sampled)
         return True
+
+
+def chars_per_token_bound(tokenizer: Any) -> int | None:
+    """At most how many characters of text one token covers, where the tokenizer makes it certain; else None.
+
+    Byte-level BPE (GPT-2, Llama 3, Qwen) and byte-fallback BPE (Llama 2, Mistral) with every byte in the vocabulary
+    never drop a character: each is at least one byte, and a token covers at most the bytes of the longest
+    vocabulary entry. Normalizers that only add or keep characters are fine; a Unicode normal form may merge up to
+    three characters into one (Hangul jamo), hence a factor 4 then. Anything else (a normalizer or pre-tokenizer
+    that can delete characters, an unknown token) gives None, and every prompt is tokenized."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    cfg = json.loads(backend.to_str())
+    model = cfg.get("model") or {}
+    vocab = tokenizer.get_vocab()
+    pre = _parts(cfg.get("pre_tokenizer"))
+    if any(p.get("type") not in ("ByteLevel", "Metaspace", "Digits", "Punctuation", "Split")
+           or p.get("behavior") == "Removed" for p in pre) or model.get("type") != "BPE":
+        return None
+    if any(p.get("type") == "ByteLevel" for p in pre):
+        complete = all(c in vocab for c in ByteLevel.alphabet())
+    else:
+        complete = bool(model.get("byte_fallback")) and all(f"<0x{b:02X}>" in vocab for b in range(256))
+    factor = 1
+    for n in _parts(cfg.get("normalizer")):
+        kind = n.get("type")
+        if kind in ("NFC", "NFKC", "NFD", "NFKD"):
+            factor = 4
+        elif kind == "Replace" and isinstance(n.get("pattern"), dict) and "String" in n["pattern"]:
+            complete = complete and len(n.get("content", "")) >= len(n["pattern"]["String"])
+        elif kind not in ("Prepend", "Lowercase"):
+            return None
+    longest = max((len(t) for t in vocab), default=0)
+    return factor * longest if complete and longest else None
+
+
+def _parts(component: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A tokenizer.json normalizer or pre-tokenizer as its list of steps (a Sequence flattened)."""
+    if not component:
+        return []
+    if component.get("type") == "Sequence":
+        steps = component.get("normalizers") or component.get("pretokenizers") or []
+        return [p for step in steps for p in _parts(step)]
+    return [component]
 
 
 def server_threads() -> int:

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from rlhfchat.chat.request import (
-    EngineBusy, EngineCalls, Request, SamplingParams, check_messages, stop_sequences, stream_safe,
+    EngineBusy, EngineCalls, EngineClosed, GenerationFailed, Request, SamplingParams, check_messages, stop_sequences,
+    stream_safe,
 )
-from rlhfchat.errors import RlhfchatError
 
 
 class VLLMEngine(EngineCalls):
@@ -46,6 +46,9 @@ class VLLMEngine(EngineCalls):
             self._lora = LoRARequest(self.name, 1, str(self.model_dir))
         has_tokenizer = any((self.model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
         self.tokenizer = load_tokenizer(self.model_dir if has_tokenizer else base)
+        from rlhfchat.chat.engine import chars_per_token_bound
+
+        self.chars_per_token = chars_per_token_bound(self.tokenizer)
         cfg = AutoConfig.from_pretrained(base)
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         self.context_window = int(getattr(cfg, "max_position_embeddings", 2048))
@@ -66,9 +69,15 @@ class VLLMEngine(EngineCalls):
         return cls.from_engine_args(args)
 
     # the same prompt handling as the HF backend
-    def encode(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def render(self, messages: list[dict[str, str]]) -> str:
+        from rlhfchat.chat.engine import ChatEngine
+
+        return ChatEngine.render(self, messages)  # type: ignore[arg-type]
+
+    def encode(self, messages: list[dict[str, str]], limit: int | None = None) -> list[int] | None:
+        from rlhfchat.chat.engine import ChatEngine
+
+        return ChatEngine.encode(self, messages, limit)  # type: ignore[arg-type]
 
     def fit(self, messages: list[dict[str, str]], max_new_tokens: int | None = None,
             truncate: bool = True) -> tuple[list[dict[str, str]], list[int], int]:
@@ -79,12 +88,12 @@ class VLLMEngine(EngineCalls):
 
     def submit(self, messages: list[dict[str, str]], params: SamplingParams | None = None, *, truncate: bool = True,
                block: bool = False) -> Request:
-        params = params or SamplingParams()
+        params = (params or SamplingParams()).check()  # before vLLM sees it: a bad value fails this request alone
         used, ids, budget = self.fit(messages, params.max_new_tokens, truncate)
         req = Request(used, params, ids, self.name, budget)
         with self._lock:
             if self._closed:
-                raise RlhfchatError(f"{self.name}: the engine is closed")
+                raise EngineClosed(f"{self.name}: the engine is closed")
             limit = self.max_batch + self.max_queue
             if self._inflight >= limit:
                 if not block:
@@ -137,7 +146,7 @@ class VLLMEngine(EngineCalls):
                 req._push(final[len(shown):])
             req._finish(final, reason, n)
         except Exception as e:  # noqa: BLE001 - the request fails, the engine goes on
-            req._push(error=RlhfchatError(f"{self.name}: generation failed ({type(e).__name__}: {e})"))
+            req._push(error=GenerationFailed(f"{self.name}: generation failed ({type(e).__name__}: {e})"))
         finally:
             with self._lock:
                 self._inflight -= 1

@@ -32,6 +32,40 @@ class PromptTooLong(RlhfchatError):
     """The prompt (plus the requested reply length) does not fit the model's context window (HTTP 400)."""
 
 
+class EngineClosed(RlhfchatError):
+    """The engine is shutting down and takes no more requests (HTTP 503)."""
+
+
+class GenerationFailed(RlhfchatError):
+    """The backend failed while generating this reply (out of memory, a NaN in the model): not the caller's fault
+    (HTTP 503, or an error event in a stream that has started)."""
+
+
+SEED_RANGE = (-2**63, 2**64 - 1)
+"""The seeds torch.Generator.manual_seed takes (a negative seed wraps around modulo 2^64)."""
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+"""Past these, every seen token is banned or forced (and float32 logits overflow): surely a mistake."""
+MAX_TEMPERATURE = 100.0
+
+
+def _number(x: Any, lo: float, hi: float, *, lo_open: bool = False) -> bool:
+    """A real int or float (not a bool, not NaN) in [lo, hi] (or (lo, hi] with lo_open)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    return (lo < x if lo_open else lo <= x) and x <= hi
+
+
+def check_text(where: str, text: str) -> str:
+    """`text` if it is valid Unicode (it can be encoded as UTF-8: no lone surrogate such as "\\ud800", which JSON
+    escapes can carry and tokenizers reject)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RlhfchatError(f"{where}: not valid Unicode (a lone surrogate {text[e.start]!r} at character "
+                            f"{e.start})") from None
+    return text
+
+
 @dataclass
 class SamplingParams:
     """How one reply is sampled. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
@@ -50,22 +84,36 @@ class SamplingParams:
     """Benchmarks: ignore EOS and stop sequences, always generate max_new_tokens."""
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> "SamplingParams":
+        """Raise RlhfchatError naming the first setting a backend could not sample with; the engines call this
+        again when a request is submitted, so that a bad value fails its own request before it joins a batch, and
+        never the batch."""
+        seed_lo, seed_hi = SEED_RANGE
+        pen_lo, pen_hi = REPETITION_PENALTY_RANGE
         checks = (
-            ("temperature", isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100, ">= 0"),
-            ("top_p", isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "in (0, 1]"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
-            ("max_new_tokens", self.max_new_tokens is None
-             or (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1), "an integer >= 1"),
-            ("repetition_penalty", isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
-             "> 0"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
+            ("temperature", _number(self.temperature, 0, MAX_TEMPERATURE), f"a number in [0, {MAX_TEMPERATURE:g}]"),
+            ("top_p", _number(self.top_p, 0, 1, lo_open=True), "a number in (0, 1]"),
+            ("top_k", isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0,
+             "an integer >= 0"),
+            ("max_new_tokens", self.max_new_tokens is None or (isinstance(self.max_new_tokens, int)
+                                                               and not isinstance(self.max_new_tokens, bool)
+                                                               and self.max_new_tokens >= 1), "an integer >= 1"),
+            ("repetition_penalty", _number(self.repetition_penalty, pen_lo, pen_hi),
+             f"a number in [{pen_lo:g}, {pen_hi:g}]"),
+            ("seed", self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                           and seed_lo <= self.seed <= seed_hi),
+             "an integer from -2**63 to 2**64 - 1"),
             ("stop", isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop),
              "a list of non-empty strings"),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "true or false"),
         )
         for name, ok, expected in checks:
             if not ok:
                 raise RlhfchatError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
-        self.stop = list(self.stop)
+        self.stop = [check_text(f"stop[{i}]", s) for i, s in enumerate(self.stop)]
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,6 +147,7 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
             raise RlhfchatError(f"messages[{i}].role: expected system, user or assistant, got {m.get('role')!r}")
         if m["role"] == "system" and i != 0:
             raise RlhfchatError(f"messages[{i}].role: a system message may only come first")
+        check_text(f"messages[{i}].content", m["content"])
     if messages[-1]["role"] != "user":
         raise RlhfchatError(f"messages[{len(messages) - 1}].role: the last message must be the user's")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
@@ -137,6 +186,8 @@ class Request:
         self._completion: Completion | None = None
         self._error: BaseException | None = None
         self._wakers: list[Any] = []
+        self.backend_state: Any = None
+        """What the backend keeps for this request from submission on (the HF engine: its seeded generator)."""
 
     # --- called by the backend ---
     def _push(self, piece: str = "", completion: Completion | None = None, error: BaseException | None = None):

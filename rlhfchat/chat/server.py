@@ -37,9 +37,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together per model (default 8)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting per model before the API answers 429 busy (default 64)")
+    parser.add_argument("--max-body-bytes", type=_positive_int, default=None,
+                        help="largest request body the server reads; larger ones get 413 before they are read "
+                             "(default: 1 MiB plus 64 bytes per token of the largest context window served)")
     parser.add_argument("--backend", choices=["auto", "hf", "vllm"], default="auto",
                         help="generation backend (auto: vLLM when installed and a GPU is present, else HF)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of bytes >= 1, got {text!r}")
+    return value
 
 
 def is_loopback(host: str) -> bool:
@@ -62,14 +75,15 @@ def model_names(dirs: list[str | Path]) -> list[str]:
         depth += 1
 
 
-def build_app(engines: dict[str, Any], store: Any, api_key: str | None = None) -> Any:
+def build_app(engines: dict[str, Any], store: Any, api_key: str | None = None,
+              max_body_bytes: int | None = None) -> Any:
     """The FastAPI app with the API routes and the Gradio page mounted at /."""
     import gradio as gr
 
     from rlhfchat.chat.api import create_app
     from rlhfchat.chat.web import CSS, build_ui
 
-    app = create_app(engines, api_key=api_key)
+    app = create_app(engines, api_key=api_key, max_body_bytes=max_body_bytes)
     demo = build_ui(engines, store)
 
     def key_as_password(_user: str, password: str) -> bool:
@@ -101,7 +115,7 @@ def main(args: argparse.Namespace) -> None:
         for name, d in zip(model_names(args.model_dirs), args.model_dirs):
             engines[name] = load_engine(d, name=name, backend=args.backend, max_batch=args.max_batch,
                                         max_queue=args.max_queue, threads=server_threads())
-        app = build_app(engines, store, api_key)
+        app = build_app(engines, store, api_key, args.max_body_bytes)
         base = f"http://{args.host if ':' not in args.host else f'[{args.host}]'}:{args.port}"
         print(f"rlhfchat serve: {', '.join(f'{n} ({e.backend})' for n, e in engines.items())}\n"
               f"  web page  {base}/\n  API       {base}/v1  (OpenAI-compatible)\n"

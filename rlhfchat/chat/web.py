@@ -114,7 +114,7 @@ def _chat_tab(engines: dict[str, Any], store: Any, names: list[str], system_prom
         state = {**state, "messages": list(state["messages"]), "reply_ids": list(state["reply_ids"])}
         prompt = ([{"role": "system", "content": system}] if system.strip() else []) + state["messages"]
         try:
-            req = engines[model_name].submit(prompt, _params(*sampling))
+            req = await asyncio.to_thread(engines[model_name].submit, prompt, _params(*sampling))  # tokenizes
         except RlhfchatError as e:  # busy, or the message alone is longer than the model takes
             gr.Warning(str(e))
             yield display(state["messages"]), state
@@ -214,11 +214,16 @@ def _arena_tab(engines: dict[str, Any], store: Any, names: list[str], system_pro
             return
         state = {**state, "messages": [[*m, {"role": "user", "content": text}] for m in state["messages"]],
                  "reply_ids": [list(r) for r in state["reply_ids"]]}
-        params = _params(*sampling)
         sys_msgs = [{"role": "system", "content": system}] if system.strip() else []
+        reqs: list[Any] = []
         try:
-            reqs = [engines[state["models"][i]].submit(sys_msgs + state["messages"][i], params) for i in (0, 1)]
+            params = _params(*sampling)  # a seed out of range is a warning, as a busy model is
+            for i in (0, 1):  # off the event loop: submit tokenizes
+                reqs.append(await asyncio.to_thread(engines[state["models"][i]].submit,
+                                                    sys_msgs + state["messages"][i], params))
         except RlhfchatError as e:
+            for r in reqs:  # the other model's reply, if it had started
+                r.cancel()
             gr.Warning(str(e))
             yield (gr.update(), *(display(m[:-1]) for m in state["messages"]), state, *votes_off)
             return
