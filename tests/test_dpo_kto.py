@@ -205,3 +205,36 @@ def test_wrong_method_or_missing_input_is_a_one_line_error(tmp_path, capsys, arg
     assert cli(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+def test_iterate_makes_a_ppo_round_from_a_kto_round(sums, kto_run):
+    """`method: ppo` in the loop: the reward model retrained from round 1's on the votes, then PPO from round 1's
+    policy (here KTO's) against it."""
+    from rlhfchat import rounds
+    from rlhfchat.chat.feedback import FeedbackStore
+
+    store = FeedbackStore(kto_run.parent / "feedback.db")
+    ppo = ["ppo.num_rollouts=8", "ppo.chunk_size=8", "ppo.batch_size=8", "ppo.ppo_epochs=1", "ppo.total_steps=2",
+           "ppo.max_new_tokens=8", "ppo.eval_prompts=4", "ppo.save_steps=1"]
+    assert rounds.iterate(tiny_recipe(sums, "method=kto"), store.url) is None  # round 1 recorded, no feedback yet
+    for rec in list(read_jsonl(kto_run / "data" / "prompts.train.jsonl"))[:12]:
+        a, b = (int(x) for x in rec["prompt"][-1]["content"].removeprefix("What is ").rstrip("?").split(" + "))
+        conv = store.new_conversation("arena")
+        good = store.add_reply(conv, model="kto", prompt=rec["prompt"], content=f"{a} + {b} = {a + b}.", sampling={})
+        bad = store.add_reply(conv, model="sft", prompt=rec["prompt"], content="No. Ask someone else.", sampling={})
+        store.arena_vote(bad, good, "b")
+    r2 = rounds.iterate(tiny_recipe(sums, "method=ppo", *ppo), store.url)
+    store.close()
+    assert r2 == kto_run / "rounds" / "2"
+    info = rounds.read_round(kto_run, 2)
+    assert (info["method"], info["status"], info["feedback"]["preference_records"]) == ("ppo", "complete", 12)
+    assert (r2 / "ppo" / "value_head.safetensors").is_file()
+    # votes on a held-out prompt (of 100 sums, some repeat) or repeating a recipe pair are left out
+    card = json.loads((r2 / "data" / "card.json").read_text())
+    assert card["feedback_pairs"] == 12 and card["feedback_pairs_used"] >= 1
+    assert card["feedback_pairs_used"] + sum(card["feedback_left_out"].values()) == 12
+    assert str(kto_run / "reward") in manifest.read(r2 / "reward")["inputs"]  # retrained from round 1's
+    assert manifest.read(r2 / "sft")["source"] == "kto"
+    rows = {r["model"]: r for r in json.loads((r2 / "eval" / "results.json").read_text())["models"]}
+    assert list(rows) == ["round-1", "round-2"] and rows["round-2"]["kl_reference"] == "round-1"
+    assert rounds.latest(kto_run) == [r2 / "ppo", kto_run / "kto"]
