@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import random
@@ -261,8 +262,6 @@ def run_round(recipe: Recipe, k: int, db: str | Path) -> dict[str, Any]:
         init = run / prev["reward"] if prev.get("reward") else None
         reward_dir = reward.main(sub, init=init)
     # 5. the policy: PPO against the new reward model, or DPO / KTO on the round's data.
-    import importlib
-
     from rlhfchat.pipeline import DIRECT
 
     module = "rlhfchat.train.ppo" if method == "ppo" else DIRECT[method]

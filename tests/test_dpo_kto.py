@@ -151,6 +151,19 @@ def test_dpo_stage_learns_and_kto_takes_unpaired_thumbs(sums, kto_run):
     dpo.main(recipe)
     assert (out / "manifest.json").read_text() == stamp  # skipped
 
+    # With LoRA the reference is the SFT model under the disabled adapters (TRL's way, given no ref_model); the
+    # saved folder is a plain model with the adapters merged in, moved away from the SFT weights.
+    from safetensors.torch import load_file
+
+    dpo.main(tiny_recipe(sums, "method=dpo", "dpo.lora.enabled=true", "dpo.lora.r=4", "dpo.learning_rate=1e-2"))
+    assert json.loads((out / "metrics.json").read_text())["eval_margin"] > 0
+    assert not (out / "adapter_config.json").exists()
+    merged, base = load_file(out / "model.safetensors"), load_file(kto_run / "sft" / "model.safetensors")
+    assert merged.keys() == base.keys()
+    moved = {k for k in base if not (merged[k] == base[k]).all()}
+    assert moved and all(k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
+                         for k in moved)
+
     # KTO also learns from single thumbed replies: a data/unpaired.train.jsonl file is an input of the stage.
     thumbs = [unpaired(f"t{i}", "feedback", [{"role": "user", "content": f"What is {i} + 1?"}], f"{i + 1}.", True)
               for i in range(5)]
