@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfchat import manifest
-from rlhfchat.atomic import atomic_dir, atomic_file, write_json
+from rlhfchat.atomic import atomic_dir, atomic_file, sweep, write_json
 from rlhfchat.config import Recipe, config_hash
 from rlhfchat.data.schema import read_jsonl, record_key, write_jsonl
 from rlhfchat.errors import RlhfchatError
@@ -245,6 +245,9 @@ def run_round(recipe: Recipe, k: int, db: str | Path) -> dict[str, Any]:
     if prev is None or prev.get("status") != "complete":
         raise RlhfchatError(f"{rounds_dir(run) / str(k - 1)}: round {k - 1} is not finished")
     round_dir = rounds_dir(run) / str(k)
+    if manifest.is_main_process():  # what a killed attempt left: `.data.*.tmp`, `.sft.*.tmp`, `.round.json.*.tmp`
+        sweep(round_dir, names=("data", "sft", "round.json"))
+        sweep(round_dir / "feedback")
     method = info["method"]
     sub = dataclasses.replace(recipe, name=f"{recipe.name}-round-{k}", output_dir=str(round_dir), method=method)
     print(f"\n=== round {k} ({method}, from round {k - 1}) ===", flush=True)
@@ -292,6 +295,8 @@ def iterate(recipe: Recipe, db: str | Path) -> Path | None:
                             "(or give a database URL)")
     store = FeedbackStore(db, create=False)
     try:
+        if manifest.is_main_process():
+            sweep(rounds_dir(run), names=("latest",))
         if read_round(run, 1) is None:
             print("=== round 1: the pipeline ===", flush=True)
             pipeline.main(recipe)

@@ -209,7 +209,7 @@ def test_dpo_resumes_after_kill(kto_run, tmp_path):
     (["dpo", "{plain}", "method=sft"], "method: expected one of 'ppo', 'dpo', 'kto', got 'sft'"),
     (["kto", "{plain}", "kto.batch_size=1"], "kto.batch_size: the kto loss estimates its KL term within a batch"),
     (["dpo", "{plain}", "dpo.loss_type=dop"], "dpo.loss_type: expected one of 'sigmoid', 'hinge', 'ipo'"),
-    (["dpo", "{plain}"], "no finished SFT model; run `rlhfchat sft RECIPE.yaml` first"),
+    (["dpo", "{plain}"], "no SFT model; run `rlhfchat sft RECIPE.yaml` first"),
 ])
 def test_wrong_method_or_missing_input_is_a_one_line_error(tmp_path, capsys, args, message):
     (tmp_path / "bad.yaml").write_text("name: t\nmethod: rlhf\n")
@@ -251,3 +251,21 @@ def test_iterate_makes_a_ppo_round_from_a_kto_round(sums, kto_run):
     rows = {r["model"]: r for r in json.loads((r2 / "eval" / "results.json").read_text())["models"]}
     assert list(rows) == ["round-1", "round-2"] and rows["round-2"]["kl_reference"] == "round-1"
     assert rounds.latest(kto_run) == [r2 / "ppo", kto_run / "kto"]
+
+
+@pytest.mark.parametrize("command", ["dpo", "kto"])
+@pytest.mark.parametrize("unfinished", ["data", "sft"])
+def test_dpo_and_kto_refuse_an_unfinished_input_folder(tmp_path, capsys, command, unfinished):
+    run = tmp_path / "run"
+    for stage in ("data", "sft"):
+        (run / stage).mkdir(parents=True)
+        status = "running" if stage == unfinished else "complete"
+        (run / stage / "manifest.json").write_text(json.dumps({"stage": stage, "status": status}))
+    (run / "sft" / "config.json").write_text("{}")
+    for split in ("train", "eval"):
+        (run / "data" / f"preferences.{split}.jsonl").write_text("")
+    (tmp_path / "r.yaml").write_text(f"name: t\noutput_dir: {run}\n")
+    assert cli([command, str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run / unfinished}: incomplete") and err.count("\n") == 1, err
+    assert not (run / command).exists()

@@ -62,8 +62,10 @@ def run(recipe: Recipe, method: str, trainer_classes: Callable[[], tuple[type, t
     cfg = getattr(recipe, method)
 
     # 1. Inputs: the finished SFT model (start and reference) and the preference data; skip when already done.
-    if (manifest.read(sft_dir) or {}).get("status") != "complete":
-        raise RlhfchatError(f"{sft_dir}: no finished SFT model; run `rlhfchat sft RECIPE.yaml` first")
+    if not (sft_dir / "config.json").is_file():
+        raise RlhfchatError(f"{sft_dir}: no SFT model; run `rlhfchat sft RECIPE.yaml` first")
+    manifest.require_complete(sft_dir)
+    manifest.require_complete(run_dir / "data")
     for path in (train_file, eval_file):
         if not path.is_file():
             raise RlhfchatError(f"{path}: not found; run `rlhfchat data RECIPE.yaml` first")
@@ -89,6 +91,7 @@ def run(recipe: Recipe, method: str, trainer_classes: Callable[[], tuple[type, t
                           **make_args(recipe), dataset_num_proc=None)
         resume = hf_stage.latest_checkpoint(stage_dir)
         m["resumed_from"] = str(resume.relative_to(stage_dir)) if resume else None
+        logger = hf_stage.metrics_logger(stage_dir / "metrics.jsonl", resume)
         trainer = trainer_cls(
             model=model,
             ref_model=None,
@@ -97,13 +100,12 @@ def run(recipe: Recipe, method: str, trainer_classes: Callable[[], tuple[type, t
             eval_dataset=eval_ds if len(eval_ds) else None,
             processing_class=tokenizer,
             peft_config=hf_stage.peft_config(cfg.lora, "CAUSAL_LM"),
-            callbacks=[hf_stage.metrics_logger(stage_dir / "metrics.jsonl", resume)],
+            callbacks=[logger],
         )
 
         # 4. Train (from the newest checkpoint when there is one), then TRL's figures on the held-out data.
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step,
-                                   "train_examples": len(train_ds)}
+        metrics = hf_stage.train(trainer, logger, resume)  # the figures of all steps, also when resumed
+        metrics["train_examples"] = len(train_ds)
         if len(eval_ds):
             ev = trainer.evaluate()
             metrics.update({ours: ev[f"eval_{key}"] for key, ours in EVAL_FIGURES.items() if f"eval_{key}" in ev})
