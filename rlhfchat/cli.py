@@ -1,10 +1,11 @@
 """`rlhfchat SUBCOMMAND ...`: maps each subcommand to the function that does it, and nothing else.
 
     rlhfchat pipeline RECIPE.yaml [key=value ...]
-    rlhfchat data|sft|reward|ppo|eval|report RECIPE.yaml [key=value ...]
+    rlhfchat data|sft|reward|ppo|dpo|kto|eval|report RECIPE.yaml [key=value ...]
+    rlhfchat iterate RECIPE.yaml --feedback DB_URL [key=value ...]
     rlhfchat delta make|apply|verify ...
     rlhfchat chat MODEL_DIR | serve MODEL_DIR [MODEL_DIR ...] | discord MODEL_DIR
-    rlhfchat feedback export --db URL --out FILE
+    rlhfchat feedback export --db URL --out FILE | feedback stats --db URL
     rlhfchat bench data|ppo|generate|delta ...
 """
 
@@ -19,11 +20,15 @@ from rlhfchat import __version__
 from rlhfchat.errors import RlhfchatError
 
 STAGES = {
-    "pipeline": ("rlhfchat.pipeline", "run the whole recipe: data -> sft -> reward -> ppo -> eval -> report"),
+    "pipeline": ("rlhfchat.pipeline", "run the whole recipe: data -> sft -> reward -> ppo (or dpo, kto) -> eval -> "
+                                      "report"),
     "data": ("rlhfchat.data.mixture", "read the sources, write canonical JSONL records and card.json"),
     "sft": ("rlhfchat.train.sft", "supervised fine-tuning (TRL SFTTrainer, loss on assistant tokens)"),
     "reward": ("rlhfchat.train.reward", "reward model from the SFT checkpoint (TRL RewardTrainer)"),
     "ppo": ("rlhfchat.train.ppo", "PPO against the reward model, KL-penalised to the SFT model"),
+    "dpo": ("rlhfchat.train.dpo", "DPO on the preference pairs from the SFT model (TRL DPOTrainer; method: dpo)"),
+    "kto": ("rlhfchat.train.kto", "KTO on unpaired good and bad replies from the SFT model (TRL KTOTrainer; "
+                                  "method: kto)"),
     "eval": ("rlhfchat.eval.run", "benchmarks, win rates, exact answers of the run's models"),
     "report": ("rlhfchat.eval.report", "report.md with tables and plots from a run's metrics"),
 }
@@ -107,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("chat", "rlhfchat.chat.terminal", "chat with a model in the terminal"),
         ("serve", "rlhfchat.chat.server", "OpenAI-compatible API and web chat page (with an arena for 2+ models)"),
         ("discord", "rlhfchat.chat.discord_bot", "run the model as a Discord bot (token from DISCORD_TOKEN)"),
-        ("feedback", "rlhfchat.chat.feedback", "export collected votes as preference records"),
+        ("feedback", "rlhfchat.chat.feedback", "export collected votes as preference records, or print counts "
+                                               "and the arena leaderboard"),
+        ("iterate", "rlhfchat.rounds", "the next round of the model from the feedback collected since the last one "
+                                       "(retrain, evaluate against the last round, report)"),
     ):
         p = sub.add_parser(name, help=help_text, description=help_text)
         try:
@@ -140,7 +148,13 @@ def _missing_extra(name: str, error: ImportError) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides after an option (`iterate RECIPE.yaml --feedback DB key=value`) reach argparse late
+        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-")
+                                                                      for e in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except RlhfchatError as e:

@@ -159,6 +159,95 @@ class RewardConfig(TrainerConfig):
     center_rewards_coefficient: float | None = None
 
 
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+"""The loss types of TRL 1.16's DPOTrainer (trl/trainer/dpo_config.py)."""
+
+
+@dataclass
+class DPOConfig(TrainerConfig):
+    """Direct preference optimisation through TRL's DPOTrainer, from the SFT model, on the preference pairs.
+
+    The reference is the SFT model: a frozen copy, or with `lora` the same weights with the adapters switched off.
+    """
+
+    learning_rate: float = 1e-6
+    lr_scheduler: str = "linear"
+    loss_type: Literal[DPO_LOSSES] = "sigmoid"
+    """TRL's DPO loss: sigmoid (the DPO paper's), hinge (SLiC), ipo, robust (with label_smoothing), bco_pair,
+    sppo_hard, nca_pair, exo_pair, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, or sft (the plain
+    SFT loss on the chosen replies)."""
+    beta: float = 0.1
+    """How far the policy may move from the reference: the KL weight of the implicit reward (IPO's tau); higher
+    keeps it closer."""
+    label_smoothing: float = 0.0
+    """robust: the assumed share of flipped labels, in [0, 0.5); exo_pair: its epsilon."""
+    precompute_ref_log_probs: bool = False
+    """Score every pair under the reference once before training, so that no reference is kept in memory."""
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise RlhfchatError(f"dpo.beta: expected a number above 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise RlhfchatError(f"dpo.label_smoothing: expected a number in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclass
+class KTOConfig(TrainerConfig):
+    """Kahneman-Tversky optimisation through TRL's KTOTrainer, from the SFT model, on unpaired examples.
+
+    Each preference pair gives two examples (the chosen reply desirable, the rejected one undesirable); in
+    `rlhfchat iterate`, every thumbed reply gives one. The reference is the SFT model, as for DPO.
+    """
+
+    learning_rate: float = 1e-6
+    lr_scheduler: str = "linear"
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
+    """TRL's KTO loss: kto (the KTO paper's, with its batch estimate of the KL term; needs batch_size >= 2) or
+    apo_zero_unpaired (APO-zero's unpaired form)."""
+    beta: float = 0.1
+    """How far the policy may move from the reference; higher keeps it closer."""
+    desirable_weight: float = 1.0
+    """Weight of the desirable examples' loss; the KTO paper keeps desirable_weight x desirable examples over
+    undesirable_weight x undesirable ones between 1 and 4/3."""
+    undesirable_weight: float = 1.0
+    """Weight of the undesirable examples' loss."""
+    precompute_ref_log_probs: bool = False
+    """Score every example under the reference once before training, so that no reference is kept in memory."""
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise RlhfchatError(f"kto.beta: expected a number above 0, got {self.beta}")
+        if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise RlhfchatError("kto.desirable_weight, kto.undesirable_weight: expected numbers above 0")
+        if self.loss_type == "kto" and self.batch_size < 2:
+            raise RlhfchatError("kto.batch_size: the kto loss estimates its KL term within a batch; expected 2 or "
+                                f"more, got {self.batch_size}")
+
+
+@dataclass
+class IterateConfig:
+    """`rlhfchat iterate`: how a round's training data is made from the feedback collected since the last round."""
+
+    feedback_weight: float = 1.0
+    """Sampling weight of the new feedback's records, as a data source's `weight`: above 1 repeats them (drawn with
+    replacement), below 1 subsamples them."""
+    preferences_weight: float = 1.0
+    """Sampling weight of the recipe's own preference data (data/preferences.train.jsonl) in each round; 0 trains
+    on the feedback alone."""
+    min_records: int = 1
+    """A round needs at least this many new records (preference pairs, and for KTO thumbed replies); with fewer,
+    `rlhfchat iterate` says so and starts no round."""
+
+    def __post_init__(self) -> None:
+        if self.feedback_weight <= 0:
+            raise RlhfchatError(f"iterate.feedback_weight: expected > 0, got {self.feedback_weight}")
+        if self.preferences_weight < 0:
+            raise RlhfchatError(f"iterate.preferences_weight: expected >= 0, got {self.preferences_weight}")
+        if self.min_records < 1:
+            raise RlhfchatError(f"iterate.min_records: expected 1 or more, got {self.min_records}")
+
+
 @dataclass
 class PPOConfig:
     """Our PPO, faithful to trlX. Defaults are StableVicuna's published values."""
@@ -259,30 +348,43 @@ class EvalConfig:
     limit: int | None = None
     bootstrap: int = 1000
     models: list[str] = field(default_factory=list)
-    """Extra model folders to evaluate beside the run's base, SFT and PPO models."""
+    """Extra model folders to evaluate beside the run's base, SFT and PPO (or DPO, KTO) models."""
+    win_rates: bool = True
+    """Score every reply with the run's reward model (the reward column and the win rates). Under `method: dpo` or
+    `kto` the reward stage then runs for this alone; false leaves it and the reward scores out."""
+
+
+METHODS = ("ppo", "dpo", "kto")
 
 
 @dataclass
 class Recipe:
-    """A whole run: data -> sft -> reward -> ppo -> eval."""
+    """A whole run: data -> sft -> reward -> ppo -> eval (or data -> sft -> dpo|kto -> eval)."""
 
     name: str = "run"
     output_dir: str | None = None
     """Run folder; default runs/<name>."""
     seed: int = 0
+    method: Literal[METHODS] = "ppo"
+    """How the policy learns from preferences after SFT: ppo (a reward model, then PPO against it: StableVicuna's
+    recipe), dpo or kto (TRL's DPOTrainer / KTOTrainer on the preference data directly; the reward model is still
+    trained when `eval.win_rates` needs it)."""
     data: DataConfig = field(default_factory=DataConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise RlhfchatError(f"name: expected a non-empty name without '/', got {self.name!r}")
         if self.output_dir is None:
             self.output_dir = f"runs/{self.name}"
-        for stage in ("sft", "reward", "ppo"):
+        for stage in ("sft", "reward", "ppo", "dpo", "kto"):
             lora = getattr(self, stage).lora
             if lora.quantize and not lora.enabled:
                 raise RlhfchatError(f"{stage}.lora.quantize: a {lora.quantize} base trains only through LoRA "

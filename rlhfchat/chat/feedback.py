@@ -6,12 +6,18 @@
     store.thumb(reply, up=True)                               # up=False: thumbs down; up=None: taken back
     store.arena_vote(reply_a, reply_b, "a")                   # a, b, tie, both_bad
     store.export("prefs.jsonl")                               # canonical preference records, "source": "feedback"
+    store.preference_records(since=t0, until=t1)              # only the votes and thumbs given in (t0, t1]
+    store.unpaired_records()                                  # thumbed replies, one each (KTO's examples)
+    store.battles()                                           # arena votes as (model A, model B, winner)
 
-    rlhfchat feedback export --db URL --out prefs.jsonl
+    rlhfchat feedback export --db URL --out prefs.jsonl [--since 2026-05-01T00:00]
+    rlhfchat feedback stats --db URL                          # counts and the arena leaderboard
 
 Export pairs: an arena vote for A or B gives (chosen = the winner's reply, rejected = the other's) on the prompt
 both models saw; thumbs give every (up, down) pair of replies to the same prompt (the same messages, system prompt
 included), where a reply's score is the sum of each user's latest thumb. Ties and "both bad" give no pair.
+`since`/`until` (timezone-aware datetimes; naive ones are taken as UTC) keep the votes and thumbs given in that
+window, judged by the vote's or thumb's own time: `rlhfchat iterate` takes each round's feedback this way.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any, Optional
 from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, event, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from rlhfchat.data.schema import preference, write_jsonl
+from rlhfchat.data.schema import preference, unpaired, write_jsonl
 from rlhfchat.errors import RlhfchatError
 
 WINNERS = ("a", "b", "tie", "both_bad")
@@ -38,17 +44,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("export", help="write arena votes and thumbs as canonical preference records (JSONL)")
     p.add_argument("--db", required=True, help="database URL (postgresql://...) or a SQLite file path")
     p.add_argument("--out", required=True, help="output JSONL file")
+    p.add_argument("--since", type=parse_time, default=None, metavar="TIME",
+                   help="only votes and thumbs given after TIME (ISO 8601, e.g. 2026-05-01T12:00; UTC unless an "
+                        "offset is given)")
+    p = sub.add_parser("stats", help="counts of replies, thumbs and votes, and the arena leaderboard "
+                                     "(Bradley-Terry ratings on the Elo scale with bootstrap intervals)")
+    p.add_argument("--db", required=True, help="database URL (postgresql://...) or a SQLite file path")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 time; without an offset it is UTC."""
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO 8601 time such as 2026-05-01T12:00, got {text!r}")
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 def main(args: argparse.Namespace) -> None:
     store = FeedbackStore(args.db, create=False)
     try:
-        records = store.preference_records()
+        if args.action == "stats":
+            print(format_stats(store, bootstrap=args.bootstrap, seed=args.seed))
+            return
+        records = store.preference_records(since=args.since)
         n = write_jsonl(args.out, records)
         arena = sum(r["id"].startswith("feedback-arena-") for r in records)
         print(f"{n} preference records written to {args.out} ({arena} from arena votes, {n - arena} from thumbs)")
     finally:
         store.close()
+
+
+def arena_leaderboard(store: FeedbackStore, bootstrap: int = 1000, seed: int = 0) -> list[Any]:
+    """The arena's ratings (eval/leaderboard.py: Bradley-Terry on the Elo scale, bootstrap intervals), best first."""
+    from rlhfchat.eval.leaderboard import leaderboard
+
+    return leaderboard(store.battles(), bootstrap=bootstrap, seed=seed)
+
+
+def format_stats(store: FeedbackStore, bootstrap: int = 1000, seed: int = 0) -> str:
+    """What `rlhfchat feedback stats` prints: the counts, then the leaderboard as a text table."""
+    c = store.counts()
+    thumbs = store.thumb_counts()
+    outcomes = store.vote_counts()
+    lines = [f"feedback in {store.safe_url()}",
+             f"  {c['conversations']} conversations, {c['replies']} replies",
+             f"  thumbs: {thumbs['up']} up, {thumbs['down']} down (each user's latest thumb on a reply)",
+             f"  arena votes: {c['arena_votes']} ({', '.join(f'{k} {v}' for k, v in outcomes.items())})"]
+    rows = arena_leaderboard(store, bootstrap, seed)
+    if not rows:
+        lines.append("no arena votes between two different models yet: no leaderboard")
+        return "\n".join(lines)
+    lines += ["", f"arena leaderboard (Bradley-Terry on the Elo scale; 95% interval from {bootstrap} bootstrap "
+                  "resamples of the votes):"]
+    table = [["rank", "model", "rating", "95% interval", "battles", "wins", "ties", "losses"]]
+    for i, r in enumerate(rows, 1):
+        table.append([str(i), r.model, f"{r.rating:.0f}", f"[{r.lower:.0f}, {r.upper:.0f}]", str(r.battles),
+                      str(r.wins), str(r.ties), str(r.losses)])
+    widths = [max(len(row[k]) for row in table) for k in range(len(table[0]))]
+    for row in table:
+        lines.append("  " + "  ".join(cell.ljust(w) if k == 1 else cell.rjust(w)
+                                       for k, (cell, w) in enumerate(zip(row, widths))))
+    return "\n".join(lines)
 
 
 def db_url(db: str | Path) -> str:
@@ -70,6 +129,22 @@ def default_db(model_dirs: list[str | Path]) -> Path:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _utc(t: datetime | None) -> datetime | None:
+    """A time as the store compares it: timezone-aware UTC (a naive time is taken as UTC)."""
+    if t is None:
+        return None
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
+def _window(query: Any, column: Any, since: datetime | None, until: datetime | None) -> Any:
+    """`query` limited to rows whose `column` time is in (since, until]."""
+    if since is not None:
+        query = query.where(column > _utc(since))
+    if until is not None:
+        query = query.where(column <= _utc(until))
+    return query
 
 
 def _new_id() -> str:
@@ -220,28 +295,70 @@ class FeedbackStore:
             r = s.get(Reply, reply_id)
             return None if r is None else {c.name: getattr(r, c.name) for c in Reply.__table__.columns}
 
-    def preference_records(self) -> list[dict[str, Any]]:
-        """Canonical preference records from arena votes (A or B) and thumbs (up vs down on the same prompt)."""
+    def _latest_votes(self, s: Any, since: datetime | None, until: datetime | None) -> list[Any]:
+        """The arena votes in the window, the latest one per pair of replies (a re-vote replaces the first)."""
+        latest: dict[tuple[str, str], Any] = {}
+        for v in s.scalars(_window(select(ArenaVote), ArenaVote.created_at, since, until).order_by(ArenaVote.id)):
+            latest[(v.reply_a_id, v.reply_b_id)] = v
+        return sorted(latest.values(), key=lambda v: v.id)
+
+    def _scores(self, s: Any, since: datetime | None, until: datetime | None) -> dict[str, int]:
+        """Each thumbed reply's score in the window: the sum over users of their latest thumb (+1, -1, 0)."""
+        latest: dict[tuple[str, str | None], int] = {}
+        for t in s.scalars(_window(select(Thumb), Thumb.created_at, since, until).order_by(Thumb.id)):
+            latest[(t.reply_id, t.user)] = t.value
+        score: dict[str, int] = defaultdict(int)
+        for (reply_id, _), value in latest.items():
+            score[reply_id] += value
+        return score
+
+    def thumb_counts(self) -> dict[str, int]:
+        """{"up", "down"}: the users' latest thumbs, one per user and reply, that are up or down."""
+        with self.Session() as s:
+            latest: dict[tuple[str, str | None], int] = {}
+            for t in s.scalars(select(Thumb).order_by(Thumb.id)):
+                latest[(t.reply_id, t.user)] = t.value
+        return {"up": sum(v > 0 for v in latest.values()), "down": sum(v < 0 for v in latest.values())}
+
+    def vote_counts(self) -> dict[str, int]:
+        """Arena votes by outcome: {"a", "b", "tie", "both_bad"}."""
+        with self.Session() as s:
+            found = dict(s.execute(select(ArenaVote.winner, func.count()).group_by(ArenaVote.winner)).all())
+        return {w: int(found.get(w, 0)) for w in WINNERS}
+
+    def battles(self, since: datetime | None = None, until: datetime | None = None) -> list[tuple[str, str, str]]:
+        """Arena votes as (model A, model B, winner) for eval/leaderboard.py: the latest vote per pair of replies;
+        votes between two replies of one model (which rate nothing) are left out."""
+        with self.Session() as s:
+            return [(v.model_a, v.model_b, v.winner) for v in self._latest_votes(s, since, until)
+                    if v.model_a != v.model_b]
+
+    def unpaired_records(self, since: datetime | None = None, until: datetime | None = None) -> list[dict[str, Any]]:
+        """Each thumbed reply as one KTO example (train/kto.py's unpaired records): desirable when its score (the
+        users' latest thumbs summed) is above 0, undesirable below; the thumbs of the window only."""
+        with self.Session() as s:
+            score = self._scores(s, since, until)
+            rated = s.scalars(select(Reply).where(Reply.id.in_([r for r, v in score.items() if v]))
+                              .order_by(Reply.created_at, Reply.id))
+            return [unpaired(f"feedback-thumb-{r.id}", "feedback", r.prompt, r.content, score[r.id] > 0)
+                    for r in rated]
+
+    def preference_records(self, since: datetime | None = None, until: datetime | None = None
+                           ) -> list[dict[str, Any]]:
+        """Canonical preference records from arena votes (A or B) and thumbs (up vs down on the same prompt), of the
+        votes and thumbs given in (since, until] (everything by default)."""
         records = []
         with self.Session() as s:
-            latest_vote: dict[tuple[str, str], Any] = {}
-            for v in s.scalars(select(ArenaVote).order_by(ArenaVote.id)):
-                latest_vote[(v.reply_a_id, v.reply_b_id)] = v  # a re-vote on the same pair replaces the first
-            for (a_id, b_id), v in sorted(latest_vote.items(), key=lambda kv: kv[1].id):
+            for v in self._latest_votes(s, since, until):
                 if v.winner not in ("a", "b"):
                     continue
-                a, b = s.get(Reply, a_id), s.get(Reply, b_id)
+                a, b = s.get(Reply, v.reply_a_id), s.get(Reply, v.reply_b_id)
                 chosen, rejected = (a, b) if v.winner == "a" else (b, a)
                 if chosen.content != rejected.content:
                     records.append(preference(f"feedback-arena-{v.id}", "feedback", chosen.prompt, chosen.content,
                                               rejected.content))
 
-            latest_thumb: dict[tuple[str, str | None], int] = {}
-            for t in s.scalars(select(Thumb).order_by(Thumb.id)):
-                latest_thumb[(t.reply_id, t.user)] = t.value
-            score: dict[str, int] = defaultdict(int)
-            for (reply_id, _), value in latest_thumb.items():
-                score[reply_id] += value
+            score = self._scores(s, since, until)
             by_prompt: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
             rated = [r for r in s.scalars(select(Reply).where(Reply.id.in_(list(score)))
                                           .order_by(Reply.created_at, Reply.id)) if score[r.id]]

@@ -3,6 +3,8 @@
 - Conversation: {"id", "source", "messages": [{"role": "system|user|assistant", "content"}, ...]}
 - Preference:   {"id", "source", "prompt": [messages...], "chosen": str, "rejected": str, "margin"?: float}
 - Prompt:       {"id", "source", "prompt": [messages...], "reference"?: str}
+- Unpaired:     {"id", "source", "prompt": [messages...], "completion": str, "label": bool}   one reply judged good
+                (true) or bad: KTO's examples, written by `rlhfchat iterate` from thumbs (not a kind of the data stage)
 
 `reference` is the checkable answer of a prompt where its source has one (GSM8K's `#### N`, the sample data's math
 questions): verifiable rewards and exact-match evaluation compare a reply's final answer with it
@@ -45,6 +47,10 @@ def prompt_record(id: str, source: str, prompt: list[dict[str, str]], reference:
     if reference is not None:
         rec["reference"] = str(reference)
     return rec
+
+
+def unpaired(id: str, source: str, prompt: list[dict[str, str]], completion: str, label: bool) -> dict[str, Any]:
+    return {"id": id, "source": source, "prompt": prompt, "completion": completion, "label": bool(label)}
 
 
 def _check_messages(msgs: Any, where: str, field: str) -> None:

@@ -10,6 +10,11 @@ written afresh every time. Plots:
     sft_loss.png              SFT training loss (and held-out loss) over steps
     reward_accuracy.png       reward-model pairwise accuracy over steps (and held-out accuracy)
     ppo_score.png  ppo_kl.png  ppo_value_loss.png  ppo_response_length.png      PPO, per iteration
+    dpo_margin.png  kto_margin.png    DPO's / KTO's implicit reward margin over steps (and held-out)
+
+When the run has a feedback store with arena votes (`feedback.db` in the run folder, where `rlhfchat serve` keeps
+it, or the store `main` is given), the report ends its comparison with the arena leaderboard: Bradley-Terry
+ratings on the Elo scale with bootstrap intervals (eval/leaderboard.py).
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ TRAINING_PLOTS = [
      [("value loss", ["value_loss", "vf_loss", "loss/value"])]),
     ("ppo_response_length.png", "ppo", "PPO response length", "tokens per reply",
      [("length", ["response_length", "response_len", "mean_response_length"])]),
+    ("dpo_margin.png", "dpo", "DPO implicit reward margin", "beta x log-ratio, chosen minus rejected",
+     [("train", ["rewards/margins"]), ("held-out", ["eval_rewards/margins"])]),
+    ("kto_margin.png", "kto", "KTO implicit reward margin", "beta x log-ratio, desirable minus undesirable",
+     [("train", ["rewards/margins"]), ("held-out", ["eval_rewards/margins"])]),
 ]
 EXAMPLES = 4
 """Held-out prompts shown answered side by side (one of each skill first, when the sample skills are there)."""
@@ -167,12 +176,13 @@ def _comparison_table(results: dict[str, Any]) -> list[str]:
     rows = results["models"]
     tasks = [t for t in results["settings"].get("tasks") or [] if any(t in r.get("tasks", {}) for r in rows)]
     vs = results.get("win_rates", {})
-    head = ["model", "reward (mean ± sd)", "win rate vs SFT", "mean length (tokens)", "math exact match", "KL to SFT",
-            *tasks]
+    baseline = results.get("baseline", "sft")
+    head = ["model", "reward (mean ± sd)", f"win rate vs {'SFT' if baseline == 'sft' else baseline}",
+            "mean length (tokens)", "math exact match", "KL to reference", *tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        w = vs.get(f"{r['model']}_vs_sft") or vs.get(f"sft_vs_{r['model']}")
-        if w is not None and w["a"] != r["model"]:  # stored as sft over this model: flip it
+        w = vs.get(f"{r['model']}_vs_{baseline}") or vs.get(f"{baseline}_vs_{r['model']}")
+        if w is not None and w["a"] != r["model"]:  # stored as the baseline over this model: flip it
             w = {**w, "win_rate": 1 - w["win_rate"], "ci95": [1 - w["ci95"][1], 1 - w["ci95"][0]]}
         cells = [f"**{r['model']}**",
                  "–" if r["reward_mean"] is None else f"{r['reward_mean']:.3f} ± {r['reward_std']:.3f}",
@@ -233,7 +243,34 @@ def _examples(replies: list[dict[str, Any]], names: list[str]) -> list[str]:
     return lines
 
 
-def main(recipe: Recipe) -> Path:
+def _leaderboard(db: str | Path, bootstrap: int, seed: int) -> list[str]:
+    """The arena leaderboard section from a feedback store, or nothing when it has no votes between two models."""
+    try:
+        from rlhfchat.chat.feedback import FeedbackStore, arena_leaderboard
+    except ImportError:  # the chat extra (sqlalchemy) is not installed
+        return []
+    store = FeedbackStore(db, create=False)
+    try:
+        rows = arena_leaderboard(store, bootstrap, seed)
+        url = store.safe_url()
+    finally:
+        store.close()
+    if not rows:
+        return []
+    lines = ["## Arena leaderboard", "",
+             (f"From the arena votes in `{url}`: Bradley-Terry ratings on the Elo scale (400 points: 10 to 1 odds; "
+              f"mean 1000) with 95% intervals from {bootstrap} bootstrap resamples of the votes, as FastChat's "
+              "Chatbot Arena computes them. Ties and \"both bad\" count half a win each."), "",
+             "| rank | model | rating | 95% interval | battles | wins / ties / losses |", "|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows, 1):
+        lines.append(f"| {i} | **{_cell(r.model)}** | {r.rating:.0f} | [{r.lower:.0f}, {r.upper:.0f}] | {r.battles} "
+                     f"| {r.wins} / {r.ties} / {r.losses} |")
+    return lines + [""]
+
+
+def main(recipe: Recipe, feedback: str | Path | None = None) -> Path:
+    """Write `<run>/eval/report.md`; `feedback` is the store of the arena leaderboard (default: the run's
+    feedback.db when there is one)."""
     from rlhfchat.atomic import atomic_file
 
     run = recipe.run_dir
@@ -267,9 +304,10 @@ def main(recipe: Recipe) -> Path:
           f"## Comparison on {s['prompts']} held-out prompts", "",
           (f"Replies are greedy, at most {s['max_new_tokens']} new tokens, cut at the stop sequence. *reward*: the "
           "run's reward model's score of each reply; *win rate*: share of prompts where the model's reply scores "
-          "above the SFT model's (ties count half), with a paired bootstrap 95% interval; *math exact match*: the "
-          "last number of the reply equals the answer, on the math prompts; *KL to SFT*: KL(PPO ‖ SFT) per reply on "
-          "replies sampled from PPO. Task columns: lm-eval scores (see below)."), "",
+          f"above the {results.get('baseline', 'sft')} model's (ties count half), with a paired bootstrap 95% "
+          "interval; *math exact match*: the last number of the reply equals the answer, on the math prompts; *KL to "
+          "reference*: KL(model ‖ the model it was trained from) per reply on replies sampled from the model. Task "
+          "columns: lm-eval scores (see below)."), "",
           *_comparison_table(results), ""]
     if results.get("win_rates"):
         md += ["### Win rates", "", "| | win rate | 95% interval | wins / ties / losses | prompts |",
@@ -280,6 +318,10 @@ def main(recipe: Recipe) -> Path:
         md.append("")
     if "comparison.png" in plots:
         md += ["![reward scores and win rates](comparison.png)", ""]
+    if feedback is None and (run / "feedback.db").is_file():
+        feedback = run / "feedback.db"
+    if feedback is not None:
+        md += _leaderboard(feedback, recipe.eval.bootstrap, recipe.seed)
     if any(r.get("tasks") for r in results["models"]):
         md += ["## Benchmarks (lm-eval)", "",
                ("lm-eval's own scores; the local tasks (rlhfchat_*) run with the chat template, other tasks as "
@@ -290,7 +332,7 @@ def main(recipe: Recipe) -> Path:
     for file, stage, title, _, _ in TRAINING_PLOTS:
         if file in plots:
             md += [f"![{title}]({file})", ""]
-    final = {stage: _read_json(run / stage / "metrics.json") for stage in ("sft", "reward", "ppo")}
+    final = {stage: _read_json(run / stage / "metrics.json") for stage in ("sft", "reward", "ppo", "dpo", "kto")}
     facts = [f"{stage}: " + ", ".join(f"{k} {_num(v, '.4g')}" for k, v in m.items() if isinstance(v, (int, float))
                                      and not isinstance(v, bool))
              for stage, m in final.items() if m]

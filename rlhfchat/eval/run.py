@@ -2,17 +2,19 @@
 
     rlhfchat eval recipes/tiny-cpu.yaml [eval.prompts=64 eval.tasks=[rlhfchat_math,hellaswag] ...]
 
-Evaluates the run's base (when there is one), SFT and PPO models, plus any folders in `eval.models`, and writes
-`<run>/eval/`:
+Evaluates the run's base (when there is one), SFT and PPO (or DPO, KTO) models, plus any folders in `eval.models`,
+and writes `<run>/eval/`:
 
     results.json     one row per model (reward-model score, length, math exact match, KL to the reference for
-                     PPO, lm-eval task scores) and the pairwise win rates with bootstrap 95% intervals
+                     PPO, DPO and KTO, lm-eval task scores) and the pairwise win rates with bootstrap 95% intervals
     replies.jsonl    every held-out prompt with each model's reply and its reward (the report's examples)
     manifest.json    skipped when complete for the same eval section and inputs
 
 Steps: 1. inputs and skip  2. each model answers the held-out prompts (greedy) and runs the lm-eval tasks
-3. the reward model scores every reply  4. KL(PPO || SFT) on replies sampled from PPO  5. win rates, math exact
-match, results.json  6. the comparison table on stdout (also when the stage is skipped).
+3. the reward model scores every reply  4. KL(PPO || SFT) on replies sampled from PPO (the same for DPO, KTO)
+5. win rates, math exact match, results.json  6. the comparison table on stdout (also when the stage is skipped).
+
+`rlhfchat iterate` calls `main` with its own models and references: a round's policy against the round before.
 """
 
 from __future__ import annotations
@@ -44,8 +46,13 @@ def _is_model_folder(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
+POLICY_STAGES = ("ppo", "dpo", "kto")
+"""The stages that train the policy after SFT, each KL-measured against the SFT model, its reference."""
+
+
 def models_to_evaluate(recipe: Recipe) -> list[tuple[str, str]]:
-    """[(name, model folder or hub id)] in table order: base, sft, ppo, then `eval.models` (named by folder)."""
+    """[(name, model folder or hub id)] in table order: base, sft, ppo, dpo, kto (those the run has), then
+    `eval.models` (named by folder)."""
     run = recipe.run_dir
     models: list[tuple[str, str]] = []
     if recipe.base.model == "tiny":
@@ -53,7 +60,7 @@ def models_to_evaluate(recipe: Recipe) -> list[tuple[str, str]]:
             models.append(("base", str(run / "base")))
     else:
         models.append(("base", recipe.base.model))
-    for stage in ("sft", "ppo"):
+    for stage in ("sft", *POLICY_STAGES):
         if _is_model_folder(run / stage):
             models.append((stage, str(run / stage)))
     names = {n for n, _ in models}
@@ -114,7 +121,10 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def main(recipe: Recipe) -> dict[str, Any]:
+def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
+         references: dict[str, str] | None = None) -> dict[str, Any]:
+    """Evaluate `models` ([(name, folder)], default models_to_evaluate) and measure KL(model || reference) for each
+    {model name: reference name} of `references` (default: ppo, dpo and kto against sft)."""
     import numpy as np
 
     from rlhfchat.eval import benchmarks, generate, winrate
@@ -127,10 +137,14 @@ def main(recipe: Recipe) -> dict[str, Any]:
     reward_dir = run / "reward"
     manifest.sweep(stage_dir)  # before the skip: the report's temporary files live here too
     manifest.require_complete(run / "data")
-    has_reward = _is_model_folder(reward_dir)
+    has_reward = cfg.win_rates and _is_model_folder(reward_dir)
 
     # 1. Inputs and skip: the same eval section, seed and inputs as a finished evaluation.
-    models = models_to_evaluate(recipe)
+    models = models_to_evaluate(recipe) if models is None else models
+    names = [n for n, _ in models]
+    if references is None:
+        references = {stage: "sft" for stage in POLICY_STAGES}
+    references = {a: b for a, b in references.items() if a in names and b in names}
     if not models:
         raise RlhfchatError(f"{run}: no finished model to evaluate (sft/, ppo/ or eval.models); "
                             f"run `rlhfchat sft RECIPE.yaml` first")
@@ -140,7 +154,7 @@ def main(recipe: Recipe) -> dict[str, Any]:
                          "max_prompt_length": recipe.ppo.max_prompt_length,
                          "reward_max_length": recipe.reward.max_length,
                          "local_tasks": _files_hash(TASKS_DIR, ["*.yaml", "*.py", "data/*.jsonl"]),
-                         "models": [n for n, _ in models]})
+                         "models": names, "references": references})
     if manifest.is_complete(stage_dir, chash, inputs) and (stage_dir / "results.json").is_file():
         print(f"[eval] complete for this recipe and inputs; skipping ({stage_dir})")
         results = json.loads((stage_dir / "results.json").read_text())
@@ -200,24 +214,27 @@ def main(recipe: Recipe) -> dict[str, Any]:
                 rows[name].update(reward_mean=float(np.mean(rewards[name])), reward_std=float(np.std(rewards[name])))
             del scorer
             _release_memory()
+        elif not cfg.win_rates:
+            print("[eval] eval.win_rates is false; reward scores and win rates left out")
         else:
             print(f"[eval] {reward_dir}: no finished reward model; reward scores and win rates left out")
 
-        # 4. KL of the PPO model to its reference (the SFT model), on the PPO model's own samples.
-        if "ppo" in rows and "sft" in rows:
-            policy, tokenizer = generate.load_causal_lm(rows["ppo"]["path"], recipe.base.dtype)
-            reference, _ = generate.load_causal_lm(rows["sft"]["path"], recipe.base.dtype)
+        # 4. KL of each trained policy to its reference (the SFT model), on the policy's own samples.
+        for name, ref in references.items():
+            policy, tokenizer = generate.load_causal_lm(rows[name]["path"], recipe.base.dtype)
+            reference, _ = generate.load_causal_lm(rows[ref]["path"], recipe.base.dtype)
             kl = generate.kl_to_reference(policy, reference, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
                                           seed=recipe.seed, batch_size=bs,
-                                          max_prompt_length=recipe.ppo.max_prompt_length, desc="[eval] KL(ppo||sft)")
-            rows["ppo"].update(kl_to_ref=kl["kl"], kl_per_token=kl["kl_per_token"], kl_reference="sft")
+                                          max_prompt_length=recipe.ppo.max_prompt_length,
+                                          desc=f"[eval] KL({name}||{ref})")
+            rows[name].update(kl_to_ref=kl["kl"], kl_per_token=kl["kl_per_token"], kl_reference=ref)
             del policy, reference, tokenizer
             _release_memory()
 
-        # 5. Win rates of every later model over every earlier one (ppo over sft first), and the files.
-        names = [n for n, _ in models]
+        # 5. Win rates of every later model over every earlier one (each policy over its reference first), and the
+        #    files.
         pairs = [(a, b) for j, a in enumerate(names) for b in names[:j]]
-        pairs.sort(key=lambda ab: ab != ("ppo", "sft"))
+        pairs.sort(key=lambda ab: ab not in references.items())
         win_rates = {f"{a}_vs_{b}": {"a": a, "b": b, **winrate.win_rate(rewards[a], rewards[b], cfg.bootstrap,
                                                                          recipe.seed)}
                      for a, b in pairs if rewards}
@@ -228,6 +245,7 @@ def main(recipe: Recipe) -> dict[str, Any]:
                          "tasks": list(cfg.tasks), "limit": cfg.limit, "bootstrap": cfg.bootstrap,
                          "seed": recipe.seed, "reward_model": str(reward_dir) if has_reward else None},
             "models": [rows[n] for n in names],
+            "baseline": next(iter(references.values()), "sft"),
             "win_rates": win_rates,
             "wall_seconds": round(time.perf_counter() - t0, 1),
         }
@@ -267,7 +285,7 @@ def format_table(results: dict[str, Any]) -> str:
         table.append(cells)
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = [(f"held-out prompts: {results['settings']['prompts']}  (reward: reward-model score; length: reply "
-              "tokens; math EM: exact answers /math prompts; KL(ref): KL to the SFT model per reply)")]
+              "tokens; math EM: exact answers /math prompts; KL(ref): KL to the reference per reply)")]
     for k, row in enumerate(table):
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if k == 0:

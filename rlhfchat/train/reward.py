@@ -30,14 +30,16 @@ def to_pairs(ds):
     return ds.map(convert, remove_columns=ds.column_names)
 
 
-def main(recipe: Recipe) -> Path:
+def main(recipe: Recipe, init: str | Path | None = None) -> Path:
+    """The reward stage; `init` is the model it starts from: by default the SFT model with a fresh scalar head, for
+    `rlhfchat iterate` the previous round's reward model (its head kept)."""
     import torch
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
     run = recipe.run_dir
     stage_dir = run / "reward"
-    sft_dir = run / "sft"
+    sft_dir = Path(init) if init is not None else run / "sft"
     train_file, eval_file = run / "data" / "preferences.train.jsonl", run / "data" / "preferences.eval.jsonl"
 
     # 1. Inputs: the finished SFT model and the preference pairs.
