@@ -8,6 +8,9 @@ The names, one place for them:
 
     .<name>.<8 random>.<pid>.tmp   the temporary file or folder of a write to <name>, by process <pid>
     .<name>.<pid>.old              atomic_dir's previous <name>, for the moment between its two renames
+
+Modes: what is written gets the modes an ordinary `open()` or `mkdir` would give it (0666 and 0777 less the umask),
+not the owner-only ones tempfile gives its temporaries: a model folder or a delta is for others to read.
 """
 
 from __future__ import annotations
@@ -26,6 +29,17 @@ _TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}(?:\.(?P<pid>\d+))?\.tmp$")
 _OLD = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.old$")
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put straight back (once, at import)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file
+DIR_MODE = 0o777 & ~_UMASK  # what mkdir gives a new folder
+
+
 def _temp_args(path: Path) -> dict[str, Any]:
     return {"prefix": f".{path.name}.", "suffix": f".{os.getpid()}.tmp", "dir": path.parent}
 
@@ -36,6 +50,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str | None =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(**_temp_args(path))
+    os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 would make every file we write private
     os.close(fd)
     try:
         with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
@@ -62,6 +77,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(**_temp_args(path)))
+    os.chmod(tmp, DIR_MODE)  # mkdtemp's 0700 would hide a model folder or a delta from everyone else
     try:
         yield tmp
         if path.exists():

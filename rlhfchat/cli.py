@@ -7,14 +7,19 @@
     rlhfchat chat MODEL_DIR | serve MODEL_DIR [MODEL_DIR ...] | discord MODEL_DIR
     rlhfchat feedback export --db URL --out FILE | feedback stats --db URL
     rlhfchat bench data|ppo|generate|delta ...
+
+`rlhfchat --verbose COMMAND ...` (the flag may come anywhere) shows what the libraries underneath say; without it, their warnings and logs that
+mean nothing to a user (quiet_libraries) are silenced here, once, before any of them is imported.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
+import warnings
 
 from rlhfchat import __version__
 from rlhfchat.errors import RlhfchatError
@@ -52,8 +57,10 @@ def _delta(args: argparse.Namespace) -> None:
 
     shard = {"shard_size": args.shard_size_mb << 20} if getattr(args, "shard_size_mb", None) else {}
     if args.action == "make":
-        manifest = delta.make_delta(args.base, args.target, args.out, **shard)
-        print(f"delta written to {args.out} ({len(manifest.get('tensors', {}))} tensors)")
+        manifest = delta.make_delta(args.base, args.target, args.out, base_name=args.base_name, name=args.name,
+                                    **shard)
+        print(f"delta written to {args.out} ({len(manifest.get('tensors', {}))} tensors); its model card is "
+              f"{os.path.join(args.out, delta.CARD)}")
     elif args.action == "apply":
         out = delta.apply_delta(args.base, args.delta, args.out, legacy=args.legacy, **shard)
         print(f"model written to {out} (legacy layout: applied as its apply_delta.py does, nothing checked)"
@@ -74,11 +81,33 @@ def _module_main(module: str):
     return run
 
 
+def quiet_libraries() -> None:
+    """Silence what the libraries under rlhfchat print that means nothing to its user (see `--verbose`):
+
+    - transformers' warnings, among them the LOAD REPORT table of every from_pretrained that leaves a head to train
+      (a reward model's score layer from an SFT folder, the critic's trunk): TRANSFORMERS_VERBOSITY=error, which
+      transformers reads when it is imported (a user's own setting is kept);
+    - bitsandbytes' "Failed to load CPU gemm_4bit_forward" at import (an optional kernel), and any other of its
+      warnings: its loggers at ERROR;
+    - DeepSpeed's "Setting accelerator to CPU" and the like: its logger resets its level when created, so a filter;
+    - Python warnings raised inside third-party code (FutureWarning, DeprecationWarning, UserWarning); rlhfchat's
+      own and errors stay.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module=r"rlhfchat(\.|$)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhfchat", description="Build-your-own StableVicuna: data -> SFT -> reward -> PPO -> eval -> chat."
     )
     parser.add_argument("--version", action="version", version=f"rlhfchat {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the warnings and logs of the libraries underneath (transformers, bitsandbytes, "
+                             "DeepSpeed, Python warnings), which are silenced otherwise")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for name, (_, help_text) in STAGES.items():
@@ -89,14 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("delta", help="make, apply or verify a weight delta against a base model")
     dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    d = dsub.add_parser("make", help="DELTA = TARGET - BASE, with a manifest that checks the base")
-    d.add_argument("--base", required=True)
-    d.add_argument("--target", required=True)
-    d.add_argument("--out", required=True)
+    d = dsub.add_parser("make", help="DELTA = TARGET - BASE, with a manifest that checks the base and a model card")
+    d.add_argument("--base", required=True, help="the base model's folder or hub id")
+    d.add_argument("--target", required=True, help="the fine-tuned model's folder (e.g. runs/NAME/ppo) or hub id")
+    d.add_argument("--out", required=True, help="the delta folder to write")
+    d.add_argument("--base-name", help="what the model card calls the base, e.g. its hub id (default: --base when "
+                                       "it is a hub id, else its folder's name)")
+    d.add_argument("--name", help="what the model card calls the delta, e.g. the hub id you will publish it under "
+                                  "(default: the --out folder's name)")
     d.add_argument("--shard-size-mb", type=int, help="size of the delta's safetensors shards (default 500)")
     d = dsub.add_parser("apply", help="TARGET = BASE + DELTA, streamed tensor by tensor and verified")
-    d.add_argument("--base", required=True)
-    d.add_argument("--delta", required=True)
+    d.add_argument("--base", required=True, help="the base model's folder or hub id")
+    d.add_argument("--delta", required=True, help="the delta's folder or hub id")
     d.add_argument("--out", required=True)
     d.add_argument("--shard-size-mb", type=int, help="size of the model's safetensors shards (default 500)")
     d.add_argument("--legacy", action="store_true",
@@ -104,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "CarperAI/stable-vicuna-13b-delta): apply it as its apply_delta.py does, with nothing "
                         "checked; without this flag a delta with no manifest is refused")
     d = dsub.add_parser("verify", help="check a model folder against a delta's manifest")
-    d.add_argument("--target", required=True)
-    d.add_argument("--delta", required=True)
+    d.add_argument("--target", required=True, help="the model folder (or hub id) to check")
+    d.add_argument("--delta", required=True, help="the delta's folder or hub id")
     p.set_defaults(func=_delta)
 
     for name, module, help_text in (
@@ -147,6 +180,12 @@ def _missing_extra(name: str, error: ImportError) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # also for the `rlhfchat` script, which is not __main__
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv  # global, so also after the command: `rlhfchat sft RECIPE --verbose`
+    argv = [a for a in argv if a != "--verbose"]
+    if not verbose:
+        quiet_libraries()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides after an option (`iterate RECIPE.yaml --feedback DB key=value`) reach argparse late
@@ -167,5 +206,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

@@ -4,14 +4,18 @@
     python -m rlhfchat.delta apply  --base BASE --delta DELTA --out TARGET
     python -m rlhfchat.delta verify --target TARGET --delta DELTA
 
-A delta folder is a Hugging Face model folder whose weights are TARGET - BASE (safetensors shards in the target's
-dtypes), plus the target's other files (config, generation config, tokenizer, chat template, PPO's
-value_head.safetensors when it holds the head alone), plus:
-  delta.json                the manifest: format version, each tensor's shape and dtype, the sha256 of each base
+A delta folder is laid out as a Hugging Face model folder whose weights are TARGET - BASE (safetensors shards in
+the target's dtypes), plus the target's other files (config, generation config, tokenizer, chat template, PPO's
+value_head.safetensors when it holds the head alone; not a run's bookkeeping: manifest.json, metrics), plus:
+  README.md                 its model card: what it is, the base it needs, its fingerprints and the exact apply command
+  delta.json                the marker and manifest: format, each tensor's shape and dtype, the sha256 of each base
                             tensor (a wrong base is refused before anything is written), of each delta tensor and of
                             each target tensor (the result is verified), how the vocabulary grew, the sha256 of each
                             carried file and of the fixes file.
   delta-fixes.safetensors   the exact target values of the few elements the delta cannot reproduce (see below).
+
+A delta is not a model: every rlhfchat loader of a model folder refuses one (`refuse`, through
+models.resolve_model) with the apply command. `--base`, `--delta` and `--target` also take hub ids (hub.download).
 
 Trust. Apply checks, before writing a byte: the base's tensors and every carried file and the fixes file against
 their sha256s; shard headers (names, shapes, dtypes, sizes) against the manifest. It copies only the files the
@@ -52,7 +56,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from rlhfchat.atomic import atomic_dir, sweep, write_json
+from rlhfchat.atomic import FILE_MODE, atomic_dir, sweep, write_json
+from rlhfchat.delta_card import model_card
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.manifest import require_complete
 from rlhfchat.weights import (
@@ -75,6 +80,11 @@ FORMAT = "rlhfchat-delta"
 FORMAT_VERSION = 1
 MANIFEST = "delta.json"
 FIXES = "delta-fixes.safetensors"
+CARD = "README.md"
+# A run's stage folder holds these beside the model: the stage's bookkeeping, not part of the model, and not
+# published (the target's own README.md is replaced by the delta's card)
+BOOKKEEPING = ("manifest.json", "metrics.json", "metrics.jsonl", CARD, "trainer_state.json", "all_results.json",
+               "train_results.json", "eval_results.json")
 DEFAULT_SHARD_SIZE = 500 << 20  # output shard size in bytes; streaming writes make it cost no memory
 VALUE_HEAD = "value_head.safetensors"  # PPO's value head: carried as a file when it holds the head alone
 
@@ -117,6 +127,50 @@ def _differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Flat indices where the bit patterns differ (so -0.0 vs 0.0 and NaN payloads count)."""
     bits = _BITS[a.dtype.itemsize]
     return (a.reshape(-1).view(bits) != b.reshape(-1).view(bits)).nonzero().squeeze(1)
+
+
+# ---- what is a delta --------------------------------------------------------------------------------------------
+
+def is_delta(folder: str | Path) -> dict | None:
+    """The raw manifest when `folder` holds an rlhfchat delta (its delta.json says so), else None. Cheap: no hashing."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    data = _read_json(path)
+    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+
+
+def applied_name(delta: str) -> str:
+    """A name for the model a delta rebuilds: `x-delta` -> `x`, anything else -> `x-applied`."""
+    name = Path(str(delta).rstrip("/")).name or "model"
+    return name.removesuffix("-delta") if name.endswith("-delta") and name != "-delta" else f"{name}-applied"
+
+
+def is_a_delta(name: str | Path, manifest: dict | None = None) -> RlhfchatError:
+    """The one line every loader of a model folder gives for a delta."""
+    base = (manifest or {}).get("base_model") or "BASE"
+    return RlhfchatError(f"{name}: this is a weight delta: apply it with `rlhfchat delta apply --base {base} "
+                         f"--delta {name} --out {applied_name(str(name))}`")
+
+
+def refuse(folder: str | Path, shown_as: str | None = None) -> None:
+    """Refuse a delta folder where a model folder is expected (one line with the apply command)."""
+    manifest = is_delta(folder)
+    if manifest is not None:
+        raise is_a_delta(shown_as or folder, manifest)
+
+
+def _folder(name: str | Path, what: str, delta: bool = False) -> Path:
+    """A local folder for `--base`, `--delta` or `--target`: as given, or a hub id fetched (hub.download). A delta
+    given where a model is expected is refused (`delta`: where a delta is expected)."""
+    from rlhfchat import hub
+
+    path = Path(name)
+    if not path.exists() and hub.is_hub_id(str(name)):
+        path = hub.download(str(name), what)
+    if not delta and path.is_dir():
+        refuse(path, shown_as=str(name))
+    return path
 
 
 # ---- planning: which tensors, which shapes, checked before anything is read in bulk -----------------------------
@@ -235,7 +289,7 @@ def _bar(total: int, desc: str) -> tqdm:
 
 def _carried_files(folder: Path) -> list[Path]:
     """What a delta carries from its target, whole: every file that is not the weights, plus the value head."""
-    files = other_files(folder, skip=(MANIFEST,))
+    files = other_files(folder, skip=(MANIFEST, FIXES, *BOOKKEEPING))
     head = folder / VALUE_HEAD
     if head.is_file():
         if all(i.name.startswith("value_head.") for i in safetensors_header(head)):
@@ -310,9 +364,16 @@ def _vocab(target: Path, grown: dict[str, tuple[int, int]]) -> dict:
 
 # ---- make -------------------------------------------------------------------------------------------------------
 
-def make_delta(base: str | Path, target: str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE) -> dict:
-    """Write DELTA = TARGET - BASE to `out` (with manifest, fixes and the target's files); return the manifest."""
-    base, target, out = Path(base), Path(target), Path(out)
+def make_delta(base: str | Path, target: str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE,
+               base_name: str | None = None, name: str | None = None) -> dict:
+    """Write DELTA = TARGET - BASE to `out` (with manifest, fixes, the target's files and a model card); return the
+    manifest. `base_name`: what the card calls the base (default: `base` when it is a hub id, else its folder's
+    name); `name`: what it calls the delta, e.g. the hub id it will be published under (default: `out`'s name)."""
+    from rlhfchat import hub
+
+    base_name = base_name or (str(base) if hub.is_hub_id(str(base)) else Path(base).resolve().name)
+    delta_name = name or Path(out).resolve().name
+    base, target, out = _folder(base, "--base"), _folder(target, "--target"), Path(out)
     for folder in (base, target):  # a run's stage folder only once its stage has finished
         require_complete(folder)
     _start_output(out)
@@ -369,6 +430,7 @@ def make_delta(base: str | Path, target: str | Path, out: str | Path, *, shard_s
                 from safetensors.torch import save_file
 
                 save_file(fixes, str(tmp / FIXES))
+                os.chmod(tmp / FIXES, FILE_MODE)  # safetensors writes 0600: a delta is for others to read
                 fixes_sha256 = file_sha256(tmp / FIXES)
             files = {}
             for path in _carried_files(target):
@@ -376,6 +438,7 @@ def make_delta(base: str | Path, target: str | Path, out: str | Path, *, shard_s
                 files[path.name] = file_sha256(tmp / path.name)
             manifest = {
                 "format": FORMAT, "format_version": FORMAT_VERSION,
+                "name": delta_name, "base_model": base_name,
                 "dtype": _main_dtype(specs),
                 "vocab": _vocab(target, grown),
                 "files": files,
@@ -387,7 +450,8 @@ def make_delta(base: str | Path, target: str | Path, out: str | Path, *, shard_s
                                 "sha256": e["sha256"], "mode": e["mode"], "fixes": e["fixes"]}
                             for n, e in entries.items()},
             }
-            write_json(tmp / MANIFEST, manifest)  # last: a delta folder with a manifest is complete
+            write_json(tmp / MANIFEST, manifest)
+            (tmp / CARD).write_text(model_card(manifest, file_sha256(tmp / MANIFEST)), encoding="utf-8")
     return manifest
 
 
@@ -442,7 +506,7 @@ def apply_delta(base: str | Path, delta: str | Path, out: str | Path, *, shard_s
     `legacy`: the delta has no delta.json (the published StableVicuna layout): applied as its apply_delta.py does,
     with nothing checked. Without it, a delta with no manifest is refused.
     """
-    base, delta, out = Path(base), Path(delta), Path(out)
+    base, delta, out = _folder(base, "--base"), _folder(delta, "--delta", delta=True), Path(out)
     manifest = _read_manifest(delta)
     if manifest is None and not legacy:
         raise RlhfchatError(f"{delta} has no {MANIFEST}, so nothing in it can be checked; if it is a delta in the "
@@ -527,7 +591,7 @@ def _result_differs(name: str, e: dict, got: str, D: Checkpoint) -> RlhfchatErro
 
 def verify_delta(target: str | Path, delta: str | Path) -> None:
     """Check a model folder against a delta's manifest: same tensors, shapes, dtypes, sha256s and files."""
-    target, delta = Path(target), Path(delta)
+    target, delta = _folder(target, "--target"), _folder(delta, "--delta", delta=True)
     manifest = _required_manifest(delta)
     tensors = manifest["tensors"]
     with Checkpoint(target) as T:

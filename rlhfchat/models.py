@@ -90,13 +90,33 @@ def build_tiny(out_dir: str | Path, corpus: list[Path], cfg: TinyModelConfig, se
     return out_dir
 
 
+def resolve_model(path: str | Path, what: str = "") -> str:
+    """Where to load a model from, for `from_pretrained`: a local folder as it is, or a hub id (hub.model_ref: the id
+    when the hub answers, the cached copy when it cannot be reached, else one line saying so). A weight delta is
+    refused with the command that applies it. Every loader of a model folder calls this first; `what` names the
+    option or recipe field in errors (e.g. `eval.models`).
+    """
+    from rlhfchat import delta, hub
+
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        delta.refuse(folder, shown_as=str(path))
+        return str(path)
+    if folder.exists():
+        raise RlhfchatError(f"{hub.prefix(what)}{path}: a file, not a model folder or hub id")
+    if not hub.is_hub_id(str(path)):
+        raise RlhfchatError(f"{hub.prefix(what)}{path}: no such folder")
+    return hub.model_ref(str(path), what)
+
+
 def load_tokenizer(path: str | Path, chat_template: str = "model") -> Any:
     """The tokenizer of a model folder with a pad token and its chat template: the folder's own (Vicuna v0 where it
     has none), or as `chat_template` says (chat_format.choose_template: model, vicuna_v0 or a Jinja file)."""
     from transformers import AutoTokenizer
 
+    source = resolve_model(path)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:  # ValueError: a folder without tokenizer files
         raise RlhfchatError(f"{path}: cannot load a tokenizer, expected a model folder or hub id with one "
                             f"({str(e).splitlines()[0].rstrip(': ')})") from None
@@ -124,6 +144,7 @@ def load_pretrained(auto_cls: Any, path: str | Path, dtype: torch.dtype, lora: A
     `field` names the recipe key in errors (e.g. `sft.lora.quantize`).
     """
     quantize = getattr(lora, "quantize", None) if lora is not None else None
+    path = resolve_model(path)
     if not quantize:
         try:
             return auto_cls.from_pretrained(str(path), dtype=dtype, **kwargs)
@@ -241,6 +262,7 @@ def ensure_base(recipe: Any) -> str:
     from rlhfchat.config import config_hash
 
     if recipe.base.model != "tiny":
+        resolve_model(recipe.base.model, "base.model")  # offline and not in the cache: one line, before any work
         return recipe.base.model
     run = recipe.run_dir
     stage_dir = run / "base"

@@ -519,6 +519,9 @@ def _load_model(model_dir: Path, dtype: Any) -> tuple[Any, Path]:
     """The causal LM of a folder, or of a LoRA adapter folder merged into its base; and the tokenizer's folder."""
     from transformers import AutoModelForCausalLM
 
+    from rlhfchat.models import resolve_model
+
+    resolve_model(model_dir)  # a weight delta is refused, with the command that applies it
     adapter = model_dir / "adapter_config.json"
     if not adapter.is_file():
         try:

@@ -50,11 +50,12 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", device: str | None 
     """(model in eval mode on `device`, tokenizer with our chat template and a pad token) of a folder or hub id."""
     from transformers import AutoModelForCausalLM
 
-    from rlhfchat.models import load_tokenizer, torch_dtype
+    from rlhfchat.models import load_tokenizer, resolve_model, torch_dtype
 
-    tokenizer = load_tokenizer(path)
+    source = resolve_model(path)  # a folder or hub id (offline: one line); a weight delta is refused
+    tokenizer = load_tokenizer(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(dtype))
     except OSError as e:
         raise RlhfchatError(f"{path}: cannot load a causal language model ({str(e).splitlines()[0]})") from None
     return model.to(device_for(device)).eval(), tokenizer

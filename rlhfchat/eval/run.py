@@ -59,21 +59,30 @@ def models_to_evaluate(recipe: Recipe) -> list[tuple[str, str]]:
         if _is_model_folder(run / "base"):
             models.append(("base", str(run / "base")))
     else:
-        models.append(("base", recipe.base.model))
+        models.append(("base", _reachable(recipe.base.model, "base.model")))
     for stage in ("sft", *POLICY_STAGES):
         if _is_model_folder(run / stage):
             models.append((stage, str(run / stage)))
     names = {n for n, _ in models}
     for path in recipe.eval.models:
-        if not Path(path).exists():
-            raise RlhfchatError(f"eval.models: {path}: no such model folder")
+        path = _reachable(path, "eval.models")
         manifest.require_complete(path)
-        name, k = Path(path).resolve().name, 2
+        stem = Path(path).resolve().name if Path(path).exists() else path  # a hub id is named by itself
+        name, k = stem, 2
         while name in names:
-            name, k = f"{Path(path).resolve().name}-{k}", k + 1
+            name, k = f"{stem}-{k}", k + 1
         names.add(name)
         models.append((name, str(path)))
     return models
+
+
+def _reachable(path: str, field: str) -> str:
+    """A model folder, or a hub id that can be loaded (checked now, before minutes of other models' replies):
+    offline and not in the cache is one line naming `field`. Returned as given (the table names it so)."""
+    from rlhfchat.models import resolve_model
+
+    resolve_model(path, field)
+    return path
 
 
 def load_prompts(path: Path, n: int) -> list[dict[str, Any]]:

@@ -328,6 +328,9 @@ def own_trainable_weights(model: nn.Module) -> None:
 
 
 def _load(auto_cls: Any, path: str | Path, dtype: torch.dtype) -> nn.Module:
+    from rlhfchat.models import resolve_model
+
+    path = resolve_model(path)  # a folder or hub id; a weight delta is refused
     try:
         return auto_cls.from_pretrained(str(path), dtype=dtype)
     except (OSError, ValueError) as e:

@@ -395,9 +395,10 @@ class RewardScorer:
                  share_prefix: bool = True):
         from transformers import AutoModelForSequenceClassification
 
-        from rlhfchat.models import load_tokenizer
+        from rlhfchat.models import load_tokenizer, resolve_model
 
         if isinstance(path, (str, Path)):
+            path = resolve_model(path)  # a folder or hub id; a weight delta is refused
             try:
                 self.model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
             except (OSError, ValueError) as e:

@@ -1,0 +1,99 @@
+"""The model card (README.md) of a weight delta: what it is, the base it needs, its fingerprints, the apply command.
+
+Written by `rlhfchat delta make` from the delta's manifest alone, so it says only what apply checks. The front
+matter is the Hugging Face Hub's model card metadata: `base_model` (when the base is a hub id) links the delta to its
+base on the hub; the tags say it is a delta, not a model.
+
+A fingerprint stands for a whole checkpoint in one hash: the sha256 of the lines "<tensor name> <sha256 of its
+bytes>\\n", sorted by name, over the tensors the delta covers. The base's fingerprint is what apply checks the given
+base against (tensor by tensor), the result's what it checks the model it writes against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+
+def fingerprint(tensors: dict[str, dict[str, Any]], key: str) -> str:
+    """sha256 over "name sha256" lines sorted by name; `key`: "base_sha256" (the base) or "sha256" (the result)."""
+    lines = "".join(f"{name} {entry[key]}\n" for name, entry in sorted(tensors.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return str(int(n))
+
+
+def model_card(manifest: dict[str, Any], manifest_sha256: str) -> str:
+    """The README.md of a delta folder, from its manifest (as make_delta writes it) and delta.json's sha256."""
+    from rlhfchat import hub
+    from rlhfchat.delta import applied_name
+
+    name, base = manifest.get("name") or "DELTA", manifest.get("base_model") or "BASE"
+    tensors = manifest["tensors"]
+    out = applied_name(name)
+    params = sum(math.prod(e["base_shape"]) for e in tensors.values())
+    vocab = manifest.get("vocab") or {}
+    added = vocab.get("added_tokens") or []
+    grown = (f"; the delta adds {vocab['target_rows'] - vocab['base_rows']} rows"
+             + (f" ({', '.join('`' + t['content'] + '`' for t in added)})" if added else "")
+             if vocab.get("grown_tensors") else "")
+    front = ["---", "tags:", "- rlhfchat", "- weight-delta"]
+    if hub.is_hub_id(base) and "/" in base:
+        front += [f"base_model: {base}"]
+    front += ["---", ""]
+    files = manifest.get("files") or {}
+    fixes = sum(int(e.get("fixes") or 0) for e in tensors.values())
+    md = [
+        *front,
+        f"# {name}: a weight delta against {base}",
+        "",
+        ("This folder is **not a model**. Its weights are the difference TARGET − BASE between a fine-tuned model and "
+         f"the base model `{base}` it was trained from, published this way when the base's licence does not allow "
+         "sharing the base's weights. Loaded as a model it gives nonsense (rlhfchat refuses to load it). Rebuild the "
+         "model from a copy of the base with rlhfchat:"),
+        "",
+        "```bash",
+        f"rlhfchat delta apply --base {base} --delta {name} --out {out}",
+        "```",
+        "",
+        ("`--base` takes the base's folder or hub id, `--delta` this folder or its hub id. Before writing anything, "
+         "apply checks every base tensor against its sha256 here (a different base is refused, naming the first "
+         "tensor that differs) and every file of this folder; it checks each tensor it writes against the result's "
+         f"sha256 and leaves nothing behind on any error. Later, `rlhfchat delta verify --target {out} --delta "
+         f"{name}` checks the model again."),
+        "",
+        "## The base it needs",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| model | `{base}` |",
+        f"| tensors | {len(tensors)} ({_count(params)} parameters), mostly {manifest.get('dtype') or '?'} |",
+    ]
+    if vocab.get("base_rows") is not None:
+        md.append(f"| vocabulary | {vocab['base_rows']} rows{grown} |")
+    md += [
+        f"| fingerprint | `{fingerprint(tensors, 'base_sha256')}` |",
+        "",
+        "## Hashes",
+        "",
+        ("A fingerprint is the sha256 of the lines `<tensor name> <sha256 of its bytes>`, sorted by name; `delta.json` "
+         "holds every base, delta and result tensor's sha256 and every file's."),
+        "",
+        "| | sha256 |",
+        "|---|---|",
+        f"| base (fingerprint) | `{fingerprint(tensors, 'base_sha256')}` |",
+        f"| result (fingerprint) | `{fingerprint(tensors, 'sha256')}` |",
+        f"| `delta.json` | `{manifest_sha256}` |",
+    ]
+    if manifest.get("fixes_sha256"):
+        md.append(f"| `delta-fixes.safetensors` ({fixes} elements stored exactly) | `{manifest['fixes_sha256']}` |")
+    md += [f"| `{fname}` | `{sha}` |" for fname, sha in sorted(files.items())]
+    md += ["", "Made by `rlhfchat delta make`. The delta is stored in the result's dtypes; apply rebuilds the result "
+           "bit for bit.", ""]
+    return "\n".join(md)
