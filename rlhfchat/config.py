@@ -348,10 +348,14 @@ class EvalConfig:
     limit: int | None = None
     bootstrap: int = 1000
     models: list[str] = field(default_factory=list)
-    """Extra model folders to evaluate beside the run's base, SFT and PPO (or DPO, KTO) models."""
+    """Extra model folders (or hub ids) to evaluate beside the run's base, SFT and PPO (or DPO, KTO) models."""
     win_rates: bool = True
     """Score every reply with the run's reward model (the reward column and the win rates). Under `method: dpo` or
     `kto` the reward stage then runs for this alone; false leaves it and the reward scores out."""
+    judge: str | None = None
+    """A second judge: a reward model folder or hub id independent of the run (one label, as a reward stage
+    writes). Its scores and win rates are reported beside those of the run's own reward model, which the policy was
+    trained against (PPO), or which shares its training data (DPO, KTO), and so cannot judge it impartially."""
 
 
 METHODS = ("ppo", "dpo", "kto")

@@ -239,14 +239,29 @@ def make_run(root: Path, tiny_model_dir: Path, tiny_reward_dir: Path, perturbed)
     return run
 
 
+def _independent_judge(reward_dir: Path, out: Path) -> Path:
+    """A reward model that disagrees with the run's: its score head negated."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(reward_dir)
+    with torch.no_grad():
+        model.score.weight.neg_()
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(reward_dir).save_pretrained(out)
+    return out
+
+
 def test_eval_stage_writes_results_and_skips_when_done(tmp_path, tiny_model_dir, tiny_reward_dir, perturbed, capsys):
     from rlhfchat.config import load_recipe
     from rlhfchat.eval import report
     from rlhfchat.eval import run as eval_run
 
     run = make_run(tmp_path, tiny_model_dir, tiny_reward_dir, perturbed)
+    judge = _independent_judge(tiny_reward_dir, tmp_path / "judge")
     recipe = load_recipe(None, [f"output_dir={run}", "eval.prompts=8", "eval.max_new_tokens=6",
-                                "eval.tasks=[rlhfchat_math]", "eval.limit=2", "eval.bootstrap=200"])
+                                "eval.tasks=[rlhfchat_math]", "eval.limit=2", "eval.bootstrap=200",
+                                f"eval.judge={judge}"])
     results = eval_run.main(recipe)
 
     on_disk = json.loads((run / "eval" / "results.json").read_text())
@@ -259,15 +274,26 @@ def test_eval_stage_writes_results_and_skips_when_done(tmp_path, tiny_model_dir,
         assert 0 < row["mean_length"] <= 6 and row["tasks"]["rlhfchat_math"]["n"] == 2
     kl = {r["model"]: r["kl_to_ref"] for r in on_disk["models"]}
     assert kl["base"] is None and kl["sft"] is None and kl["ppo"] > 0
+    ppo = on_disk["models"][2]
+    assert ppo["kl_estimator"] == "k1" and ppo["kl_k3"] > 0 and ppo["kl_trlx"] > 0
+    # the second judges: an independent reward model (its own scores), and exact answers on the 4 math prompts
+    assert on_disk["settings"]["judge"] == str(judge) and on_disk["settings"]["math_prompts"] == 4
+    assert set(on_disk["win_rates_by"]) == {"judge", "math_exact_match"}
+    assert set(on_disk["win_rates_by"]["judge"]) == set(on_disk["win_rates"])
+    assert on_disk["win_rates_by"]["math_exact_match"]["ppo_vs_sft"]["n"] == 4
+    assert all(r["judge_mean"] != r["reward_mean"] for r in on_disk["models"])
     assert next(iter(on_disk["win_rates"])) == "ppo_vs_sft"
     assert set(on_disk["win_rates"]) == {"ppo_vs_sft", "sft_vs_base", "ppo_vs_base"}
     w = on_disk["win_rates"]["ppo_vs_sft"]
     assert w["n"] == 8 and w["ci95"][0] <= w["win_rate"] <= w["ci95"][1]
     replies = (run / "eval" / "replies.jsonl").read_text().splitlines()
     assert len(replies) == 8 and set(json.loads(replies[0])["replies"]) == {"base", "sft", "ppo"}
+    first = json.loads(replies[0])["replies"]["ppo"]
+    assert set(first) == {"text", "n_tokens", "reward", "judge", "correct"}  # prompt 0 is a math question
     assert json.loads((run / "eval" / "manifest.json").read_text())["status"] == "complete"
     out = capsys.readouterr().out
-    assert "win rate ppo over sft" in out and "KL(ref)" in out
+    assert "win rate ppo over sft by the run's reward model" in out and "KL k1" in out and "KL trlX" in out
+    assert "win rate ppo over sft by judge" in out and "win rate ppo over sft by math exact match" in out
 
     # Done: a rerun skips, and still prints the comparison.
     assert eval_run.main(recipe) == on_disk
@@ -277,7 +303,7 @@ def test_eval_stage_writes_results_and_skips_when_done(tmp_path, tiny_model_dir,
     # The report builds from this run (no training logs here: the comparison plot only).
     path = report.main(recipe)
     text = path.read_text()
-    assert "| **ppo** |" in text and "![reward scores and win rates](comparison.png)" in text
+    assert "| **ppo** |" in text and "![reward scores and win rates by judge](comparison.png)" in text
     assert (run / "eval" / "comparison.png").stat().st_size > 10_000
     assert str(path) in capsys.readouterr().out
 

@@ -8,10 +8,11 @@ Prompts are canonical message lists rendered through the tokenizer's chat templa
 ("### Assistant:"); replies are cut at the stop sequences and stripped, so `Reply.text` is what a user would see and
 what the reward model scores (through `chat_format.reward_text`, the same text reward training and PPO use).
 
-KL of the PPO model to its reference is estimated as trlX and the PPO stage see it, on the policy's own samples:
+KL of the PPO model to its reference is estimated on the policy's own samples (replies sampled at temperature 1, no
+top-k/top-p truncation: the policy's own distribution, up to and including EOS or the stop sequence), by each
+estimator of eval/kl.py; `kl` is k1:
     KL(ppo || ref) ~= mean over prompts of  sum over sampled reply tokens of  (log p_ppo(y_t) - log p_ref(y_t))
-with replies sampled at temperature 1 and no top-k/top-p truncation (the policy's own distribution), up to and
-including EOS or the stop sequence.
+and `kl_trlx` is the quantity the PPO stage logs as `kl` (trlX's), for a like-for-like comparison with its log.
 """
 
 from __future__ import annotations
@@ -125,50 +126,63 @@ def generate_replies(model: Any, tokenizer: Any, prompts: Sequence[Messages], *,
 @torch.no_grad()
 def sequence_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]], reply_ids: Sequence[Sequence[int]], *,
                       pad_id: int, batch_size: int = 16, desc: str | None = None) -> list[float]:
-    """Sum over each reply's tokens of log p(token | prompt, reply so far) under `model`.
+    """Sum over each reply's tokens of log p(token | prompt, reply so far) under `model`."""
+    return [float(t.sum()) for t in token_logprobs(model, prompt_ids, reply_ids, pad_id=pad_id,
+                                                   batch_size=batch_size, desc=desc)]
+
+
+@torch.no_grad()
+def token_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]], reply_ids: Sequence[Sequence[int]], *,
+                   pad_id: int, batch_size: int = 16, desc: str | None = None) -> list[torch.Tensor]:
+    """log p(token | prompt, reply so far) of each reply token under `model`: one (len(reply),) float32 tensor per
+    reply, on the CPU.
 
     Sequences are prompt + reply, right-padded, so positions count from 0 at the first prompt token as they do
     in generation (where left padding is masked out of the positions).
     """
-    out: list[float] = []
+    out: list[torch.Tensor] = []
     for start in _batches(len(prompt_ids), batch_size, desc):
-        seqs = [list(p) + list(r) for p, r in zip(prompt_ids[start:start + batch_size],
-                                                  reply_ids[start:start + batch_size])]
+        prompts = prompt_ids[start:start + batch_size]
+        seqs = [list(p) + list(r) for p, r in zip(prompts, reply_ids[start:start + batch_size])]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
         mask = torch.zeros_like(ids)
-        reply_mask = torch.zeros_like(ids, dtype=torch.bool)  # True where the token is a reply token
-        for i, (s, p) in enumerate(zip(seqs, prompt_ids[start:start + batch_size])):
+        for i, s in enumerate(seqs):
             ids[i, :len(s)] = torch.tensor(s)
             mask[i, :len(s)] = 1
-            reply_mask[i, len(p):len(s)] = True
-        ids, mask, reply_mask = ids.to(model.device), mask.to(model.device), reply_mask.to(model.device)
+        ids, mask = ids.to(model.device), mask.to(model.device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V) predicts ids[:, 1:]
-        token_logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-        out.extend((token_logp * reply_mask[:, 1:]).sum(dim=1).tolist())
+        token_logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()  # (B, T-1)
+        for i, (s, p) in enumerate(zip(seqs, prompts)):
+            out.append(token_logp[i, len(p) - 1:len(s) - 1])  # the reply's tokens ids[len(p):len(s)]
     return out
 
 
 def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, prompts: Sequence[Messages], *,
                     max_new_tokens: int, seed: int = 0, batch_size: int = 16, max_prompt_length: int | None = None,
                     stop_sequences: Sequence[str] = tuple(STOP_SEQUENCES), desc: str | None = None) -> dict[str, Any]:
-    """Monte-Carlo KL(policy || reference) per reply on replies sampled from the policy (temperature 1, no top-k/p).
+    """Monte-Carlo KL(policy || reference) per reply on replies sampled from the policy (temperature 1, no top-k/p),
+    by each estimator of eval/kl.py.
 
-    Returns {"kl": mean over prompts of the per-reply KL, "kl_std", "kl_per_token": total over total tokens,
+    Returns {"kl": the k1 estimate (mean over prompts of the per-reply sum of log-ratios), "kl_std": its spread
+    over prompts, "kl_per_token": k1's total over total tokens, "kl_k3", "kl_trlx": the other estimators' means,
     "n": prompts, "tokens": reply tokens}. Both models must share the tokenizer (the PPO model is the SFT model's
     fine-tune).
     """
+    from rlhfchat.eval import kl as estimators
+
     replies = generate_replies(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                do_sample=True, temperature=1.0, top_k=0, top_p=1.0, seed=seed,
                                stop_sequences=stop_sequences, max_prompt_length=max_prompt_length,
                                desc=desc and f"{desc}: samples")
     p_ids, r_ids = [r.prompt_ids for r in replies], [r.token_ids for r in replies]
     pad = tokenizer.pad_token_id
-    lp_policy = torch.tensor(sequence_logprobs(policy, p_ids, r_ids, pad_id=pad, batch_size=batch_size,
-                                               desc=desc and f"{desc}: policy log-probs"))
-    lp_ref = torch.tensor(sequence_logprobs(reference, p_ids, r_ids, pad_id=pad, batch_size=batch_size,
-                                            desc=desc and f"{desc}: reference log-probs"))
-    kl = (lp_policy - lp_ref).double()  # (n,) per-reply KL samples
-    tokens = sum(len(r) for r in r_ids)
+    lp_policy = token_logprobs(policy, p_ids, r_ids, pad_id=pad, batch_size=batch_size,
+                               desc=desc and f"{desc}: policy log-probs")
+    lp_ref = token_logprobs(reference, p_ids, r_ids, pad_id=pad, batch_size=batch_size,
+                            desc=desc and f"{desc}: reference log-probs")
+    est = estimators.per_reply([a - b for a, b in zip(lp_policy, lp_ref)])  # {name: (n,) per-reply sums}
+    kl, tokens = est["k1"], sum(len(r) for r in r_ids)
     return {"kl": float(kl.mean()), "kl_std": float(kl.std(unbiased=False)),
-            "kl_per_token": float(kl.sum() / max(tokens, 1)), "n": len(replies), "tokens": tokens}
+            "kl_per_token": float(kl.sum() / max(tokens, 1)), "kl_k3": float(est["k3"].mean()),
+            "kl_trlx": float(est["trlx"].mean()), "n": len(replies), "tokens": tokens}

@@ -6,8 +6,12 @@ Evaluates the run's base (when there is one), SFT and PPO (or DPO, KTO) models, 
 and writes `<run>/eval/`:
 
     results.json     one row per model (reward-model score, length, math exact match, KL to the reference for
-                     PPO, DPO and KTO, lm-eval task scores) and the pairwise win rates with bootstrap 95% intervals
-    replies.jsonl    every held-out prompt with each model's reply and its reward (the report's examples)
+                     PPO, DPO and KTO by three named estimators, lm-eval task scores) and the pairwise win rates
+                     with bootstrap 95% intervals: by the run's own reward model (`win_rates`), and where there is
+                     one, by a second judge (`win_rates_by`: the `eval.judge` reward model, exact answers on the math
+                     prompts)
+    replies.jsonl    every held-out prompt with each model's reply, its reward (and judge score, and whether a math
+                     answer is right)
     manifest.json    skipped when complete for the same eval section and inputs
 
 Steps: 1. inputs and skip  2. each model answers the held-out prompts (greedy) and runs the lm-eval tasks
@@ -99,16 +103,21 @@ def load_prompts(path: Path, n: int) -> list[dict[str, Any]]:
     return records
 
 
-def math_exact_match(prompts: list[list[dict[str, str]]], replies: list[str]) -> tuple[float | None, int]:
-    """(share of math prompts whose reply's last integer is the answer, number of math prompts)."""
+def math_correct(prompts: list[list[dict[str, str]]], replies: list[str]) -> list[float | None]:
+    """Per prompt: 1.0 when a math prompt's reply ends in its answer, 0.0 when not, None for other prompts."""
     from rlhfchat.data.samples import expected_math_answer, extract_answer
     from rlhfchat.eval.generate import last_user_text
 
-    graded = [(expected_math_answer(last_user_text(p)), r) for p, r in zip(prompts, replies)]
-    graded = [(want, r) for want, r in graded if want is not None]
+    wants = [expected_math_answer(last_user_text(p)) for p in prompts]
+    return [None if want is None else float(extract_answer(r) == want) for want, r in zip(wants, replies)]
+
+
+def math_exact_match(prompts: list[list[dict[str, str]]], replies: list[str]) -> tuple[float | None, int]:
+    """(share of math prompts whose reply's last integer is the answer, number of math prompts)."""
+    graded = [c for c in math_correct(prompts, replies) if c is not None]
     if not graded:
         return None, 0
-    return sum(extract_answer(r) == want for want, r in graded) / len(graded), len(graded)
+    return sum(graded) / len(graded), len(graded)
 
 
 def _files_hash(root: Path, patterns: list[str]) -> str:
@@ -136,7 +145,7 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
     {model name: reference name} of `references` (default: ppo, dpo and kto against sft)."""
     import numpy as np
 
-    from rlhfchat.eval import benchmarks, generate, winrate
+    from rlhfchat.eval import benchmarks, generate
     from rlhfchat.eval.tasks import TASKS_DIR
 
     run = recipe.run_dir
@@ -147,6 +156,7 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
     manifest.sweep(stage_dir)  # before the skip: the report's temporary files live here too
     manifest.require_complete(run / "data")
     has_reward = cfg.win_rates and _is_model_folder(reward_dir)
+    judge = _reachable(cfg.judge, "eval.judge") if cfg.judge else None
 
     # 1. Inputs and skip: the same eval section, seed and inputs as a finished evaluation.
     models = models_to_evaluate(recipe) if models is None else models
@@ -158,7 +168,7 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
         raise RlhfchatError(f"{run}: no finished model to evaluate (sft/, ppo/ or eval.models); "
                             f"run `rlhfchat sft RECIPE.yaml` first")
     inputs = manifest.input_hashes(run, [prompts_file, *(p for _, p in models),
-                                         *([reward_dir] if has_reward else [])])
+                                         *([reward_dir] if has_reward else []), *([judge] if judge else [])])
     chash = config_hash({"eval": cfg, "seed": recipe.seed, "dtype": recipe.base.dtype,
                          "max_prompt_length": recipe.ppo.max_prompt_length,
                          "reward_max_length": recipe.reward.max_length,
@@ -186,6 +196,7 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
         # 2. Each model answers the held-out prompts (greedy, reproducible) and runs the benchmarks.
         rows: dict[str, dict[str, Any]] = {}
         replies: dict[str, list[generate.Reply]] = {}
+        correct: dict[str, list[float | None]] = {}
         bs = batch_size()
         for name, path in models:
             model, tokenizer = generate.load_causal_lm(path, recipe.base.dtype)
@@ -193,6 +204,7 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
                 model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=bs,
                 seed=recipe.seed, max_prompt_length=recipe.ppo.max_prompt_length, desc=f"[eval] {name}: replies")
             texts = [r.text for r in replies[name]]
+            correct[name] = math_correct(prompts, texts)
             em, n_math = math_exact_match(prompts, texts)
             rows[name] = {
                 "model": name, "path": path, "n_prompts": len(prompts),
@@ -208,25 +220,22 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
             del model, tokenizer
             _release_memory()
 
-        # 3. The reward model scores every model's replies (one load for all).
+        # 3. The run's reward model scores every model's replies (one load for all), then the judge, if any.
         rewards: dict[str, list[float]] = {}
+        judged: dict[str, list[float]] = {}
         if has_reward:
             # The same scorer PPO trained against: the same text, truncation and batching.
-            from rlhfchat.models import torch_dtype
-            from rlhfchat.train.rollout import RewardScorer
-
-            scorer = RewardScorer(reward_dir, max_length=recipe.reward.max_length,
-                                  dtype=torch_dtype(recipe.base.dtype), batch_size=bs,
-                                  device=generate.device_for())
-            for name, _ in models:
-                rewards[name] = scorer.score(prompts, [r.text for r in replies[name]]).tolist()
+            rewards = _score(reward_dir, prompts, replies, recipe, bs)
+            for name in rewards:
                 rows[name].update(reward_mean=float(np.mean(rewards[name])), reward_std=float(np.std(rewards[name])))
-            del scorer
-            _release_memory()
         elif not cfg.win_rates:
             print("[eval] eval.win_rates is false; reward scores and win rates left out")
         else:
             print(f"[eval] {reward_dir}: no finished reward model; reward scores and win rates left out")
+        if judge:
+            judged = _score(judge, prompts, replies, recipe, bs)
+            for name in judged:
+                rows[name].update(judge_mean=float(np.mean(judged[name])), judge_std=float(np.std(judged[name])))
 
         # 4. KL of each trained policy to its reference (the SFT model), on the policy's own samples.
         for name, ref in references.items():
@@ -236,7 +245,8 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
                                           seed=recipe.seed, batch_size=bs,
                                           max_prompt_length=recipe.ppo.max_prompt_length,
                                           desc=f"[eval] KL({name}||{ref})")
-            rows[name].update(kl_to_ref=kl["kl"], kl_per_token=kl["kl_per_token"], kl_reference=ref)
+            rows[name].update(kl_to_ref=kl["kl"], kl_estimator="k1", kl_per_token=kl["kl_per_token"],
+                              kl_k3=kl["kl_k3"], kl_trlx=kl["kl_trlx"], kl_reference=ref)
             del policy, reference, tokenizer
             _release_memory()
 
@@ -244,24 +254,31 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
         #    files.
         pairs = [(a, b) for j, a in enumerate(names) for b in names[:j]]
         pairs.sort(key=lambda ab: ab not in references.items())
-        win_rates = {f"{a}_vs_{b}": {"a": a, "b": b, **winrate.win_rate(rewards[a], rewards[b], cfg.bootstrap,
-                                                                         recipe.seed)}
-                     for a, b in pairs if rewards}
+        win_rates = _win_rates(pairs, rewards, cfg.bootstrap, recipe.seed)
+        # the second judges: the independent reward model, and exact answers on the math prompts (those only)
+        math = [i for i, c in enumerate(correct[names[0]]) if c is not None] if names else []
+        win_rates_by = {"judge": _win_rates(pairs, judged, cfg.bootstrap, recipe.seed),
+                        "math_exact_match": _win_rates(pairs, {n: [correct[n][i] for i in math] for n in names}
+                                                       if math else {}, cfg.bootstrap, recipe.seed)}
         results = {
             "run": recipe.name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "settings": {"prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy",
                          "tasks": list(cfg.tasks), "limit": cfg.limit, "bootstrap": cfg.bootstrap,
-                         "seed": recipe.seed, "reward_model": str(reward_dir) if has_reward else None},
+                         "seed": recipe.seed, "reward_model": str(reward_dir) if has_reward else None,
+                         "judge": judge, "math_prompts": len(math)},
             "models": [rows[n] for n in names],
             "baseline": next(iter(references.values()), "sft"),
             "win_rates": win_rates,
+            "win_rates_by": {k: v for k, v in win_rates_by.items() if v},
             "wall_seconds": round(time.perf_counter() - t0, 1),
         }
         write_jsonl(stage_dir / "replies.jsonl", (
             {"id": rec["id"], "source": rec.get("source"), "prompt": rec["prompt"],
              "replies": {n: {"text": replies[n][i].text, "n_tokens": replies[n][i].n_tokens,
-                             "reward": rewards[n][i] if rewards else None} for n in names}}
+                             "reward": rewards[n][i] if rewards else None,
+                             **({"judge": judged[n][i]} if judged else {}),
+                             **({"correct": correct[n][i]} if correct[n][i] is not None else {})} for n in names}}
             for i, rec in enumerate(records)))
         write_json(stage_dir / "results.json", results)
         m["models"] = names
@@ -270,6 +287,29 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
     print(format_table(results))
     print(f"[eval] results in {stage_dir / 'results.json'} ({results['wall_seconds']:.0f}s)")
     return results
+
+
+def _score(path: str | Path, prompts: list, replies: dict[str, list], recipe: Recipe, bs: int) -> dict[str, list[float]]:
+    """Every model's replies scored by the reward model at `path` (RewardScorer, as PPO scores): {model: scores}."""
+    from rlhfchat.eval import generate
+    from rlhfchat.models import torch_dtype
+    from rlhfchat.train.rollout import RewardScorer
+
+    scorer = RewardScorer(path, max_length=recipe.reward.max_length, dtype=torch_dtype(recipe.base.dtype),
+                          batch_size=bs, device=generate.device_for())
+    scores = {name: scorer.score(prompts, [r.text for r in rs]).tolist() for name, rs in replies.items()}
+    del scorer
+    _release_memory()
+    return scores
+
+
+def _win_rates(pairs: list[tuple[str, str]], scores: dict[str, list[float]], iters: int,
+               seed: int) -> dict[str, dict[str, Any]]:
+    """{"a_vs_b": {"a", "b", win_rate, ci95, n, wins, ties, losses}} for each pair, from paired scores."""
+    from rlhfchat.eval import winrate
+
+    return {f"{a}_vs_{b}": {"a": a, "b": b, **winrate.win_rate(scores[a], scores[b], iters, seed)}
+            for a, b in pairs if scores}
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
@@ -282,27 +322,35 @@ def format_table(results: dict[str, Any]) -> str:
     tasks = list(results["settings"].get("tasks") or [])
     task_cols = sorted({t for r in rows for t in r.get("tasks", {})}, key=lambda t: tasks.index(t) if t in tasks
                        else len(tasks))
-    head = ["model", "reward", "±sd", "length", "math EM", "KL(ref)", *task_cols]
+    has_judge = any(r.get("judge_mean") is not None for r in rows)
+    head = ["model", "reward", "±sd", *(["judge"] if has_judge else []), "length", "math EM", "KL k1", "KL trlX",
+            *task_cols]
     table = [head]
     for r in rows:
-        cells = [r["model"], _fmt(r["reward_mean"]), _fmt(r["reward_std"]), _fmt(r["mean_length"], ".1f"),
+        cells = [r["model"], _fmt(r["reward_mean"]), _fmt(r["reward_std"]),
+                 *([_fmt(r.get("judge_mean"))] if has_judge else []), _fmt(r["mean_length"], ".1f"),
                  _fmt(r["math_exact_match"]) + (f" /{r['math_n']}" if r.get("math_n") else ""),
-                 _fmt(r.get("kl_to_ref"))]
+                 _fmt(r.get("kl_to_ref")), _fmt(r.get("kl_trlx"))]
         for t in task_cols:
             s = r.get("tasks", {}).get(t, {})
             cells.append("error" if "error" in s else _fmt(s.get("score")))
         table.append(cells)
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    lines = [(f"held-out prompts: {results['settings']['prompts']}  (reward: reward-model score; length: reply "
-              "tokens; math EM: exact answers /math prompts; KL(ref): KL to the reference per reply)")]
+    lines = [(f"held-out prompts: {results['settings']['prompts']}  (reward: the run's reward model's score, the "
+              "model PPO was trained against" + ("; judge: eval.judge's score" if has_judge else "") + "; length: "
+              "reply tokens; math EM: exact answers /math prompts; KL to the reference per reply: k1 = sum of "
+              "log-ratios, trlX = sum of e^r-1-r as PPO logs it)")]
     for k, row in enumerate(table):
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
-    for w in results.get("win_rates", {}).values():
-        lo, hi = w["ci95"]
-        lines.append(f"win rate {w['a']} over {w['b']}: {w['win_rate']:.3f}  95% CI [{lo:.3f}, {hi:.3f}]  "
-                     f"(n={w['n']}: {w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
+    judges = [("by the run's reward model", results.get("win_rates", {})),
+              *((f"by {k.replace('_', ' ')}", v) for k, v in results.get("win_rates_by", {}).items())]
+    for by, rates in judges:
+        for w in rates.values():
+            lo, hi = w["ci95"]
+            lines.append(f"win rate {w['a']} over {w['b']} {by}: {w['win_rate']:.3f}  95% CI [{lo:.3f}, {hi:.3f}]  "
+                         f"(n={w['n']}: {w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
     return "\n".join(lines)
 
 
