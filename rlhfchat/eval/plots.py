@@ -109,7 +109,7 @@ def plot_comparison(out: Path, results: dict[str, Any], replies: list[dict[str, 
     by = {"reward_model": results.get("win_rates", {}), **results.get("win_rates_by", {})}
     by = {k: v for k, v in by.items() if v}
     pairs = list(by.get("reward_model", {}))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110, gridspec_kw={"width_ratios": [1, 1.3]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110, gridspec_kw={"width_ratios": [1, 1.3]})
     left.boxplot(scores, tick_labels=names, showmeans=True)
     left.set_title("Scores by the run's reward model\n(the one PPO was trained against)", fontsize=10)
     left.set_ylabel("score")
@@ -137,6 +137,7 @@ def plot_comparison(out: Path, results: dict[str, Any], replies: list[dict[str, 
     right.set_title("Win rates, by judge", fontsize=10)
     handles, labels = right.get_legend_handles_labels()
     if handles:
-        right.legend(handles, labels, fontsize=8, loc="lower right", title="judged by", title_fontsize=8)
+        right.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="judged by",
+                     title_fontsize=8)  # beside the bars, never over them
     _save(plt, fig, out)
     return True

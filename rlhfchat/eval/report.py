@@ -203,7 +203,7 @@ def _reconcile(results: dict[str, Any], ppo: dict[str, Any], recipe: Recipe) -> 
              "figures differ from this table's because of " + "; ".join(differs) + ". A sampled reply takes "
              "unlikely tokens that a greedy one never does, so the two columns measure the same models on different "
              "replies, and only the changes within a column compare. Its KL is logged on training prompts with "
-             "trlX's estimator, which is not an estimate of the KL (eval/kl.py), so its KL is set beside the same "
+             "trlX's estimator, which is not an estimate of the KL (its mean is χ² − KL), so it is set beside the same "
              "estimator here."), "", *table, ""]
 
 
