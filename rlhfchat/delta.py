@@ -14,7 +14,7 @@ value_head.safetensors when it holds the head alone; not a run's bookkeeping: ma
                             carried file and of the fixes file.
   delta-fixes.safetensors   the exact target values of the few elements the delta cannot reproduce (see below).
 
-A delta is not a model: every rlhfchat loader of a model folder refuses one (`refuse`, through
+A delta is not a model: every rlhfchat loader of a model folder refuses one (delta_card.refuse, through
 models.resolve_model) with the apply command. `--base`, `--delta` and `--target` also take hub ids (hub.download).
 
 Trust. Apply checks, before writing a byte: the base's tensors and every carried file and the fixes file against
@@ -57,7 +57,7 @@ import torch
 from tqdm import tqdm
 
 from rlhfchat.atomic import FILE_MODE, atomic_dir, sweep, write_json
-from rlhfchat.delta_card import model_card
+from rlhfchat.delta_card import CARD, FORMAT, MANIFEST, model_card, refuse
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.manifest import require_complete
 from rlhfchat.weights import (
@@ -76,11 +76,8 @@ from rlhfchat.weights import (
 
 log = logging.getLogger(__name__)
 
-FORMAT = "rlhfchat-delta"
 FORMAT_VERSION = 1
-MANIFEST = "delta.json"
 FIXES = "delta-fixes.safetensors"
-CARD = "README.md"
 # A run's stage folder holds these beside the model: the stage's bookkeeping, not part of the model, and not
 # published (the target's own README.md is replaced by the delta's card)
 BOOKKEEPING = ("manifest.json", "metrics.json", "metrics.jsonl", CARD, "trainer_state.json", "all_results.json",
@@ -129,36 +126,7 @@ def _differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.reshape(-1).view(bits) != b.reshape(-1).view(bits)).nonzero().squeeze(1)
 
 
-# ---- what is a delta --------------------------------------------------------------------------------------------
-
-def is_delta(folder: str | Path) -> dict | None:
-    """The raw manifest when `folder` holds an rlhfchat delta (its delta.json says so), else None. Cheap: no hashing."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        return None
-    data = _read_json(path)
-    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
-
-
-def applied_name(delta: str) -> str:
-    """A name for the model a delta rebuilds: `x-delta` -> `x`, anything else -> `x-applied`."""
-    name = Path(str(delta).rstrip("/")).name or "model"
-    return name.removesuffix("-delta") if name.endswith("-delta") and name != "-delta" else f"{name}-applied"
-
-
-def is_a_delta(name: str | Path, manifest: dict | None = None) -> RlhfchatError:
-    """The one line every loader of a model folder gives for a delta."""
-    base = (manifest or {}).get("base_model") or "BASE"
-    return RlhfchatError(f"{name}: this is a weight delta: apply it with `rlhfchat delta apply --base {base} "
-                         f"--delta {name} --out {applied_name(str(name))}`")
-
-
-def refuse(folder: str | Path, shown_as: str | None = None) -> None:
-    """Refuse a delta folder where a model folder is expected (one line with the apply command)."""
-    manifest = is_delta(folder)
-    if manifest is not None:
-        raise is_a_delta(shown_as or folder, manifest)
-
+# ---- hub ids --------------------------------------------------------------------------------------------------
 
 def _folder(name: str | Path, what: str, delta: bool = False) -> Path:
     """A local folder for `--base`, `--delta` or `--target`: as given, or a hub id fetched (hub.download). A delta

@@ -1,4 +1,8 @@
-"""The model card (README.md) of a weight delta: what it is, the base it needs, its fingerprints, the apply command.
+"""What marks a folder as a weight delta, the one line every model loader gives for one, and the delta's model card.
+
+A delta folder is marked by its delta.json (MANIFEST) saying `"format": "rlhfchat-delta"`: `is_delta`, `refuse`.
+
+The model card (README.md) says what it is, the base it needs, its fingerprints and the exact apply command.
 
 Written by `rlhfchat delta make` from the delta's manifest alone, so it says only what apply checks. The front
 matter is the Hugging Face Hub's model card metadata: `base_model` (when the base is a hub id) links the delta to its
@@ -12,8 +16,50 @@ base against (tensor by tensor), the result's what it checks the model it writes
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+from pathlib import Path
 from typing import Any
+
+from rlhfchat.errors import RlhfchatError
+
+FORMAT = "rlhfchat-delta"
+MANIFEST = "delta.json"
+CARD = "README.md"
+
+
+def is_delta(folder: str | Path) -> dict | None:
+    """The raw manifest when `folder` holds an rlhfchat delta (its delta.json says so), else None. Cheap: no hashing.
+
+    A delta.json that does not parse counts as a delta's ({}): a damaged delta is still not a model."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+
+
+def applied_name(delta: str) -> str:
+    """A name for the model a delta rebuilds: `x-delta` -> `x`, anything else -> `x-applied`."""
+    name = Path(str(delta).rstrip("/")).name or "model"
+    return name.removesuffix("-delta") if name.endswith("-delta") and name != "-delta" else f"{name}-applied"
+
+
+def is_a_delta(name: str | Path, manifest: dict | None = None) -> RlhfchatError:
+    """The one line every loader of a model folder gives for a delta."""
+    base = (manifest or {}).get("base_model") or "BASE"
+    return RlhfchatError(f"{name}: this is a weight delta: apply it with `rlhfchat delta apply --base {base} "
+                         f"--delta {name} --out {applied_name(str(name))}`")
+
+
+def refuse(folder: str | Path, shown_as: str | None = None) -> None:
+    """Refuse a delta folder where a model folder is expected (one line with the apply command)."""
+    manifest = is_delta(folder)
+    if manifest is not None:
+        raise is_a_delta(shown_as or folder, manifest)
 
 
 def fingerprint(tensors: dict[str, dict[str, Any]], key: str) -> str:
@@ -32,7 +78,6 @@ def _count(n: float) -> str:
 def model_card(manifest: dict[str, Any], manifest_sha256: str) -> str:
     """The README.md of a delta folder, from its manifest (as make_delta writes it) and delta.json's sha256."""
     from rlhfchat import hub
-    from rlhfchat.delta import applied_name
 
     name, base = manifest.get("name") or "DELTA", manifest.get("base_model") or "BASE"
     tensors = manifest["tensors"]
