@@ -124,7 +124,7 @@ def test_report_has_tables_plots_and_examples(tiny_run, capsys):
     assert "| **base** | -1.000 ± 0.500 | 0.200 [0.10, 0.30] | -0.500 ± 0.250 | 0.400 [0.30, 0.50] |" in text  # flipped
     assert "ConnectionError: offline" in text and "exact_match (last-integer)" in text
     # Each KL names its estimator, in the table and on the plot that PPO's log makes (and eval's, marked on it)
-    assert "KL to SFT: k1 = Σ log-ratio (unbiased) | KL to SFT: trlX's Σ (e^r − 1 − r) (≥ 0, not a KL estimate) |" in text
+    assert "KL to reference: k1 = Σ log-ratio (unbiased) | KL to reference: trlX's Σ (e^r − 1 − r) (≥ 0, not a KL estimate) |" in text
     assert "![PPO: KL to the reference (SFT), trlX's estimator as PPO logs it](ppo_kl.png)" in text
     # Win rates say who judged them: the run's own reward model, eval.judge and exact answers side by side
     assert ("| | by the run's reward model | by eval.judge (`org/judge-rm`) | by exact answers (2 math prompts) |"
