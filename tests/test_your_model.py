@@ -106,11 +106,15 @@ def test_library_noise_is_silenced_unless_verbose(tmp_path, tiny_model_dir, tiny
         assert done.returncode == 0, done.stderr[-2000:]
         assert json.loads(done.stdout.strip().splitlines()[-1])["samples"] == 2
         runs[bool(flag)] = done.stdout + done.stderr
-    noise = ["LOAD REPORT", "FutureWarning"]  # transformers' table; a deprecation inside peft and transformers
-    if importlib.util.find_spec("deepspeed"):
-        noise.append("Setting accelerator to CPU")
+    # transformers' table is always there (the critic's trunk from a causal-LM folder); the rest depends on what is
+    # installed and which versions: each, where --verbose shows it, is silenced without
+    assert "LOAD REPORT" in runs[True]
+    shown = [text for text in NOISE if text in runs[True]]
+    assert [text for text in shown if text in runs[False]] == [], shown
     if importlib.util.find_spec("bitsandbytes") and _has_avx512bf16():  # its optional CPU kernel is tried only there
-        noise.append("Failed to load CPU gemm_4bit_forward")
-    for text in noise:
-        assert text in runs[True], text  # the noise is real: --verbose shows it
-        assert text not in runs[False], text
+        assert "Failed to load CPU gemm_4bit_forward" in shown
+
+
+NOISE = ["LOAD REPORT", "Failed to load CPU gemm_4bit_forward", "Setting accelerator to CPU", "FutureWarning",
+         "DeprecationWarning", "UserWarning"]
+"""What the libraries underneath print that means nothing to a user of `rlhfchat`."""
