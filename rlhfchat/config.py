@@ -153,21 +153,25 @@ class RewardConfig(TrainerConfig):
 
 @dataclass
 class PPOConfig:
-    """Our PPO, faithful to trlX. Defaults are StableVicuna's published values."""
+    """Our PPO, faithful to trlX v0.6.0 (the StableVicuna run's version; docs/ppo.md lists every difference and why).
+    Defaults are StableVicuna's published values."""
 
     num_rollouts: int = 128
-    """Samples generated per PPO iteration (trlX method.num_rollouts)."""
+    """Samples each process generates per PPO iteration (trlX v0.6.0 method.num_rollouts, per process): an iteration
+    makes num_rollouts x processes samples."""
     chunk_size: int = 16
-    """Prompts per generation batch (trlX method.chunk_size)."""
+    """Prompts per generation batch on each process (trlX v0.6.0 method.chunk_size)."""
     ppo_epochs: int = 4
     batch_size: int = 8
-    """Minibatch size of the PPO update (trlX train.batch_size)."""
+    """Rows per micro-batch of the PPO update on each process (trlX v0.6.0 train.batch_size, which has no
+    accumulation); an optimizer step takes batch_size x grad_accum rows from each process."""
     grad_accum: int = 1
     total_steps: int = 100
-    """Optimizer steps overall (trlX train.total_steps), counted as on one process: the run makes as many
-    iterations of num_rollouts samples as fit, and the same iterations on any number of processes."""
+    """Optimizer steps overall (trlX train.total_steps): the run makes as many whole iterations as fit. Every
+    process takes the same steps, so the count does not depend on the number of processes."""
     epochs: int = 100
-    """Upper bound on passes over the prompt set (trlX train.epochs)."""
+    """Upper bound on passes over the prompt set (each iteration reads num_rollouts x processes prompts). trlX's
+    train.epochs bounds the number of iterations instead."""
     learning_rate: float = 1e-6
     weight_decay: float = 1e-6
     adam_beta1: float = 0.9
@@ -196,7 +200,10 @@ class PPOConfig:
     stop_sequences: list[str] = field(default_factory=lambda: ["### Human:"])
     max_prompt_length: int = 256
     share_trunk: bool = True
-    """The value head rides on the policy's network (one trunk) instead of a separate critic."""
+    """The value head rides on the policy's network (one trunk, as trlX v0.6.0 always does) instead of a separate
+    critic."""
+    value_head: Literal["mlp", "linear"] = "mlp"
+    """mlp: trlX v0.6.0's value head, Linear(d, 2d), ReLU, Linear(2d, 1); linear: one Linear(d, 1)."""
     num_layers_unfrozen: int = -1
     """trlX model.num_layers_unfrozen: -1 trains every layer; N >= 0 freezes the embeddings and all decoder blocks
     but the top N (the final norm and the output layer still train, unless tied to the embeddings; trlX leaves the

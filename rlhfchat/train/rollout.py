@@ -36,6 +36,7 @@ import torch
 from rlhfchat.data.chat_format import cut_at_stop, reward_text
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.models import inverse_cdf_sample, reserve_cache
+from rlhfchat.train.distributed import frozen_forward, zero_stage
 
 Prompt = str | list[dict[str, str]]
 """A list of chat messages (rendered through the chat template) or a string used verbatim as the input."""
@@ -296,12 +297,6 @@ def hf_generate(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, prompt_mas
     return Generated(tokens, torch.stack(hidden[: tokens.shape[1]], dim=1))
 
 
-def zero_stage(accelerator: Any) -> int | None:
-    """The DeepSpeed ZeRO stage an accelerator runs under, or None without DeepSpeed."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return None if plugin is None else int(plugin.zero_stage)
-
-
 @contextlib.contextmanager
 def gathered_for_generation(model: Any, accelerator: Any) -> Iterator[Any]:
     """The unwrapped model, with its parameters gathered once for the whole block under DeepSpeed ZeRO-3.
@@ -423,19 +418,21 @@ class RewardScorer:
             return f"{prompt} {reply}"
         return reward_text(self.tokenizer, prompt, reply)
 
-    @torch.inference_mode()
     def score_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Scores of whole texts. N texts -> (N,) float32 on the CPU."""
+        """Scores of whole texts. N texts -> (N,) float32 on the CPU.
+
+        Under ZeRO-3 (distributed.prepare_frozen) every rank must score the same number of texts."""
         device = next(self.model.parameters()).device
         tok = self.tokenizer
         sides = tok.truncation_side, tok.padding_side
         tok.truncation_side = tok.padding_side = "left"
         scores = []
         try:
-            for start in range(0, len(texts), self.batch_size):
-                enc = tok(list(texts[start : start + self.batch_size]), return_tensors="pt", padding=True,
-                          truncation=True, max_length=self.max_length, add_special_tokens=False).to(device)
-                scores.append(self.forward(enc["input_ids"], enc["attention_mask"]).float().cpu())
+            with frozen_forward(self.model):
+                for start in range(0, len(texts), self.batch_size):
+                    enc = tok(list(texts[start : start + self.batch_size]), return_tensors="pt", padding=True,
+                              truncation=True, max_length=self.max_length, add_special_tokens=False).to(device)
+                    scores.append(self.forward(enc["input_ids"], enc["attention_mask"]).float().cpu())
         finally:
             tok.truncation_side, tok.padding_side = sides
         return torch.cat(scores) if scores else torch.zeros(0)
