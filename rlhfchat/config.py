@@ -167,10 +167,11 @@ class PPOConfig:
     accumulation); an optimizer step takes batch_size x grad_accum rows from each process."""
     grad_accum: int = 1
     total_steps: int = 100
-    """Optimizer steps overall (trlX train.total_steps): the run makes as many whole iterations as fit. Every
-    process takes the same steps, so the count does not depend on the number of processes."""
+    """Optimizer steps overall (trlX v0.6.0 train.total_steps, where the run stops mid-iteration): the run makes as many
+    whole iterations as fit. Every process takes the same steps, so the count does not depend on the number of
+    processes."""
     epochs: int = 100
-    """Upper bound on passes over the prompt set (each iteration reads num_rollouts x processes prompts). trlX's
+    """Upper bound on passes over the prompt set (each iteration reads num_rollouts x processes prompts). trlX v0.6.0's
     train.epochs bounds the number of iterations instead."""
     learning_rate: float = 1e-6
     weight_decay: float = 1e-6
@@ -187,7 +188,7 @@ class PPOConfig:
     cliprange_value: float = 0.2
     vf_coef: float = 1.0
     scale_reward: Literal["none", "running", "ref"] | None = None
-    """trlX scale_reward: None/none, running (divide by running std), ref (by the reference's score std)."""
+    """trlX v0.6.0 scale_reward: None/none, running (divide by running std), ref (by the reference's score std)."""
     ref_mean: float | None = None
     ref_std: float | None = None
     cliprange_reward: float = 10.0
@@ -205,11 +206,11 @@ class PPOConfig:
     value_head: Literal["mlp", "linear"] = "mlp"
     """mlp: trlX v0.6.0's value head, Linear(d, 2d), ReLU, Linear(2d, 1); linear: one Linear(d, 1)."""
     num_layers_unfrozen: int = -1
-    """trlX model.num_layers_unfrozen: -1 trains every layer; N >= 0 freezes the embeddings and all decoder blocks
-    but the top N (the final norm and the output layer still train, unless tied to the embeddings; trlX leaves the
+    """trlX v0.6.0 model.num_layers_unfrozen: -1 trains every layer; N >= 0 freezes the embeddings and all decoder blocks
+    but the top N (the final norm and the output layer still train, unless tied to the embeddings; trlX v0.6.0 leaves the
     embeddings trainable, freezing them keeps the reference exact). The reference is then the policy's own frozen
-    bottom under frozen copies of the top (trlX's hydra): no second whole model (under ZeRO-3 or FSDP it is one
-    again), and the update's backward stops at the lowest trainable block. trlX's own examples use 2. Not with
+    bottom under frozen copies of the top (trlX v0.6.0's hydra): no second whole model (under ZeRO-3 or FSDP it is one
+    again), and the update's backward stops at the lowest trainable block. trlX v0.6.0's default PPO config uses 2. Not with
     `lora`; a separate critic (`share_trunk: false`) trains in full."""
     share_prompt_prefix: bool = True
     """The leading tokens every prompt of a batch has in common (the system prompt, the template's opening) go

@@ -8,7 +8,8 @@ Prompts are canonical message lists rendered through the tokenizer's chat templa
 ("### Assistant:"); replies are cut at the stop sequences and stripped, so `Reply.text` is what a user would see and
 what the reward model scores (through `chat_format.reward_text`, the same text reward training and PPO use).
 
-KL of the PPO model to its reference is estimated as trlX and the PPO stage see it, on the policy's own samples:
+KL of the PPO model to its reference, estimated on the policy's own samples (the plain log-ratio sum; trlX v0.6.0's
+KL controller and the PPO stage's use exp(r) - 1 - r instead, see docs/ppo.md):
     KL(ppo || ref) ~= mean over prompts of  sum over sampled reply tokens of  (log p_ppo(y_t) - log p_ref(y_t))
 with replies sampled at temperature 1 and no top-k/top-p truncation (the policy's own distribution), up to and
 including EOS or the stop sequence.

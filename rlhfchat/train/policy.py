@@ -8,16 +8,16 @@
 `input_ids` is a left-padded prompt of `n_prompt` columns followed by a right-padded response of R columns.
 Only the R response positions go through the output layer: the hidden state at column t predicts token t + 1, so
 the states of columns n_prompt - 1 .. n_prompt + R - 2 give the logprobs of the response tokens and the values
-of the states before each of them (trlX's alignment: value t is the value of the state that emits token t).
+of the states before each of them (trlX v0.6.0's alignment: value t is the value of the state that emits token t).
 
-- `share_trunk: true` (trlX's default): the value head reads the policy's last hidden state; one forward gives
+- `share_trunk: true` (trlX v0.6.0 has no other): the value head reads the policy's last hidden state; one forward gives
   logprobs and values.
 - `share_trunk: false`: a separate critic, a copy of the SFT model's trunk with its own value head.
 - `value_head: mlp` (default): trlX's head (v0.6.0 `make_head`: Linear(d, 2d), ReLU, Linear(2d, 1)) with float32
   weights; `linear`: one Linear(d, 1).
 - LoRA (`ppo.lora.enabled`): only the adapters (and the value head) train; the reference is the same network with
   the adapters disabled, so no second copy of the weights is held.
-- `num_layers_unfrozen: N` (trlX's hydra): the embeddings and every decoder block below the top N stay frozen, so the
+- `num_layers_unfrozen: N` (trlX v0.6.0's hydra): the embeddings and every decoder block below the top N stay frozen, so the
   reference is the policy's own frozen bottom under copies of what trains above it (`FrozenBranch`), not a second
   whole model; the update's backward stops at the lowest trainable block.
 - `share_prompt_prefix: true`: the leading tokens all rows of a batch share (the system prompt) go through the trunk
@@ -202,7 +202,7 @@ def freeze_bottom_layers(lm: nn.Module, num_layers_unfrozen: int) -> None:
     """Freeze everything below the top `num_layers_unfrozen` decoder blocks: the input embeddings, whatever else the
     trunk runs before its blocks (GPT-2's position embeddings, Bloom's embedding norm) and the lower blocks. The final
     norm and the output layer keep training, unless the output layer is tied to the input embeddings: then it is
-    frozen with them. trlX's freeze_bottom_causal_layers freezes the lower blocks only; freezing what feeds them too
+    frozen with them. trlX v0.6.0's freeze_bottom_causal_layers freezes the lower blocks only; freezing what feeds them too
     keeps the shared bottom exactly the SFT model's (so the reference is exact) and stops the backward at the lowest
     trainable block."""
     trunk, _ = causal_parts(lm)
@@ -220,7 +220,7 @@ def freeze_bottom_layers(lm: nn.Module, num_layers_unfrozen: int) -> None:
 
 
 class FrozenBranch:
-    """trlX's hydra reference: frozen copies of the parts of a partly frozen policy that train (the top blocks, the
+    """trlX v0.6.0's hydra reference: frozen copies of the parts of a partly frozen policy that train (the top blocks, the
     final norm, the output layer), taken while they still hold the SFT weights. Swapped into the policy for the
     reference's forward, they make it the SFT model again on top of the shared frozen bottom; nothing else of the
     model is held twice.

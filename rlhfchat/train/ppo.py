@@ -234,7 +234,7 @@ class PPO:
             times["forward_s"] += time.perf_counter() - t2
         exp = merge(chunks, self.tokenizer.pad_token_id)
 
-        # 2b. scale and clip the scores (trlX: running moments over every score seen, then the clip)
+        # 2b. scale and clip the scores (trlX v0.6.0: running moments over every score seen, then the clip)
         all_scores = self.accelerator.gather(exp.scores)
         self.moments.update(all_scores)
         if self.ref_std is None:
@@ -242,7 +242,7 @@ class PPO:
         scores = pm.scale_scores(exp.scores, self.cfg.scale_reward, self.moments.std, self.ref_std)
         scores = pm.clip_scores(scores, cfg.cliprange_reward)
 
-        # 4. rewards and advantages over the whole rollout (whitened over every process's tokens, as trlX)
+        # 4. rewards and advantages over the whole rollout (whitened once, over every process's tokens)
         seq_kl = pm.sequence_kl(exp.logprobs, exp.ref_logprobs, exp.mask)  # (N,)
         self.mean_kl = float(self.accelerator.gather(seq_kl).mean())
         exp.rewards = pm.kl_penalty_rewards(exp.logprobs, exp.ref_logprobs, scores, exp.mask, self.kl_ctl.value)

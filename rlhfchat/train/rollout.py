@@ -8,7 +8,7 @@
     generate_replies(model, tokenizer, prompts, settings)                   # list[str], for evaluation and chat
 
 A response ends at the first EOS (kept, it is a real token the policy chose) or, failing that, at the first stop
-sequence: the tokens are cut where the stop text begins and an EOS takes its place, as trlX does (it trims the
+sequence: the tokens are cut where the stop text begins and an EOS takes its place, as trlX v0.6.0 does (it trims the
 text and appends EOS). A response that runs to max_new_tokens has no EOS. Everything after the end is padding
 with mask 0, so the reward-model score lands on the last real token and never on padding.
 
@@ -124,7 +124,7 @@ def _kept_tokens(tokens: list[int], tokenizer: Any, reply: str) -> int:
         else:
             hi = mid - 1
     while lo > 0 and tokenizer.decode(tokens[: lo - 1], skip_special_tokens=True).rstrip() == target:
-        lo -= 1  # trailing whitespace tokens go too: trlX rstrips the cut text before appending EOS
+        lo -= 1  # trailing whitespace tokens go too: trlX v0.6.0 rstrips the cut text before appending EOS
     return lo
 
 
