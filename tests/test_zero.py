@@ -43,9 +43,11 @@ def _launch_stages(tmp_path: Path, trained: Path, stage: int) -> tuple[Path, Pat
     shutil.copytree(trained, a, ignore=shutil.ignore_patterns("sft", "reward"))
     shutil.copytree(trained, b)
     probe = tmp_path / "probe.pt"
+    ppo = [*SETTINGS, *PPO_ZERO[stage]]
     spec = {"runs": [["sft", str(a), [*SETTINGS, *HALF_BATCH]], ["reward", str(a), [*SETTINGS, *HALF_BATCH]],
-                     ["ppo", str(b), [*SETTINGS, *PPO_ZERO[stage]]]],
-            "probe": {"run": str(trained), "out": str(probe)} if stage == 3 else None}
+                     ["ppo", str(b), ppo]],
+            "probe": {"run": str(trained), "out": str(probe)} if stage == 3 else None,
+            "reload": {"run": str(b), "overrides": ppo, "out": str(tmp_path / "reload.json")}}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     out = subprocess.run([*launcher(stage), str(ROOT / "tests" / "_zero_stages.py"), str(tmp_path / "spec.json")],
                          capture_output=True, text=True, env=ENV, timeout=600, cwd=ROOT)
@@ -80,13 +82,20 @@ def test_stages_under_zero_match_one_process(tmp_path, trained, ppo_one, stage):
     assert_ppo_runs_match(ppo_one, b, trained / "sft")
     for folder in (a / "sft", a / "reward", b / "ppo", b / "ppo" / "checkpoints"):  # no temporary file left over
         assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")], folder
+    # the last checkpoint, loaded on this layout (its own partitions of each tensor) and gathered again, is the files
+    reloaded = json.loads((tmp_path / "reload.json").read_text())
+    assert reloaded["same_names"] and reloaded["equal"], reloaded
+    assert reloaded["checkpoint"] == "step-000003" and reloaded["step"] == reloaded["saved_step"] == 6
     if stage == 3:  # the reference and the reward model, partitioned on both ranks, compute what they do whole
         from tests._zero_stages import probe as probe_here
 
-        sharded, whole = torch.load(probe), probe_here(trained)
+        result, whole = torch.load(probe), probe_here(trained)
+        sharded, reward_whole = result["sharded"], result["reward_whole"]
         assert sharded["partitioned"] and not whole["partitioned"]
-        torch.testing.assert_close(sharded["ref_logprobs"], whole["ref_logprobs"], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(sharded["scores"], whole["scores"], rtol=1e-5, atol=1e-5)
+        assert not reward_whole["reward_partitioned"], "ppo.reward_device: loaded whole, outside DeepSpeed"
+        for got in (sharded, reward_whole):
+            torch.testing.assert_close(got["ref_logprobs"], whole["ref_logprobs"], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got["scores"], whole["scores"], rtol=1e-5, atol=1e-5)
         assert whole["ref_logprobs"].abs().sum() > 0
 
 

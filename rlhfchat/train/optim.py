@@ -34,14 +34,17 @@ def fused_supported(accelerator: Any) -> bool:
 def adamw(params: Sequence[torch.Tensor], accelerator: Any, **kwargs: Any) -> torch.optim.AdamW:
     """torch's AdamW, fused where it can be: one pass over each tensor instead of a dozen (a tenth of a CPU step).
 
-    16-bit parameters outside DeepSpeed (`base.dtype: bfloat16`) get float32 master copies (MasterWeightAdamW): at
-    PPO's learning rates most of AdamW's updates to a bf16 weight are below its rounding step and would be lost.
-    DeepSpeed keeps float32 master weights of its own.
+    16-bit parameters on one process or under DDP (`base.dtype: bfloat16`) get float32 master copies
+    (MasterWeightAdamW): at PPO's learning rates most of AdamW's updates to a bf16 weight are below its rounding step
+    and would be lost. DeepSpeed keeps float32 master weights of its own; FSDP and fp16 loss scaling are refused.
     """
     params = list(params)
     fused = fused_supported(accelerator) or None
-    if accelerator.distributed_type.value != "DEEPSPEED" and any(p.dtype in (torch.bfloat16, torch.float16)
-                                                                 for p in params):
+    layout = accelerator.distributed_type.value
+    if layout != "DEEPSPEED" and any(p.dtype in (torch.bfloat16, torch.float16) for p in params):
+        if layout == "FSDP":
+            raise RlhfchatError("base.dtype: 16-bit policy weights under FSDP would train without float32 master "
+                                "weights; set base.dtype=float32 (FSDP's mixed_precision bf16 computes in bf16)")
         if accelerator.mixed_precision == "fp16":
             raise RlhfchatError("base.dtype: 16-bit policy weights under fp16 mixed precision cannot be unscaled by "
                                 "the loss scaler; use mixed_precision bf16, base.dtype=float32, or a DeepSpeed config")
