@@ -42,3 +42,16 @@ def test_config_parses_and_names_real_options(path):
     if path.stem == "fsdp":
         assert raw["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
     assert config.num_processes >= 1
+
+
+def test_a_deepspeed_config_without_deepspeed_is_one_clear_line(monkeypatch):
+    import sys
+
+    from rlhfchat.errors import RlhfchatError
+    from rlhfchat.train.distributed import new_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if it were not installed
+    with pytest.raises(RlhfchatError, match=r"^accelerate config: DeepSpeed is selected but deepspeed is not "
+                                            r"installed; DS_BUILD_OPS=0 pip install 'rlhfchat\[deepspeed\]'"):
+        new_accelerator()

@@ -16,7 +16,7 @@ import torch
 
 from rlhfchat import manifest
 from rlhfchat.config import load_recipe
-from tests.test_stages import REWARD, SFT, TINY, _write_data
+from tests.test_stages import REWARD, SFT, TINY
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from rlhfchat import manifest
-from tests.test_scale import ENV, ONE_PROC, PPO, PPO_TWO, REWARD, ROOT, SFT, TINY, _losses, _run, assert_ppo_runs_match
+from tests.test_scale import ENV, ONE_PROC, PPO_TWO, REWARD, ROOT, SFT, TINY, _losses, _run, assert_ppo_runs_match
 
 pytestmark = pytest.mark.slow
 

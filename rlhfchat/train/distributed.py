@@ -1,10 +1,10 @@
 """accelerate and DeepSpeed behind one door: the Accelerator PPO runs under, the DeepSpeed settings its own loop
 needs, frozen networks under ZeRO-3, and whole weights for a save.
 
-    accelerator = new_accelerator(log_with=None)          # DDP, DeepSpeed or one process; GPU or CPU
-    configure_deepspeed(accelerator, micro_batch=8, max_grad_norm=1.0)   # before prepare()
-    reference_lm = prepare_frozen(reference_lm, accelerator)                          # ZeRO-3: an inference engine
-    with whole_parameters(model):                          # ZeRO-3: every rank gathers; rank 0 then saves
+    accelerator = new_accelerator(log_with=None)              # DDP, DeepSpeed or one process; GPU or CPU
+    configure_deepspeed(accelerator, micro_batch=8, max_grad_norm=1.0)  # before prepare()
+    reference_lm = prepare_frozen(reference_lm, accelerator)  # ZeRO-3: an inference engine
+    with whole_parameters(model):                              # ZeRO-3: every rank gathers; rank 0 then saves
         ...
 
 On a machine without GPUs, `accelerate launch` with a DeepSpeed config (configs/accelerate/cpu-zero2.yaml,

@@ -17,8 +17,8 @@ Each iteration ("step" in the logs) does, on every process, as trlX v0.6.0:
                 with num_layers_unfrozen the policy with frozen copies of its trained top swapped in)
   4. advantages per-token reward -kl_coef * (logp - ref_logp), score on the last real token; GAE; whitening
   5. update     ppo_epochs over shuffled minibatches of batch_size x grad_accum; clipped policy and value losses;
-                one optimizer step per minibatch; the KL controller moves once per minibatch of an epoch, n_steps =
-                the minibatch's rows on one process (trlX v0.6.0's post_backward_callback)
+                one optimizer step per minibatch; the KL controller moves once per minibatch of the first epoch,
+                n_steps = batch_size x grad_accum (trlX v0.6.0's post_backward_callback, with its train.batch_size)
   6. log        metrics.jsonl and the progress bar; a checkpoint every save_steps iterations and at the end
 """
 
