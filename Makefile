@@ -1,6 +1,7 @@
 # The two commands of the README. Both create .venv when it is missing and install everything into it:
 # torch 2.13.0 first (so no package pulls a multi-GB CUDA build on a CPU machine), then rlhfchat with every extra,
-# pinned by constraints.txt.
+# pinned by constraints.txt. DS_BUILD_OPS=0: DeepSpeed installs without compiling its CUDA kernels (it runs on CPUs in
+# the tests; on GPUs it builds the kernels it needs when they are first used).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -13,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[chat,discord,eval,postgres,dev,qlora]'
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -c constraints.txt -e '.[chat,discord,eval,postgres,dev,qlora]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -250,21 +250,26 @@ class IterateConfig:
 
 @dataclass
 class PPOConfig:
-    """Our PPO, faithful to trlX. Defaults are StableVicuna's published values."""
+    """Our PPO, faithful to trlX v0.6.0 (the StableVicuna run's version; docs/ppo.md lists every difference and why).
+    Defaults are StableVicuna's published values."""
 
     num_rollouts: int = 128
-    """Samples generated per PPO iteration (trlX method.num_rollouts)."""
+    """Samples each process generates per PPO iteration (trlX v0.6.0 method.num_rollouts, per process): an iteration
+    makes num_rollouts x processes samples."""
     chunk_size: int = 16
-    """Prompts per generation batch (trlX method.chunk_size)."""
+    """Prompts per generation batch on each process (trlX v0.6.0 method.chunk_size)."""
     ppo_epochs: int = 4
     batch_size: int = 8
-    """Minibatch size of the PPO update (trlX train.batch_size)."""
+    """Rows per micro-batch of the PPO update on each process (trlX v0.6.0 train.batch_size, which has no
+    accumulation); an optimizer step takes batch_size x grad_accum rows from each process."""
     grad_accum: int = 1
     total_steps: int = 100
-    """Optimizer steps overall (trlX train.total_steps), counted as on one process: the run makes as many
-    iterations of num_rollouts samples as fit, and the same iterations on any number of processes."""
+    """Optimizer steps overall (trlX v0.6.0 train.total_steps, where the run stops mid-iteration): the run makes as many
+    whole iterations as fit. Every process takes the same steps, so the count does not depend on the number of
+    processes."""
     epochs: int = 100
-    """Upper bound on passes over the prompt set (trlX train.epochs)."""
+    """Upper bound on passes over the prompt set (each iteration reads num_rollouts x processes prompts). trlX v0.6.0's
+    train.epochs bounds the number of iterations instead."""
     learning_rate: float = 1e-6
     weight_decay: float = 1e-6
     adam_beta1: float = 0.9
@@ -280,7 +285,7 @@ class PPOConfig:
     cliprange_value: float = 0.2
     vf_coef: float = 1.0
     scale_reward: Literal["none", "running", "ref"] | None = None
-    """trlX scale_reward: None/none, running (divide by running std), ref (by the reference's score std)."""
+    """trlX v0.6.0 scale_reward: None/none, running (divide by running std), ref (by the reference's score std)."""
     ref_mean: float | None = None
     ref_std: float | None = None
     cliprange_reward: float = 10.0
@@ -293,13 +298,16 @@ class PPOConfig:
     stop_sequences: list[str] = field(default_factory=lambda: ["### Human:"])
     max_prompt_length: int = 256
     share_trunk: bool = True
-    """The value head rides on the policy's network (one trunk) instead of a separate critic."""
+    """The value head rides on the policy's network (one trunk, as trlX v0.6.0 always does) instead of a separate
+    critic."""
+    value_head: Literal["mlp", "linear"] = "mlp"
+    """mlp: trlX v0.6.0's value head, Linear(d, 2d), ReLU, Linear(2d, 1); linear: one Linear(d, 1)."""
     num_layers_unfrozen: int = -1
-    """trlX model.num_layers_unfrozen: -1 trains every layer; N >= 0 freezes the embeddings and all decoder blocks
-    but the top N (the final norm and the output layer still train, unless tied to the embeddings; trlX leaves the
+    """trlX v0.6.0 model.num_layers_unfrozen: -1 trains every layer; N >= 0 freezes the embeddings and all decoder blocks
+    but the top N (the final norm and the output layer still train, unless tied to the embeddings; trlX v0.6.0 leaves the
     embeddings trainable, freezing them keeps the reference exact). The reference is then the policy's own frozen
-    bottom under frozen copies of the top (trlX's hydra): no second whole model (under ZeRO-3 or FSDP it is one
-    again), and the update's backward stops at the lowest trainable block. trlX's own examples use 2. Not with
+    bottom under frozen copies of the top (trlX v0.6.0's hydra): no second whole model (under ZeRO-3 or FSDP it is one
+    again), and the update's backward stops at the lowest trainable block. trlX v0.6.0's default PPO config uses 2. Not with
     `lora`; a separate critic (`share_trunk: false`) trains in full."""
     share_prompt_prefix: bool = True
     """The leading tokens every prompt of a batch has in common (the system prompt, the template's opening) go

@@ -78,3 +78,41 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """A run folder with data, sft and reward done on one process (tests.test_stages' settings), for the tests of
+    multi-process and DeepSpeed runs to copy and to compare with."""
+    import json
+
+    from rlhfchat.config import load_recipe
+    from rlhfchat.train import reward, sft
+    from tests.test_stages import REWARD, SFT, TINY, _write_data
+
+    run = tmp_path_factory.mktemp("scale") / "run"
+    _write_data(run / "data")
+    for split in ("train", "eval"):
+        recs = [json.loads(x) for x in (run / "data" / f"sft.{split}.jsonl").read_text().splitlines()]
+        (run / "data" / f"prompts.{split}.jsonl").write_text("".join(
+            json.dumps({"id": r["id"], "source": "t", "prompt": r["messages"][:1]}) + "\n" for r in recs))
+    r = load_recipe(None, ["name=t", f"output_dir={run}", *TINY, *SFT, *REWARD])
+    sft.main(r)
+    reward.main(r)
+    return run
+
+
+@pytest.fixture(scope="session")
+def ppo_one(trained, tmp_path_factory) -> Path:
+    """PPO on one process from `trained`'s models (tests.test_scale.PPO_ONE): the run that 2-process DDP and
+    DeepSpeed runs of the same global batch must reproduce."""
+    import shutil
+
+    from tests.test_scale import ONE_PROC, PPO_ONE, _run
+
+    run = tmp_path_factory.mktemp("ppo_one") / "run"
+    shutil.copytree(trained, run)
+    recipe_file = run.parent / "r.yaml"
+    recipe_file.write_text("name: t\n")
+    _run([*ONE_PROC, "ppo"], run, recipe_file, *PPO_ONE)
+    return run

@@ -230,7 +230,7 @@ def test_every_trainable_parameter_changes(run_dir, tmp_path, overrides):
     if "ppo.num_layers_unfrozen=1" in overrides:  # trlX's hydra: of 2 blocks only the top one trains
         assert sorted({n.split(".")[2] for n in frozen}) == ["embed_tokens", "layers"]
         assert all(n.startswith(("lm.model.embed_tokens.", "lm.model.layers.0.")) for n in frozen)
-        assert {"lm.model.norm.weight", "lm.lm_head.weight", "value_head.weight"} <= set(before)
+        assert {"lm.model.norm.weight", "lm.lm_head.weight", "value_head.0.weight", "value_head.2.weight"} <= set(before)
         assert ppo.reference.lm is None, "the reference shares the frozen bottom instead of a whole copy"
     if frozen:
         # the reference is the SFT model itself (LoRA disabled, or the frozen top swapped in), after training too

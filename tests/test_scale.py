@@ -16,7 +16,7 @@ import torch
 
 from rlhfchat import manifest
 from rlhfchat.config import load_recipe
-from tests.test_stages import REWARD, SFT, TINY, _write_data
+from tests.test_stages import REWARD, SFT, TINY
 
 pytestmark = pytest.mark.slow
 
@@ -24,31 +24,20 @@ ROOT = Path(__file__).parents[1]
 TWO_PROCS = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
              str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"), "-m", "rlhfchat.cli"]
 ONE_PROC = [sys.executable, "-m", "rlhfchat.cli"]
-PPO = ["ppo.num_rollouts=16", "ppo.chunk_size=8", "ppo.batch_size=4", "ppo.ppo_epochs=1", "ppo.max_new_tokens=8",
+PPO = ["ppo.num_rollouts=8", "ppo.chunk_size=8", "ppo.batch_size=4", "ppo.ppo_epochs=1", "ppo.max_new_tokens=8",
        "ppo.eval_prompts=4", "ppo.save_steps=1", "ppo.learning_rate=1e-4"]
+# The parity runs: 8 samples an iteration, 3 iterations of 2 optimizer steps; one process takes them in one minibatch
+# of 8 (PPO_ONE), two in minibatches of 4 on each (num_rollouts and batch_size are per process, as in trlX v0.6.0).
+PPO_PARITY = [*PPO, "ppo.max_new_tokens=12", "ppo.ppo_epochs=2", "ppo.eval_prompts=3", "ppo.save_steps=100",
+              "ppo.total_steps=6"]
+PPO_ONE = [*PPO_PARITY, "ppo.num_rollouts=8", "ppo.batch_size=8"]
+PPO_TWO = [*PPO_PARITY, "ppo.num_rollouts=4", "ppo.batch_size=4"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A run folder with data, sft and reward done (one process), for the PPO tests to copy."""
-    from rlhfchat.train import reward, sft
-
-    run = tmp_path_factory.mktemp("scale") / "run"
-    _write_data(run / "data")
-    for split in ("train", "eval"):
-        recs = [json.loads(x) for x in (run / "data" / f"sft.{split}.jsonl").read_text().splitlines()]
-        (run / "data" / f"prompts.{split}.jsonl").write_text("".join(
-            json.dumps({"id": r["id"], "source": "t", "prompt": r["messages"][:1]}) + "\n" for r in recs))
-    r = load_recipe(None, ["name=t", f"output_dir={run}", *TINY, *SFT, *REWARD])
-    sft.main(r)
-    reward.main(r)
-    return run
 
 
 def _run(cmd, run_dir, recipe_file, *overrides, check=True):
     out = subprocess.run([*cmd, str(recipe_file), f"output_dir={run_dir}", *TINY, *SFT, *REWARD, *overrides],
-                         capture_output=True, text=True, env=ENV, timeout=600)
+                         capture_output=True, text=True, env=ENV, timeout=600, cwd=ROOT)
     if check:
         assert out.returncode == 0, out.stderr[-3000:]
     return out
@@ -74,46 +63,49 @@ def test_reward_two_processes_match_one(tmp_path, trained):
     assert json.loads((runs["two"] / "reward" / "metrics.json").read_text())["eval_pairs"] == 16
 
 
-def test_ppo_two_processes_match_one(tmp_path, trained):
+def assert_ppo_runs_match(one: Path, other: Path, sft: Path) -> None:
+    """Two PPO runs of the same global batch logged the same figures and ended with the same weights, not SFT's."""
+    from safetensors.torch import load_file
+
+    logs = {n: [json.loads(x) for x in (r / "ppo" / "metrics.jsonl").read_text().splitlines()]
+            for n, r in (("one", one), ("other", other))}
+    assert [x["step"] for x in logs["one"]] == [x["step"] for x in logs["other"]] == [1, 2, 3], "each step once"
+    assert [x["optimizer_steps"] for x in logs["other"]] == [2, 4, 6]
+    for key in ("response_len", "score", "kl", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl",
+                "grad_norm"):
+        a, b = [x[key] for x in logs["one"]], [x[key] for x in logs["other"]]
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-5), key
+    assert len({x["response_len"] for x in logs["one"]}) > 1 or logs["one"][0]["response_len"] < 12, \
+        "replies of different lengths: the global token count is exercised"
+    m1, m2 = (json.loads((r / "ppo" / "metrics.json").read_text()) for r in (one, other))
+    assert m1["eval_reward_before"] == pytest.approx(m2["eval_reward_before"], abs=1e-5)
+    assert m1["eval_reward_after"] == pytest.approx(m2["eval_reward_after"], abs=1e-4)
+    w1, w2 = (load_file(r / "ppo" / "model.safetensors") for r in (one, other))
+    v1, v2 = (load_file(r / "ppo" / "value_head.safetensors") for r in (one, other))
+    base = load_file(sft / "model.safetensors")
+    moved = 0
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max() < 1e-5, k
+        moved += int(not (w1[k] == base[k]).all())
+    assert moved > len(w1) // 2, "the runs trained"
+    assert v1.keys() == v2.keys() and all((v1[k] - v2[k]).abs().max() < 1e-5 for k in v1)
+
+
+def test_ppo_two_processes_match_one(tmp_path, trained, ppo_one):
     """The same global batch on 1 and 2 processes gives the same replies, losses and final weights.
 
     Each reply is sampled from its own seed (its place in the iteration), the advantages are whitened over both
     processes' tokens and every loss is normalised by the global token count: what two ranks do together is what
-    one does alone, up to float rounding. 8 rollouts an iteration, one minibatch of 8 (1 process) or 2 x 4.
+    one does alone, up to float rounding (and the KL coefficient, which moves by each process's minibatch size as
+    trlX v0.6.0's does: a few 1e-5 of its value here).
     """
-    from safetensors.torch import load_file
-
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text("name: t\n")
-    common = [*PPO, "ppo.num_rollouts=8", "ppo.chunk_size=8", "ppo.ppo_epochs=2", "ppo.eval_prompts=3",
-              "ppo.save_steps=100"]
-    runs = {}
-    # total_steps counts optimizer steps as on one process with batch_size: 3 iterations of 2 steps either way
-    for name, cmd, batch, total in (("one", ONE_PROC, 8, 6), ("two", TWO_PROCS, 4, 12)):
-        run = tmp_path / name
-        shutil.copytree(trained, run)
-        _run([*cmd, "ppo"], run, recipe_file, *common, f"ppo.batch_size={batch}", f"ppo.total_steps={total}")
-        runs[name] = run
-    logs = {n: [json.loads(x) for x in (r / "ppo" / "metrics.jsonl").read_text().splitlines()]
-            for n, r in runs.items()}
-    assert [x["step"] for x in logs["one"]] == [x["step"] for x in logs["two"]] == [1, 2, 3]
-    assert [x["optimizer_steps"] for x in logs["two"]] == [2, 4, 6]
-    for key in ("response_len", "score", "kl", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl",
-                "grad_norm"):
-        a, b = [x[key] for x in logs["one"]], [x[key] for x in logs["two"]]
-        assert a == pytest.approx(b, rel=1e-3, abs=1e-5), key
-    assert len({x["response_len"] for x in logs["one"]}) > 1 or logs["one"][0]["response_len"] < 8, \
-        "replies of different lengths: the global token count is exercised"
-    m1, m2 = (json.loads((runs[n] / "ppo" / "metrics.json").read_text()) for n in ("one", "two"))
-    assert m1["eval_reward_before"] == pytest.approx(m2["eval_reward_before"], abs=1e-5)
-    assert m1["eval_reward_after"] == pytest.approx(m2["eval_reward_after"], abs=1e-4)
-    w1, w2 = (load_file(runs[n] / "ppo" / "model.safetensors") for n in ("one", "two"))
-    sft = load_file(trained / "sft" / "model.safetensors")
-    moved = 0
-    for k in w1:
-        assert (w1[k] - w2[k]).abs().max() < 1e-5, k
-        moved += int(not (w1[k] == sft[k]).all())
-    assert moved > len(w1) // 2, "the runs trained"
+    run = tmp_path / "two"
+    shutil.copytree(trained, run)
+    _run([*TWO_PROCS, "ppo"], run, recipe_file, *PPO_TWO)
+    assert_ppo_runs_match(ppo_one, run, trained / "sft")
+
 
 def test_ppo_on_two_processes_writes_once_and_resumes_on_one(tmp_path, trained):
     """2 ranks share the rollouts and write each file once; killed mid-run, the stage resumes on 1 process."""
@@ -121,9 +113,8 @@ def test_ppo_on_two_processes_writes_once_and_resumes_on_one(tmp_path, trained):
     shutil.copytree(trained, run)
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text("name: t\n")
-    # total_steps counts optimizer steps as on one process: 16 rollouts / batch 4 = 4 a step, so 6 iterations;
-    # 2 ranks make the same 6 iterations with 2 optimizer steps each.
-    overrides = [*PPO, "ppo.total_steps=24"]
+    # 8 rollouts / batch 4 = 2 optimizer steps an iteration on each rank, on any number of ranks: 6 iterations.
+    overrides = [*PPO, "ppo.total_steps=12"]
     proc = subprocess.Popen([*TWO_PROCS, "ppo", str(recipe_file), f"output_dir={run}", *TINY, *SFT, *REWARD,
                              *overrides], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             )

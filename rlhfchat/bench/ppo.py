@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="every row computes its whole prompt (ppo.share_prompt_prefix: false)")
     parser.add_argument("--lora", action="store_true", help="LoRA adapters; the reference is the adapter disabled")
     parser.add_argument("--num-layers-unfrozen", type=int, default=-1, metavar="N",
-                        help="train only the top N decoder blocks, trlX's hydra (default -1: all); less work than "
+                        help="train only the top N decoder blocks, trlX v0.6.0's hydra (default -1: all); less work than "
                              "TRL's PPO, which trains every layer")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
                         help="bf16: autocast compute, fp32 policy weights, bf16 frozen reference and reward")

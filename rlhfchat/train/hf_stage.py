@@ -218,16 +218,20 @@ def load_jsonl_dataset(path: Path):
 
 
 def save_model_folder(model: Any, tokenizer: Any, stage_dir: Path, dtype: Any, metrics: dict[str, Any]) -> None:
-    """A finished stage's outputs (rank 0 only): the weights (LoRA merged into the base; a 4-bit base reloaded in
+    """A finished stage's outputs, written by rank 0: the weights (LoRA merged into the base; a 4-bit base reloaded in
     `dtype` first, see models.merged), the tokenizer with its chat template, saved to pad on the left as generation
-    needs, in HF layout; then metrics.json."""
-    if not manifest.is_main_process():
-        return
-    from rlhfchat.atomic import write_json
-    from rlhfchat.models import merged
+    needs, in HF layout; then metrics.json. Every rank calls it: under DeepSpeed ZeRO-3 the weights are gathered from
+    every rank's partitions first."""
+    from rlhfchat.train.distributed import whole_parameters
 
-    model = merged(model, dtype)
-    model.save_pretrained(stage_dir, safe_serialization=True)
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(stage_dir)
-    write_json(stage_dir / "metrics.json", metrics)
+    with whole_parameters(model):
+        if not manifest.is_main_process():
+            return
+        from rlhfchat.atomic import write_json
+        from rlhfchat.models import merged
+
+        model = merged(model, dtype)
+        model.save_pretrained(stage_dir, safe_serialization=True)
+        tokenizer.padding_side = "left"
+        tokenizer.save_pretrained(stage_dir)
+        write_json(stage_dir / "metrics.json", metrics)

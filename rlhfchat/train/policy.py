@@ -8,14 +8,16 @@
 `input_ids` is a left-padded prompt of `n_prompt` columns followed by a right-padded response of R columns.
 Only the R response positions go through the output layer: the hidden state at column t predicts token t + 1, so
 the states of columns n_prompt - 1 .. n_prompt + R - 2 give the logprobs of the response tokens and the values
-of the states before each of them (trlX's alignment: value t is the value of the state that emits token t).
+of the states before each of them (trlX v0.6.0's alignment: value t is the value of the state that emits token t).
 
-- `share_trunk: true` (trlX default): the value head is a linear layer on the policy's last hidden state; one
-  forward gives logprobs and values.
-- `share_trunk: false`: a separate critic, a copy of the SFT model's trunk with its own linear head.
+- `share_trunk: true` (trlX v0.6.0 has no other): the value head reads the policy's last hidden state; one forward gives
+  logprobs and values.
+- `share_trunk: false`: a separate critic, a copy of the SFT model's trunk with its own value head.
+- `value_head: mlp` (default): trlX's head (v0.6.0 `make_head`: Linear(d, 2d), ReLU, Linear(2d, 1)) with float32
+  weights; `linear`: one Linear(d, 1).
 - LoRA (`ppo.lora.enabled`): only the adapters (and the value head) train; the reference is the same network with
   the adapters disabled, so no second copy of the weights is held.
-- `num_layers_unfrozen: N` (trlX's hydra): the embeddings and every decoder block below the top N stay frozen, so the
+- `num_layers_unfrozen: N` (trlX v0.6.0's hydra): the embeddings and every decoder block below the top N stay frozen, so the
   reference is the policy's own frozen bottom under copies of what trains above it (`FrozenBranch`), not a second
   whole model; the update's backward stops at the lowest trainable block.
 - `share_prompt_prefix: true`: the leading tokens all rows of a batch share (the system prompt) go through the trunk
@@ -104,16 +106,25 @@ def response_logprobs(lm: nn.Module, input_ids: torch.Tensor, attention_mask: to
     return logprobs_of_labels(output_logits(lm, states, temperature), input_ids[:, n_prompt:])
 
 
+def make_value_head(hidden_size: int, kind: str = "mlp") -> nn.Module:
+    """`mlp`: trlX's value head (v0.6.0 and its last commit, `make_head`): Linear(d, 2d), ReLU, Linear(2d, 1) with
+    torch's default initialisation; `linear`: Linear(d, 1). (.., d) -> (.., 1)."""
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size), nn.ReLU(), nn.Linear(2 * hidden_size, 1))
+    if kind == "linear":
+        return nn.Linear(hidden_size, 1)
+    raise RlhfchatError(f"ppo.value_head: expected mlp or linear, got {kind!r}")
+
+
 class PolicyWithValueHead(nn.Module):
     """A HF causal LM (optionally with LoRA adapters) plus a value head, shared trunk or separate critic."""
 
     def __init__(self, lm: nn.Module, critic: nn.Module | None = None, temperature: float = 1.0,
-                 share_prefix: bool = True):
+                 share_prefix: bool = True, value_head: str = "mlp"):
         super().__init__()
         self.lm = lm
         self.critic = critic  # None: the value head reads the policy's own hidden state (share_trunk)
-        hidden_size = _hidden_size(lm)
-        self.value_head = nn.Linear(hidden_size, 1)
+        self.value_head = make_value_head(_hidden_size(lm), value_head)
         self.temperature = temperature
         self.share_prefix = share_prefix  # see response_states
 
@@ -141,7 +152,7 @@ class PolicyWithValueHead(nn.Module):
 
     def values_of(self, states: torch.Tensor) -> torch.Tensor:
         """The value head on hidden states. (B, R, H) -> (B, R) float32."""
-        return self.value_head(states.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return self.value_head(states.to(next(self.value_head.parameters()).dtype)).squeeze(-1).float()
 
     def from_generation(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         n_prompt: int) -> PolicyOutput:
@@ -191,7 +202,7 @@ def freeze_bottom_layers(lm: nn.Module, num_layers_unfrozen: int) -> None:
     """Freeze everything below the top `num_layers_unfrozen` decoder blocks: the input embeddings, whatever else the
     trunk runs before its blocks (GPT-2's position embeddings, Bloom's embedding norm) and the lower blocks. The final
     norm and the output layer keep training, unless the output layer is tied to the input embeddings: then it is
-    frozen with them. trlX's freeze_bottom_causal_layers freezes the lower blocks only; freezing what feeds them too
+    frozen with them. trlX v0.6.0's freeze_bottom_causal_layers freezes the lower blocks only; freezing what feeds them too
     keeps the shared bottom exactly the SFT model's (so the reference is exact) and stops the backward at the lowest
     trainable block."""
     trunk, _ = causal_parts(lm)
@@ -209,7 +220,7 @@ def freeze_bottom_layers(lm: nn.Module, num_layers_unfrozen: int) -> None:
 
 
 class FrozenBranch:
-    """trlX's hydra reference: frozen copies of the parts of a partly frozen policy that train (the top blocks, the
+    """trlX v0.6.0's hydra reference: frozen copies of the parts of a partly frozen policy that train (the top blocks, the
     final norm, the output layer), taken while they still hold the SFT weights. Swapped into the policy for the
     reference's forward, they make it the SFT model again on top of the shared frozen bottom; nothing else of the
     model is held twice.
@@ -272,7 +283,7 @@ def disable_dropout(model: nn.Module) -> None:
 def build_policy(sft_dir: str | Path, share_trunk: bool = True, lora: LoraConfig | None = None,
                  dtype: torch.dtype = torch.float32, temperature: float = 1.0, seed: int = 0,
                  gradient_checkpointing: bool = False, share_prefix: bool = True,
-                 num_layers_unfrozen: int = -1) -> PolicyWithValueHead:
+                 num_layers_unfrozen: int = -1, value_head: str = "mlp") -> PolicyWithValueHead:
     """The trainable policy from an SFT folder: LoRA adapters when `lora.enabled`, a value head either way; with
     `num_layers_unfrozen` >= 0 only the top blocks (and the final norm and output layer) train."""
     from transformers import AutoModel, AutoModelForCausalLM
@@ -307,7 +318,8 @@ def build_policy(sft_dir: str | Path, share_trunk: bool = True, lora: LoraConfig
                     model.enable_input_require_grads()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        policy = PolicyWithValueHead(lm, critic, temperature=temperature, share_prefix=share_prefix)
+        policy = PolicyWithValueHead(lm, critic, temperature=temperature, share_prefix=share_prefix,
+                                     value_head=value_head)
     policy.value_head.to(torch.float32)  # a small head; float32 keeps the value regression stable in bf16 runs
     disable_dropout(policy)
     return policy
@@ -342,9 +354,10 @@ class Reference:
 
     With LoRA it is the policy itself under `disable_adapter()` (no second copy). With a frozen bottom
     (`num_layers_unfrozen`) and `share_bottom`, it is the policy with a FrozenBranch swapped in. Otherwise a frozen copy
-    loaded from the SFT folder (also under ZeRO-3 or FSDP, whose sharded modules cannot be swapped). Build it right
-    after the policy, before any training step or checkpoint load: the branch copies the weights it finds.
-    Not an nn.Module on purpose: it is never trained, prepared or checkpointed.
+    loaded from the SFT folder (also under ZeRO-3 or FSDP, whose sharded modules cannot be swapped; under ZeRO-3 it is
+    loaded partitioned and `prepare(accelerator)` gives it an inference engine). Build it right after the policy,
+    before any training step or checkpoint load: the branch copies the weights it finds.
+    Not an nn.Module on purpose: it is never trained or checkpointed.
     """
 
     def __init__(self, policy: PolicyWithValueHead, sft_dir: str | Path | None = None,
@@ -366,15 +379,25 @@ class Reference:
             self.lm.eval()
             disable_dropout(self.lm)
 
-    def to(self, device: torch.device) -> "Reference":
-        for frozen in (self.lm, self.branch):
-            if frozen is not None:
-                frozen.to(device)
+    def prepare(self, accelerator: Any) -> "Reference":
+        """On the accelerator's device; a frozen copy gets what the launch layout needs (distributed.prepare_frozen)."""
+        from rlhfchat.train.distributed import is_partitioned, prepare_frozen
+
+        if self.branch is not None:
+            self.branch.to(accelerator.device)
+        if self.lm is not None:
+            self.lm = prepare_frozen(self.lm if is_partitioned(self.lm) else self.lm.to(accelerator.device),
+                                     accelerator)
         return self
 
-    @torch.inference_mode()
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int) -> torch.Tensor:
         """Reference logprobs of the response tokens. (B, P + R) -> (B, R)."""
+        from rlhfchat.train.distributed import frozen_forward
+
+        with frozen_forward(self.policy.lm if self.lm is None else self.lm):
+            return self._logprobs(input_ids, attention_mask, n_prompt)
+
+    def _logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int) -> torch.Tensor:
         t, share = self.policy.temperature, self.policy.share_prefix
         if self.uses_adapter:
             with self.policy.lm.disable_adapter():
@@ -383,19 +406,3 @@ class Reference:
             with self.branch.swapped_in():
                 return response_logprobs(self.policy.lm, input_ids, attention_mask, n_prompt, t, share)
         return response_logprobs(self.lm, input_ids, attention_mask, n_prompt, t, share)
-
-
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter that trains (LoRA adapters or the whole network, value head, critic), by name."""
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-    if missing:
-        raise RlhfchatError(f"checkpoint does not match the model: {len(missing)} parameters missing, "
-                            f"e.g. {missing[0]}")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)

@@ -1,14 +1,15 @@
-"""`rlhfchat ppo RECIPE.yaml`: PPO against the reward model, KL-penalised to the SFT model (trlX's algorithm).
+"""`rlhfchat ppo RECIPE.yaml`: PPO against the reward model, KL-penalised to the SFT model (trlX v0.6.0's algorithm;
+docs/ppo.md lists where it differs and why).
 
     rlhfchat ppo recipes/tiny-cpu.yaml ppo.total_steps=16
-    accelerate launch -m rlhfchat.train.ppo recipes/stablevicuna-13b.yaml      # several GPUs (DDP)
+    accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml -m rlhfchat ppo recipes/stablevicuna-13b.yaml
 
 Reads  <run>/sft/ (policy and reference), <run>/reward/, <run>/data/prompts.{train,eval}.jsonl.
 Writes <run>/ppo/: the policy as a HF causal-LM folder + tokenizer, value_head.safetensors, metrics.json
 (held-out reward before and after, final KL, steps, wall time), metrics.jsonl (one line per iteration) and
 checkpoints/ (the latest one; a rerun after a crash or a kill resumes from it and ends at the same step).
 
-Each iteration ("step" in the logs) does, as trlX:
+Each iteration ("step" in the logs) does, on every process, as trlX v0.6.0:
   1. generate   num_rollouts replies, chunk_size prompts at a time (left-padded, cut at stop sequences)
   2. score      the reward model on (prompt, reply); scale (none / running / ref) and clip to +-cliprange_reward
   3. forward    old logprobs, values, entropy from the hidden states generation computed (only the output layer
@@ -16,7 +17,8 @@ Each iteration ("step" in the logs) does, as trlX:
                 with num_layers_unfrozen the policy with frozen copies of its trained top swapped in)
   4. advantages per-token reward -kl_coef * (logp - ref_logp), score on the last real token; GAE; whitening
   5. update     ppo_epochs over shuffled minibatches of batch_size x grad_accum; clipped policy and value losses;
-                the KL controller moves after every optimizer step
+                one optimizer step per minibatch; the KL controller moves once per minibatch of the first epoch,
+                n_steps = batch_size x grad_accum (trlX v0.6.0's post_backward_callback, with its train.batch_size)
   6. log        metrics.jsonl and the progress bar; a checkpoint every save_steps iterations and at the end
 """
 
@@ -40,13 +42,15 @@ from rlhfchat.errors import RlhfchatError
 from rlhfchat.models import adapters_merged
 from rlhfchat.train import ppo_math as pm
 from rlhfchat.train.allocator import keep_freed_memory, startup_objects_frozen
+from rlhfchat.train.distributed import (configure_deepspeed, frozen_forward, is_partitioned, new_accelerator,
+                                        prepare_frozen, whole_on_load, zero_stage)
 from rlhfchat.train.kernels import fuse_norms
 from rlhfchat.train.optim import GradNorms, adamw, clip_and_step
 from rlhfchat.train.policy import (PolicyWithValueHead, Reference, build_policy, own_trainable_weights,
                                    training_attention)
 from rlhfchat.train.ppo_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhfchat.train.rollout import (GenerationSettings, Prompt, RewardScorer, check_backend, encode_prompt,
-                                    gathered_for_generation, generate_replies, generate_rollout, zero_stage)
+                                    gathered_for_generation, generate_replies, generate_rollout)
 
 
 @dataclass
@@ -108,13 +112,14 @@ class PPO:
 
     def __init__(self, policy: PolicyWithValueHead, reference: Reference, scorer: RewardScorer, tokenizer: Any,
                  cfg: PPOConfig, accelerator: Any = None, vllm: Any = None):
-        from accelerate import Accelerator
-
         self.cfg = cfg
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = accelerator or new_accelerator()
         self.tokenizer = tokenizer
         self.settings = GenerationSettings.from_ppo(cfg)
-        policy.to(self.accelerator.device)
+        if not is_partitioned(policy):
+            policy.to(self.accelerator.device)
+        if zero_stage(self.accelerator) is not None:  # the engine clips and steps; see minibatch_gradients
+            configure_deepspeed(self.accelerator, cfg.batch_size, cfg.max_grad_norm)
         params = [p for p in policy.parameters() if p.requires_grad]
         optimizer = adamw(params, self.accelerator, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                           weight_decay=cfg.weight_decay)
@@ -122,10 +127,15 @@ class PPO:
         self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
         one_process = self.accelerator.num_processes == 1 and self.accelerator.scaler is None  # see optim.GradNorms
         self.grad_norms = GradNorms(params) if self.fused and one_process else None
+        self._unwrapped = self.accelerator.unwrap_model(self.policy)  # (its first call imports deepspeed, if installed)
         self.policy.eval()  # train() only inside update(); dropout is off either way
-        self.reference = reference.to(self.accelerator.device)
+        self.reference = reference.prepare(self.accelerator)  # ZeRO-3: an inference engine of its own
         self.scorer = scorer
-        scorer.model.to(cfg.reward_device or self.accelerator.device)  # reward_device: a GPU of its own
+        if cfg.reward_device:  # a GPU of its own, outside DeepSpeed (loaded whole: from_folders)
+            scorer.model.to(cfg.reward_device)
+        else:
+            scorer.model = prepare_frozen(scorer.model if is_partitioned(scorer.model)
+                                          else scorer.model.to(self.accelerator.device), self.accelerator)
         self.kl_ctl = (pm.AdaptiveKLController(cfg.init_kl_coef, cfg.target, cfg.horizon) if cfg.target is not None
                        else pm.FixedKLController(cfg.init_kl_coef))
         self.moments = pm.RunningMoments()
@@ -137,11 +147,9 @@ class PPO:
     @classmethod
     def from_folders(cls, policy_dir: str | Path, reward_dir: str | Path, cfg: PPOConfig, accelerator: Any = None,
                      dtype: torch.dtype = torch.float32, seed: int = 0, reward_max_length: int = 512) -> "PPO":
-        from accelerate import Accelerator
-
         from rlhfchat.models import load_tokenizer
 
-        accelerator = accelerator or Accelerator()
+        accelerator = accelerator or new_accelerator()
         # Under bf16 mixed precision the frozen networks (reference, reward) hold bf16 weights: autocast would
         # cast them to bf16 on every forward anyway. The policy keeps `dtype` weights for the optimizer.
         frozen_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else dtype
@@ -149,14 +157,16 @@ class PPO:
         policy = build_policy(policy_dir, share_trunk=cfg.share_trunk, lora=cfg.lora, dtype=dtype,
                               temperature=cfg.temperature, seed=seed,
                               gradient_checkpointing=cfg.gradient_checkpointing,
-                              share_prefix=cfg.share_prompt_prefix, num_layers_unfrozen=cfg.num_layers_unfrozen)
-        if accelerator.device.type == "cpu":  # the optimizer would copy-on-write them from the file mapping
-            own_trainable_weights(policy)
+                              share_prefix=cfg.share_prompt_prefix, num_layers_unfrozen=cfg.num_layers_unfrozen,
+                              value_head=cfg.value_head)
+        if accelerator.device.type == "cpu" and zero_stage(accelerator) is None:
+            own_trainable_weights(policy)  # the optimizer would copy-on-write them from the file mapping
             fuse_norms(policy)  # a CPU's update spends as long in the RMSNorms' backward as in the attention
         sharded = accelerator.distributed_type.value == "FSDP" or zero_stage(accelerator) == 3
         reference = Reference(policy, policy_dir, dtype=frozen_dtype, share_bottom=not sharded)
-        scorer = RewardScorer(reward_dir, max_length=reward_max_length, dtype=frozen_dtype, batch_size=cfg.chunk_size,
-                              share_prefix=cfg.share_prompt_prefix)
+        with whole_on_load(accelerator) if cfg.reward_device else contextlib.nullcontext():
+            scorer = RewardScorer(reward_dir, max_length=reward_max_length, dtype=frozen_dtype,
+                                  batch_size=cfg.chunk_size, share_prefix=cfg.share_prompt_prefix)
         vllm = None
         if cfg.rollout_backend == "vllm":
             from rlhfchat.train.rollout_vllm import VLLMRollouts
@@ -172,7 +182,7 @@ class PPO:
 
     @property
     def unwrapped(self) -> PolicyWithValueHead:
-        return self.accelerator.unwrap_model(self.policy)
+        return self._unwrapped
 
     # ---------------------------------------------------------------------------------------------------------
     def make_experience(self, prompts: Sequence[Prompt], seeds: Sequence[int] | None = None
@@ -208,7 +218,7 @@ class PPO:
             #    pass through the trunk); the reference's logprobs (a frozen copy, the policy with LoRA disabled,
             #    or its frozen bottom under copies of the trained top)
             input_ids, attention_mask, n_prompt = rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1]
-            with torch.inference_mode(), self.accelerator.autocast():
+            with frozen_forward(policy), self.accelerator.autocast():
                 if rollout.hidden is not None:
                     out = policy.from_generation(rollout.hidden, input_ids, attention_mask, n_prompt)
                 else:
@@ -224,7 +234,7 @@ class PPO:
             times["forward_s"] += time.perf_counter() - t2
         exp = merge(chunks, self.tokenizer.pad_token_id)
 
-        # 2b. scale and clip the scores (trlX: running moments over every score seen, then the clip)
+        # 2b. scale and clip the scores (trlX v0.6.0: running moments over every score seen, then the clip)
         all_scores = self.accelerator.gather(exp.scores)
         self.moments.update(all_scores)
         if self.ref_std is None:
@@ -232,7 +242,7 @@ class PPO:
         scores = pm.scale_scores(exp.scores, self.cfg.scale_reward, self.moments.std, self.ref_std)
         scores = pm.clip_scores(scores, cfg.cliprange_reward)
 
-        # 4. rewards and advantages over the whole rollout (whitened over every process's tokens, as trlX)
+        # 4. rewards and advantages over the whole rollout (whitened once, over every process's tokens)
         seq_kl = pm.sequence_kl(exp.logprobs, exp.ref_logprobs, exp.mask)  # (N,)
         self.mean_kl = float(self.accelerator.gather(seq_kl).mean())
         exp.rewards = pm.kl_penalty_rewards(exp.logprobs, exp.ref_logprobs, scores, exp.mask, self.kl_ctl.value)
@@ -262,7 +272,9 @@ class PPO:
 
         Every micro-batch divides by the minibatch's token count, so the accumulated gradient equals the gradient
         of the whole minibatch in one forward. With n processes that count is the token count of every process's
-        minibatch over n: DDP averages the n gradients, which gives the gradient of the global minibatch's mean.
+        minibatch over n: DDP (and DeepSpeed) average the n gradients, which gives the gradient of the global
+        minibatch's mean. Only the last micro-batch synchronises (DDP's no_sync before it); under DeepSpeed, whose
+        engine steps inside the backward of a synchronising micro-batch, that makes one step per minibatch.
         """
         cfg = self.cfg
         n_tokens = (self._all_reduce(exp.mask[idx].sum()) / self.accelerator.num_processes).clamp(min=1)
@@ -271,6 +283,7 @@ class PPO:
         for i, rows in enumerate(micro):
             mb = exp.select(rows)
             last = i == len(micro) - 1
+            self.accelerator.sync_gradients = last  # DeepSpeed's accumulation boundary (its engine ignores no_sync)
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy)
             if last and self.grad_norms is not None:  # this backward finishes the gradients: record their norms
                 self.grad_norms.start()
@@ -287,20 +300,28 @@ class PPO:
         return sums
 
     def update(self, exp: Experience) -> dict[str, float]:
-        """Step 5: ppo_epochs over shuffled minibatches; one optimizer step per minibatch."""
+        """Step 5: ppo_epochs over shuffled minibatches; one optimizer step per minibatch.
+
+        The KL controller moves as trlX v0.6.0's does: once per minibatch of the rollout with n_steps = trlX's
+        train.batch_size, the rows of one process's minibatch (v0.6.0 takes its ppo_epochs steps on each minibatch
+        in turn and updates the controller after them; here the epochs go over reshuffled minibatches, and the
+        controller moves once per minibatch of the first epoch, with the same KL measured at generation). About
+        num_rollouts steps per iteration on any number of processes.
+        """
         cfg = self.cfg
         self.policy.train()
         n = exp.input_ids.shape[0]
         minibatch = cfg.batch_size * cfg.grad_accum
         totals: dict[str, float] = {}
         count = 0
-        for _ in range(cfg.ppo_epochs):
+        for epoch in range(cfg.ppo_epochs):
             for idx in torch.randperm(n).split(minibatch):
                 stats = self.minibatch_gradients(exp, idx)
                 stats["grad_norm"] = self.clip_and_step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.optimizer_steps += 1
-                self.kl_ctl.update(self.mean_kl, n_steps=minibatch * self.accelerator.num_processes)
+                if epoch == 0:
+                    self.kl_ctl.update(self.mean_kl, n_steps=minibatch)
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + value
                 count += 1
@@ -331,6 +352,8 @@ class PPO:
 
         acc = self.accelerator
         share = list(range(acc.process_index, len(prompts), acc.num_processes))
+        if is_partitioned(self.scorer.model):  # ZeRO-3: every rank runs the same forwards; the extra rows drop out
+            share += [0] * (math.ceil(len(prompts) / acc.num_processes) - len(share))
         mine = [prompts[i] for i in share]
         with gathered_for_generation(self.policy, acc) as policy, acc.autocast():
             replies = generate_replies(policy.lm, self.tokenizer, mine, self.settings, batch_size=self.cfg.chunk_size,
@@ -339,6 +362,7 @@ class PPO:
         with acc.autocast():
             scores = self.scorer.score(mine, replies).tolist() if mine else []
         rows = [(i, s, len(self.tokenizer(r).input_ids)) for i, s, r in zip(share, scores, replies)]
+        rows = rows[: len(range(acc.process_index, len(prompts), acc.num_processes))]
         rows = sorted(gather_object(rows) if acc.num_processes > 1 else rows)
         all_scores = torch.tensor([s for _, s, _ in rows], dtype=torch.float64)
         return {"reward": float(all_scores.mean()),
@@ -382,11 +406,13 @@ class PromptSampler:
 
 def plan_iterations(cfg: PPOConfig, n_prompts: int, n_processes: int = 1) -> tuple[int, int]:
     """(iterations, optimizer steps per iteration): as many whole iterations as fit in total_steps, at most
-    `epochs` passes over the prompts, at least one."""
-    per_process = math.ceil(cfg.num_rollouts / n_processes)
-    steps_per_iter = cfg.ppo_epochs * math.ceil(per_process / (cfg.batch_size * cfg.grad_accum))
+    `epochs` passes over the prompts (an iteration reads num_rollouts x n_processes of them), at least one.
+
+    Every process generates num_rollouts samples and takes the same optimizer steps (trlX v0.6.0), so the steps per
+    iteration do not depend on the number of processes."""
+    steps_per_iter = cfg.ppo_epochs * math.ceil(cfg.num_rollouts / (cfg.batch_size * cfg.grad_accum))
     iterations = max(1, cfg.total_steps // steps_per_iter)
-    iterations = min(iterations, max(1, cfg.epochs * n_prompts // cfg.num_rollouts))
+    iterations = min(iterations, max(1, cfg.epochs * n_prompts // (cfg.num_rollouts * n_processes)))
     return iterations, steps_per_iter
 
 
@@ -435,7 +461,6 @@ def main(recipe: Recipe) -> dict[str, Any]:
 
 def train(recipe: Recipe) -> dict[str, Any]:
     """Run (or resume) PPO; returns what it writes to <run>/ppo/metrics.json (on rank 0; {} on the others)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -445,9 +470,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
     _check_inputs(run)
     check_backend(cfg.rollout_backend)
     out_dir, ckpt_root = run / "ppo", run / "ppo" / "checkpoints"
-    # On a machine without GPUs, `accelerate launch` ranks run data-parallel on the CPU over gloo (cpu=True).
-    accelerator = Accelerator(log_with=cfg.report_to or None, project_dir=str(out_dir),
-                              cpu=not torch.cuda.is_available())
+    # without GPUs, `accelerate launch` ranks run over gloo on the CPU (DDP, or DeepSpeed under a DeepSpeed config)
+    accelerator = new_accelerator(log_with=cfg.report_to or None, project_dir=str(out_dir))
     if accelerator.device.type == "cpu":
         keep_freed_memory()  # every step frees and allocates its activations and gradients again
     set_seed(recipe.seed)
@@ -456,17 +480,14 @@ def train(recipe: Recipe) -> dict[str, Any]:
     eval_prompts = _read_prompts(eval_path)[: cfg.eval_prompts] if eval_path.is_file() else []
     if not train_prompts:
         raise RlhfchatError(f"{run / 'data' / 'prompts.train.jsonl'}: no prompts")
-    if cfg.num_rollouts % accelerator.num_processes:
-        raise RlhfchatError(f"ppo.num_rollouts ({cfg.num_rollouts}) must divide by the number of processes "
-                            f"({accelerator.num_processes})")
 
     ppo = PPO.from_folders(run / "sft", run / "reward", cfg, accelerator, dtype=torch_dtype(recipe.base.dtype),
                            seed=recipe.seed, reward_max_length=recipe.reward.max_length)
-    # Iterations (num_rollouts samples each, shared by the ranks) are the unit of progress. Their number does not
-    # depend on the number of processes, so a checkpoint resumes on any number of them; with n ranks each
-    # iteration takes n times fewer optimizer steps of n times as many samples.
-    iterations, _ = plan_iterations(cfg, len(train_prompts))
-    _, steps_per_iter = plan_iterations(cfg, len(train_prompts), accelerator.num_processes)
+    # Iterations (num_rollouts samples on each rank, as trlX v0.6.0) are the unit of progress: every rank takes the
+    # same optimizer steps in each, so a checkpoint resumes on any number of ranks (an iteration then reads
+    # num_rollouts x ranks prompts).
+    iterations, steps_per_iter = plan_iterations(cfg, len(train_prompts), accelerator.num_processes)
+    n_samples = cfg.num_rollouts * accelerator.num_processes  # per iteration, over every rank
     sampler = PromptSampler(len(train_prompts), recipe.seed)
     metrics_path = out_dir / "metrics.jsonl"
 
@@ -502,9 +523,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
             t0 = time.perf_counter()
             # this process's share of the iteration's prompts; each sample's seed depends only on its place in the
             # iteration, so any number of processes samples the same replies
-            share = range(accelerator.process_index, cfg.num_rollouts, accelerator.num_processes)
-            order = sampler.next(cfg.num_rollouts)
-            seeds = [(recipe.seed * 1_000_003 + step) * cfg.num_rollouts + j for j in share]
+            share = range(accelerator.process_index, n_samples, accelerator.num_processes)
+            order = sampler.next(n_samples)
+            seeds = [(recipe.seed * 1_000_003 + step) * n_samples + j for j in share]
             exp, rollout_stats = ppo.make_experience([train_prompts[order[j]] for j in share], seeds)  # steps 1-4
             t1 = time.perf_counter()
             update_stats = ppo.update(exp)  # step 5
@@ -538,7 +559,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
             "eval_response_len_before": before["response_len"], "eval_response_len_after": after["response_len"],
             "eval_prompts": len(eval_prompts), "kl": last.get("kl"), "kl_coef": ppo.kl_ctl.value,
             "steps": iterations, "optimizer_steps": ppo.optimizer_steps, "steps_per_iteration": steps_per_iter,
-            "samples": iterations * cfg.num_rollouts, "resumed_from_step": start or None,
+            "samples": iterations * n_samples, "resumed_from_step": start or None,
             "wall_time_s": round(elapsed + time.perf_counter() - t_start, 2),
         }
     with gathered_for_generation(ppo.policy, accelerator) as policy:  # ZeRO-3: whole weights to save (all ranks)

@@ -1,8 +1,18 @@
 """PPO checkpoints: written whole or not at all (atomic_dir); the latest one is kept.
 
-A checkpoint holds the trainable weights (policy or LoRA adapters, value head, critic), the optimizer, the KL
-controller and running score statistics, every rank's RNG states and the loop's counters, so a killed run resumes
-at the same step, on any number of processes.
+A checkpoint holds the trainable weights (policy or LoRA adapters, value head, critic) in float32 (the master copies
+where the policy is stored in 16 bits), AdamW's moments of each of them and its step count, the KL controller and
+running score statistics, every rank's RNG states and the loop's counters, so a killed run resumes at the same step.
+
+    step-000004/  trainable.safetensors   whole float32 tensors by parameter name
+                  optimizer.safetensors   NAME.exp_avg, NAME.exp_avg_sq, whole, by name
+                  state.json              step, optimizer step count, PPO state, sampler, counters
+                  rng-<rank>.pt           each rank's RNG states
+
+Every tensor is whole and named, whatever the layout that wrote it: under DeepSpeed ZeRO-2/3 the partitions of every
+rank are gathered before rank 0 writes them (optim.full_state), and any layout (ZeRO-3 on 8 GPUs, DDP, one CPU
+process) puts them back into its own partitions (optim.load_full_state). So a run resumes on the same or another
+number of processes; a rank that did not exist before takes rank 0's RNG states.
 """
 
 from __future__ import annotations
@@ -17,7 +27,8 @@ import numpy as np
 import torch
 
 from rlhfchat.atomic import atomic_dir, write_json
-from rlhfchat.train.policy import load_trainable_state_dict, trainable_state_dict
+from rlhfchat.errors import RlhfchatError
+from rlhfchat.train.optim import full_state, load_full_state
 
 if TYPE_CHECKING:
     from rlhfchat.train.ppo import PPO
@@ -52,10 +63,12 @@ def save_checkpoint(root: Path, step: int, ppo: PPO, extra: dict[str, Any]) -> N
             broadcast_object_list(holder)
         tmp = Path(holder[0])
         torch.save(_rng_state(), tmp / f"rng-{acc.process_index}.pt")
+        weights, moments, optimizer_step = full_state(ppo.optimizer, trainable_parameters(ppo))  # every rank
         if acc.is_main_process:
-            save_file(trainable_state_dict(ppo.unwrapped), str(tmp / "trainable.safetensors"))
-            torch.save(ppo.optimizer.state_dict(), tmp / "optimizer.pt")
-            write_json(tmp / "state.json", {"step": step, "ppo": ppo.state_dict(), **extra})
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            save_file(moments, str(tmp / "optimizer.safetensors"))
+            write_json(tmp / "state.json", {"step": step, "optimizer_step": optimizer_step, "ppo": ppo.state_dict(),
+                                            **extra})
         acc.wait_for_everyone()
     if acc.is_main_process:
         for old in root.glob("step-*"):
@@ -70,12 +83,21 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def trainable_parameters(ppo: PPO) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter) of everything that trains (LoRA adapters or the whole network, value head, critic)."""
+    return [(n, p) for n, p in ppo.unwrapped.named_parameters() if p.requires_grad]
+
+
 def load_checkpoint(path: Path, ppo: PPO) -> dict[str, Any]:
+    """Restore a checkpoint into `ppo` (before its first update); every rank calls it. Returns state.json."""
     from safetensors.torch import load_file
 
     state = json.loads((path / "state.json").read_text())
-    load_trainable_state_dict(ppo.unwrapped, load_file(str(path / "trainable.safetensors")))
-    ppo.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    if "optimizer_step" not in state:
+        raise RlhfchatError(f"{path}: a checkpoint in an older layout (optimizer.pt); remove {path.parent} to start "
+                            "the stage over")
+    load_full_state(ppo.optimizer, trainable_parameters(ppo), load_file(str(path / "trainable.safetensors")),
+                    load_file(str(path / "optimizer.safetensors")), state["optimizer_step"])
     ppo.load_state_dict(state["ppo"])
     rng = path / f"rng-{ppo.accelerator.process_index}.pt"
     _set_rng_state(torch.load(rng if rng.is_file() else path / "rng-0.pt", weights_only=False))

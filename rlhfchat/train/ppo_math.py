@@ -1,4 +1,5 @@
-"""PPO maths, faithful to trlX: pure functions on tensors, no I/O, no models.
+"""PPO maths, faithful to trlX v0.6.0 (docs/ppo.md lists the differences): pure functions on tensors, no I/O, no
+models.
 
 Shapes: `B` samples of a rollout, `R` response tokens (right-padded after the last real token). Every per-token
 tensor is `(B, R)` and comes with a `mask` of the same shape: 1 on real response tokens, 0 on padding.
@@ -44,7 +45,7 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, variance) of `x` over the real tokens, variance Bessel-corrected by default. x, mask: (B, R).
 
-    `all_reduce` sums a tensor over the processes that hold the other rows (trlX's distributed statistics): the
+    `all_reduce` sums a tensor over the processes that hold the other rows (trlX v0.6.0's get_global_statistics): the
     moments are then those of every process's tokens together, so n processes with a share each get what one
     process with all of them gets. Sums are taken in float64.
     """
@@ -66,7 +67,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool =
            all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(x - mean) / std over the real tokens; padding positions come back as 0. x, mask: (B, R) -> (B, R).
 
-    `all_reduce`: see masked_moments (whitening over every process's tokens, as trlX's distributed whiten).
+    `all_reduce`: see masked_moments (whitening over every process's tokens, as trlX v0.6.0's distributed whiten).
     """
     if mask is None:
         mask = torch.ones_like(x)
@@ -98,10 +99,11 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL(policy || reference) per sequence with trlX's estimator: sum over tokens of exp(r) - 1 - r, r = logp - ref.
+    """KL(policy || reference) per sequence with trlX v0.6.0's estimator, exp(r) - 1 - r with r = logp - ref, summed over
+    the response tokens (as trlX's last commit 3340c2f sums it; v0.6.0 averages it over every position: docs/ppo.md).
 
     (B, R) -> (B,). Non-negative for every sample (unlike the plain sum of log-ratios), which the adaptive
-    controller and the logs use; the per-token reward uses the log-ratio itself, as trlX does.
+    controller and the logs use; the per-token reward uses the log-ratio itself, as trlX v0.6.0 does.
     """
     log_ratio = (logprobs - ref_logprobs) * mask
     return ((log_ratio.exp() - 1 - log_ratio) * mask).sum(dim=1)
@@ -116,10 +118,10 @@ def clip_scores(scores: torch.Tensor, cliprange_reward: float | None) -> torch.T
 
 def scale_scores(scores: torch.Tensor, mode: str | None, running_std: float | None = None,
                  ref_std: float | None = None) -> torch.Tensor:
-    """trlX's scale_reward: none, `running` (divide by the running std of all scores so far) or `ref`
+    """trlX v0.6.0's scale_reward: none, `running` (divide by the running std of all scores so far) or `ref`
     (divide by the std of the first batch's scores, or the recipe's ref_std). (B,) -> (B,).
 
-    trlX scales first and clips after: call scale_scores, then clip_scores.
+    trlX v0.6.0 scales first and clips after: call scale_scores, then clip_scores.
     """
     if mode in (None, "none"):
         return scores
@@ -132,7 +134,7 @@ def scale_scores(scores: torch.Tensor, mode: str | None, running_std: float | No
 
 def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float,
         lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over the response tokens (trlX `get_advantages_and_returns`).
+    """Generalised advantage estimation over the response tokens (trlX v0.6.0 `get_advantages_and_returns`, over real tokens only).
 
     values, rewards, mask: (B, R) -> advantages (B, R), returns (B, R) = advantages + values.
     Padding is zeroed first, so the value after the last real token is 0 (the episode ends there) and padding
@@ -282,7 +284,7 @@ class _LabelLogprob(torch.autograd.Function):
 
 
 class AdaptiveKLController:
-    """Adaptive KL coefficient (Ziegler et al. 2019, as in trlX).
+    """Adaptive KL coefficient (Ziegler et al. 2019, as in trlX v0.6.0).
 
         error = clip(KL / target - 1, -0.2, 0.2)
         beta  <- beta * (1 + error * n_steps / horizon)
@@ -305,7 +307,7 @@ class AdaptiveKLController:
 
 
 class FixedKLController:
-    """A constant KL coefficient (trlX with target=None)."""
+    """A constant KL coefficient (trlX v0.6.0 with target=None)."""
 
     def __init__(self, kl_coef: float):
         self.value = float(kl_coef)
@@ -321,7 +323,7 @@ class FixedKLController:
 
 
 class RunningMoments:
-    """Running mean and std of every score seen so far (trlX RunningMoments, parallel-variance update).
+    """Running mean and std of every score seen so far (trlX v0.6.0 RunningMoments, parallel-variance update).
 
     Starts at mean 0, var 1, count ~0, so the first update takes the batch's moments. `std` is Bessel-corrected.
     """

@@ -8,7 +8,7 @@
     generate_replies(model, tokenizer, prompts, settings)                   # list[str], for evaluation and chat
 
 A response ends at the first EOS (kept, it is a real token the policy chose) or, failing that, at the first stop
-sequence: the tokens are cut where the stop text begins and an EOS takes its place, as trlX does (it trims the
+sequence: the tokens are cut where the stop text begins and an EOS takes its place, as trlX v0.6.0 does (it trims the
 text and appends EOS). A response that runs to max_new_tokens has no EOS. Everything after the end is padding
 with mask 0, so the reward-model score lands on the last real token and never on padding.
 
@@ -36,6 +36,7 @@ import torch
 from rlhfchat.data.chat_format import cut_at_stop, reward_text
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.models import inverse_cdf_sample, reserve_cache
+from rlhfchat.train.distributed import frozen_forward, zero_stage
 
 Prompt = str | list[dict[str, str]]
 """A list of chat messages (rendered through the chat template) or a string used verbatim as the input."""
@@ -123,7 +124,7 @@ def _kept_tokens(tokens: list[int], tokenizer: Any, reply: str) -> int:
         else:
             hi = mid - 1
     while lo > 0 and tokenizer.decode(tokens[: lo - 1], skip_special_tokens=True).rstrip() == target:
-        lo -= 1  # trailing whitespace tokens go too: trlX rstrips the cut text before appending EOS
+        lo -= 1  # trailing whitespace tokens go too: trlX v0.6.0 rstrips the cut text before appending EOS
     return lo
 
 
@@ -296,12 +297,6 @@ def hf_generate(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, prompt_mas
     return Generated(tokens, torch.stack(hidden[: tokens.shape[1]], dim=1))
 
 
-def zero_stage(accelerator: Any) -> int | None:
-    """The DeepSpeed ZeRO stage an accelerator runs under, or None without DeepSpeed."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return None if plugin is None else int(plugin.zero_stage)
-
-
 @contextlib.contextmanager
 def gathered_for_generation(model: Any, accelerator: Any) -> Iterator[Any]:
     """The unwrapped model, with its parameters gathered once for the whole block under DeepSpeed ZeRO-3.
@@ -424,19 +419,21 @@ class RewardScorer:
             return f"{prompt} {reply}"
         return reward_text(self.tokenizer, prompt, reply)
 
-    @torch.inference_mode()
     def score_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Scores of whole texts. N texts -> (N,) float32 on the CPU."""
+        """Scores of whole texts. N texts -> (N,) float32 on the CPU.
+
+        Under ZeRO-3 (distributed.prepare_frozen) every rank must score the same number of texts."""
         device = next(self.model.parameters()).device
         tok = self.tokenizer
         sides = tok.truncation_side, tok.padding_side
         tok.truncation_side = tok.padding_side = "left"
         scores = []
         try:
-            for start in range(0, len(texts), self.batch_size):
-                enc = tok(list(texts[start : start + self.batch_size]), return_tensors="pt", padding=True,
-                          truncation=True, max_length=self.max_length, add_special_tokens=False).to(device)
-                scores.append(self.forward(enc["input_ids"], enc["attention_mask"]).float().cpu())
+            with frozen_forward(self.model):
+                for start in range(0, len(texts), self.batch_size):
+                    enc = tok(list(texts[start : start + self.batch_size]), return_tensors="pt", padding=True,
+                              truncation=True, max_length=self.max_length, add_special_tokens=False).to(device)
+                    scores.append(self.forward(enc["input_ids"], enc["attention_mask"]).float().cpu())
         finally:
             tok.truncation_side, tok.padding_side = sides
         return torch.cat(scores) if scores else torch.zeros(0)
