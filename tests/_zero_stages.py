@@ -56,14 +56,14 @@ def reload(run: str | Path, overrides: list[str]) -> dict:
     from rlhfchat.config import load_recipe
     from rlhfchat.train.optim import full_state
     from rlhfchat.train.ppo import PPO
-    from rlhfchat.train.ppo_checkpoint import latest_checkpoint, load_checkpoint, trainable_parameters
+    from rlhfchat.train.ppo_checkpoint import latest_checkpoint
 
     run = Path(run)
     recipe = load_recipe(None, ["name=t", f"output_dir={run}", *overrides])
     ppo = PPO.from_folders(run / "sft", run / "reward", recipe.ppo, seed=recipe.seed, reward_max_length=96)
     ckpt = latest_checkpoint(run / "ppo" / "checkpoints")
-    load_checkpoint(ckpt, ppo)
-    weights, moments, step = full_state(ppo.optimizer, trainable_parameters(ppo))
+    ppo.load_checkpoint(ckpt)
+    weights, moments, step = full_state(ppo.optimizer.optimizer, ppo.trainable_parameters())
     files = {**load_file(ckpt / "trainable.safetensors"), **load_file(ckpt / "optimizer.safetensors")}
     ours = {**weights, **moments}
     return {"checkpoint": ckpt.name, "tensors": len(ours), "same_names": set(ours) == set(files),

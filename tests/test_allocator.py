@@ -1,4 +1,4 @@
-"""The process settings of train/allocator.py, each checked in a fresh process: glibc keeps the memory a training
+"""The process settings of train/cpu.py, each checked in a fresh process: glibc keeps the memory a training
 step frees (where a large block comes from, the page faults of steps that allocate and free the same memory), and
 the objects of start-up leave the garbage collector's generations while start-up's garbage is collected."""
 
@@ -13,7 +13,7 @@ import pytest
 
 SCRIPT = """
 import ctypes, resource, sys, torch
-from rlhfchat.train.allocator import keep_freed_memory
+from rlhfchat.train.cpu import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -66,7 +66,7 @@ def test_freed_step_memory_stays_with_the_process():
 
 FREEZE = """
 import gc, weakref
-from rlhfchat.train.allocator import startup_objects_frozen
+from rlhfchat.train.cpu import startup_objects_frozen
 
 class Node:
     pass

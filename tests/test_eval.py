@@ -135,7 +135,7 @@ def test_kl_to_reference_is_zero_for_itself_and_positive_otherwise(tiny, perturb
 
 
 def test_reward_scores_are_batch_invariant(tiny_reward_dir):
-    from rlhfchat.train.rollout import RewardScorer
+    from rlhfchat.train.reward import RewardScorer
 
     scorer = RewardScorer(tiny_reward_dir, batch_size=5)
     replies = ["3 + 4 = 7. The answer is 7.", "def add_3(x): return x + 3", "She goes home.", "3.", "10."]

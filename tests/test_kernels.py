@@ -1,4 +1,4 @@
-"""kernels.fuse_norms: the fused RMSNorm computes transformers' Llama RMSNorm and its exact gradient, and is swapped
+"""cpu.fuse_norms: the fused RMSNorm computes transformers' Llama RMSNorm and its exact gradient, and is swapped
 only into modules that run that code."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _norm(hidden: int = 16):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_fused_norm_equals_transformers_norm_and_its_gradient(dtype):
-    from rlhfchat.train.kernels import fuse_norms
+    from rlhfchat.train.cpu import fuse_norms
 
     plain, fused = _norm(), _norm()
     assert fuse_norms(fused) == 1
@@ -40,7 +40,7 @@ def test_the_fused_norm_equals_transformers_norm_and_its_gradient(dtype):
 
 def test_under_bf16_autocast_the_fused_norm_stays_in_float32():
     """The PPO update runs its forward and backward under autocast: the norm must not drop to bf16 there."""
-    from rlhfchat.train.kernels import fuse_norms
+    from rlhfchat.train.cpu import fuse_norms
 
     plain, fused = _norm(512), _norm(512)
     fuse_norms(fused)
@@ -60,7 +60,7 @@ def test_under_bf16_autocast_the_fused_norm_stays_in_float32():
 def test_the_gradient_by_hand():
     """One row x = (3, 4), weight (1, 2), eps 0: r = 1 / sqrt(12.5), xhat = r x, y = w xhat.
     dL/dx = r (g - xhat mean(g xhat)) with g = dy w; dL/dw = dy xhat."""
-    from rlhfchat.train.kernels import fuse_norms
+    from rlhfchat.train.cpu import fuse_norms
 
     norm = _norm(2)
     norm.variance_epsilon = 0.0
@@ -81,7 +81,7 @@ def test_the_gradient_by_hand():
 def test_only_modules_running_llamas_norm_code_are_swapped_and_inference_keeps_their_own(tiny_model_dir):
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from rlhfchat.train.kernels import fuse_norms
+    from rlhfchat.train.cpu import fuse_norms
 
     class OnePlusWeight(nn.Module):  # Gemma's: weight * (1 + w), its own code
         def __init__(self):

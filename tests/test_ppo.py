@@ -21,7 +21,8 @@ from rlhfchat.models import load_tokenizer
 from rlhfchat.train import rollout as rollout_mod
 from rlhfchat.train.policy import response_logprobs
 from rlhfchat.train.ppo import PPO
-from rlhfchat.train.rollout import RewardScorer, check_backend, encode_prompt, finish_responses, left_pad
+from rlhfchat.train.reward import RewardScorer
+from rlhfchat.train.rollout import check_backend, encode_prompt, finish_responses, left_pad
 
 PROMPTS = [
     [message("user", "What is 2 + 3?")],
@@ -176,17 +177,17 @@ def test_minibatch_of_4_equals_4_accumulated_micro_batches(run_dir, monkeypatch)
         assert torch.allclose(p.grad, grads_split[name].grad, atol=1e-5, rtol=1e-4), name
     # the backward's hooks recorded each gradient as the 4th micro-batch finished it: the clip's norm is torch's
     params = [p for p in split.unwrapped.parameters() if p.grad is not None]
-    assert len(split.grad_norms.squares) == len(params)
+    assert len(split.optimizer.norms.squares) == len(params)
     expected = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-    assert split.clip_and_step() == pytest.approx(expected, rel=1e-5) and split.grad_norms.squares is None
+    assert split.optimizer.step() == pytest.approx(expected, rel=1e-5) and split.optimizer.norms.squares is None
 
 
 @pytest.mark.parametrize("max_grad_norm", [1e-3, 1e3], ids=["clipped", "not-clipped"])
 def test_clip_folded_into_the_fused_step_equals_clip_then_step(run_dir, max_grad_norm):
-    """clip_and_step (the clip as the fused AdamW's gradient scale) == torch's clip_grad_norm_ then step()."""
+    """StepOptimizer.step (the clip as the fused AdamW's gradient scale) == torch's clip_grad_norm_ then step()."""
     fast, plain = (make_ppo(run_dir, f"ppo.max_grad_norm={max_grad_norm}", "ppo.learning_rate=1e-2")
                    for _ in range(2))
-    assert fast.fused
+    assert fast.optimizer.fused
     start = {n: p.detach().clone() for n, p in fast.unwrapped.named_parameters()}
     torch.manual_seed(0)
     for ppo in (fast, plain):
@@ -197,11 +198,11 @@ def test_clip_folded_into_the_fused_step_equals_clip_then_step(run_dir, max_grad
     for ppo in (fast, plain):
         for p, g in zip((p for p in ppo.unwrapped.parameters() if p.requires_grad), grads):
             p.grad = g.clone()
-    norm_fast = fast.clip_and_step()
+    norm_fast = fast.optimizer.step()
     norm_plain = float(torch.nn.utils.clip_grad_norm_(plain.unwrapped.parameters(), max_grad_norm))
-    plain.optimizer.step()
+    plain.optimizer.torch_optimizer.step()
     assert norm_fast == pytest.approx(norm_plain, rel=1e-5) and norm_fast > 1
-    assert not hasattr(fast.optimizer.optimizer, "grad_scale"), "the scale is taken off after the step"
+    assert not hasattr(fast.optimizer.torch_optimizer, "grad_scale"), "the scale is taken off after the step"
     other = dict(plain.unwrapped.named_parameters())
     for name, p in fast.unwrapped.named_parameters():
         if p.requires_grad:
@@ -209,7 +210,7 @@ def test_clip_folded_into_the_fused_step_equals_clip_then_step(run_dir, max_grad
             assert not torch.equal(p, start[name]), name
     # Adam's first step hardly depends on the gradient's scale; its first moment shows the clip:
     # exp_avg = (1 - beta1) x the clipped gradient
-    state = fast.optimizer.optimizer.state[params[0]]
+    state = fast.optimizer.torch_optimizer.state[params[0]]
     expected = (1 - 0.9) * grads[0] * min(1.0, max_grad_norm / norm_plain)
     assert torch.allclose(state["exp_avg"], expected, rtol=1e-4, atol=1e-9)
 
@@ -498,7 +499,7 @@ def test_bench_ppo_names_the_bad_input(tiny_reward_dir, tmp_path, capsys):
 
 
 def test_the_update_picks_the_math_attention_kernel_only_for_bf16_on_a_cpu():
-    from rlhfchat.train.policy import training_attention
+    from rlhfchat.train.cpu import training_attention
 
     with training_attention(torch.device("cpu"), "bf16"):
         assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()

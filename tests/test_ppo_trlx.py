@@ -16,7 +16,6 @@ from rlhfchat.errors import RlhfchatError
 from rlhfchat.train.optim import MasterWeightAdamW
 from rlhfchat.train.policy import build_policy
 from rlhfchat.train.ppo import PPO, plan_iterations
-from rlhfchat.train.ppo_checkpoint import load_checkpoint, save_checkpoint, trainable_parameters
 
 ROOT = Path(__file__).parents[1]
 PROMPTS = [[message("user", f"What is {i} + 1?")] for i in range(6)]
@@ -108,9 +107,9 @@ def test_bf16_policy_weights_train(tiny_model_dir, tiny_reward_dir, tmp_path):
     master copies that the checkpoint holds."""
     ppo = make_ppo(tiny_model_dir, tiny_reward_dir, "ppo.learning_rate=1e-4", "ppo.ppo_epochs=1",
                    dtype=torch.bfloat16)
-    inner = ppo.optimizer.optimizer
+    inner = ppo.optimizer.torch_optimizer
     assert isinstance(inner, MasterWeightAdamW)
-    named = trainable_parameters(ppo)
+    named = ppo.trainable_parameters()
     lm = [(n, p) for n, p in named if n.startswith("lm.")]
     assert lm and all(p.dtype == torch.bfloat16 for _, p in lm)
     before = {n: p.detach().clone() for n, p in named}
@@ -122,7 +121,7 @@ def test_bf16_policy_weights_train(tiny_model_dir, tiny_reward_dir, tmp_path):
         assert torch.equal(p.detach(), masters[id(p)].to(torch.bfloat16)), n
         # every matrix moved in bf16 too; a norm's weights sit at 1.0, where bf16's step (0.008) is still ahead
         assert p.dim() == 1 or not torch.equal(p.detach(), before[n]), n
-    save_checkpoint(tmp_path, 1, ppo, {})
+    ppo.save_checkpoint(tmp_path, 1, {})
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "step-000001" / "trainable.safetensors")
@@ -135,14 +134,14 @@ def test_checkpoint_by_name_resumes_to_the_same_update(tiny_model_dir, tiny_rewa
     a = make_ppo(tiny_model_dir, tiny_reward_dir, "ppo.ppo_epochs=1")
     exp, _ = a.make_experience(PROMPTS, seeds=range(6))
     a.update(exp)
-    save_checkpoint(tmp_path, 1, a, {})
+    a.save_checkpoint(tmp_path, 1, {})
     b = make_ppo(tiny_model_dir, tiny_reward_dir, "ppo.ppo_epochs=1")
-    state = load_checkpoint(tmp_path / "step-000001", b)
+    state = b.load_checkpoint(tmp_path / "step-000001")
     assert state["optimizer_step"] == 2 and b.kl_ctl.value == a.kl_ctl.value
     exp, _ = a.make_experience(PROMPTS, seeds=range(6, 12))
     for ppo in (a, b):
         torch.manual_seed(1)  # the same minibatch order
         ppo.update(exp)
-    for (name, p), (_, q) in zip(trainable_parameters(a), trainable_parameters(b)):
+    for (name, p), (_, q) in zip(a.trainable_parameters(), b.trainable_parameters()):
         assert torch.equal(p, q), name
-    assert math.isclose(float(a.optimizer.optimizer.state[trainable_parameters(a)[0][1]]["step"]), 4)
+    assert math.isclose(float(a.optimizer.torch_optimizer.state[a.trainable_parameters()[0][1]]["step"]), 4)

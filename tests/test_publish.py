@@ -95,7 +95,7 @@ def test_every_loader_of_a_model_folder_refuses_a_delta(tiny_delta, tiny_model_d
     from rlhfchat.eval.generate import load_causal_lm
     from rlhfchat.models import load_pretrained, load_tokenizer
     from rlhfchat.train.policy import build_policy
-    from rlhfchat.train.rollout import RewardScorer
+    from rlhfchat.train.reward import RewardScorer
 
     message = (f"{tiny_delta}: this is a weight delta: apply it with `rlhfchat delta apply --base org/tiny-base "
                f"--delta {tiny_delta} --out tiny`")

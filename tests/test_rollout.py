@@ -10,8 +10,9 @@ import torch
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.models import load_tokenizer, reserve_cache
 from rlhfchat.train import rollout
-from rlhfchat.train.rollout import (GenerationSettings, SeededSampler, check_backend, encode_prompt,
-                                    gathered_for_generation, generate_rollout, seeded_processors)
+from rlhfchat.train.distributed import gathered_for_generation
+from rlhfchat.train.rollout import (GenerationSettings, SeededSampler, check_backend, encode_prompt, generate_rollout,
+                                    seeded_processors)
 
 SHORT = [{"role": "user", "content": "What is 3 + 4?"}]
 LONG = [{"role": "user", "content": "Write a function that doubles a number, then fix the grammar: she go to school."}]

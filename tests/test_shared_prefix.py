@@ -12,7 +12,8 @@ import torch
 from rlhfchat.data.schema import message
 from rlhfchat.models import load_tokenizer
 from rlhfchat.train.policy import Reference, build_policy, causal_parts
-from rlhfchat.train.rollout import RewardScorer, encode_prompt, left_pad
+from rlhfchat.train.reward import RewardScorer
+from rlhfchat.train.rollout import encode_prompt, left_pad
 from rlhfchat.train.trunk import MIN_SHARED_PREFIX, hidden_from, shared_prefix_length
 
 SYSTEM = "You add numbers and write the sum."

@@ -72,12 +72,11 @@ def read_prompts(path: str) -> list[Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from rlhfchat.config import LoraConfig, PPOConfig
-    from rlhfchat.train.allocator import keep_freed_memory, startup_objects_frozen
     from rlhfchat.train.ppo import PPO
+    from rlhfchat.train.runtime import Runtime
 
     torch.set_num_threads(args.threads)
     set_seed(args.seed)
@@ -88,15 +87,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     share_prompt_prefix=not args.no_share_prefix,
                     lora=LoraConfig(enabled=args.lora), num_layers_unfrozen=args.num_layers_unfrozen,
                     max_prompt_length=1024)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    if accelerator.device.type == "cpu":  # as `rlhfchat ppo` sets the process up (train/allocator.py)
-        keep_freed_memory()
-    ppo = PPO.from_folders(args.policy, args.reward, cfg, accelerator, seed=args.seed, reward_max_length=1024)
+    rt = Runtime.start(mixed_precision=args.mixed_precision)  # as `rlhfchat ppo` sets the process up
+    ppo = PPO.from_folders(args.policy, args.reward, cfg, rt, seed=args.seed, reward_max_length=1024)
 
     # make_experience times its own steps (generate, score, the rollout forwards); the update is timed here.
     phases = {"gen_s": 0.0, "score_s": 0.0, "forward_s": 0.0, "update_s": 0.0}
     samples = tokens = 0
-    with startup_objects_frozen():  # as `rlhfchat ppo` runs its loop (train/allocator.py)
+    with rt.loop():  # as `rlhfchat ppo` runs its loop
         t0, cpu0 = time.perf_counter(), time.process_time()
         for it in range(args.rollouts):
             batch = [prompts[(it * args.batch + i) % len(prompts)] for i in range(args.batch)]

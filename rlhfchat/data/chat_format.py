@@ -28,6 +28,9 @@ SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
+Prompt = str | list[dict[str, str]]
+"""What a model is asked: chat messages (rendered through the chat template) or a string used verbatim as the input."""
+
 HUMAN = "### Human:"
 ASSISTANT = "### Assistant:"
 STOP_SEQUENCES = [HUMAN]

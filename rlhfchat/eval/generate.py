@@ -1,7 +1,7 @@
 """What the eval stage asks of a model: replies to prompts and log-probs of replies.
 
     replies = generate_replies(model, tokenizer, prompts, max_new_tokens=48)           # greedy, left-padded batches
-    scores = RewardScorer(reward_dir).score(prompts, [r.text for r in replies])       # rlhfchat.train.rollout
+    scores = RewardScorer(reward_dir).score(prompts, [r.text for r in replies])       # rlhfchat.train.reward
     kl = kl_to_reference(ppo_model, sft_model, tokenizer, prompts, max_new_tokens=48, seed=0)
 
 Prompts are canonical message lists rendered through the tokenizer's chat template with the generation prompt

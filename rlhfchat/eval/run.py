@@ -293,7 +293,7 @@ def _score(path: str | Path, prompts: list, replies: dict[str, list], recipe: Re
     """Every model's replies scored by the reward model at `path` (RewardScorer, as PPO scores): {model: scores}."""
     from rlhfchat.eval import generate
     from rlhfchat.models import torch_dtype
-    from rlhfchat.train.rollout import RewardScorer
+    from rlhfchat.train.reward import RewardScorer
 
     scorer = RewardScorer(path, max_length=recipe.reward.max_length, dtype=torch_dtype(recipe.base.dtype),
                           batch_size=bs, device=generate.device_for())

@@ -145,3 +145,35 @@ def frozen_forward(model: nn.Module) -> contextlib.AbstractContextManager:
     """The grad mode for forwards that need no gradient: inference mode, or no_grad where DeepSpeed's ZeRO-3 hooks
     gather the weights (a tensor they allocate in inference mode could not be used by autograd later)."""
     return torch.no_grad() if is_partitioned(model) else torch.inference_mode()
+
+
+@contextlib.contextmanager
+def gathered_for_generation(model: Any, accelerator: Any) -> Iterator[Any]:
+    """The unwrapped model, with its parameters gathered once for the whole block under DeepSpeed ZeRO-3.
+
+    Under ZeRO-3 each rank holds a shard of every parameter and DeepSpeed's hooks all-gather a layer's weights
+    before its forward and free them after: once per layer per generated token. Here the whole model is gathered
+    once (deepspeed.zero.GatheredParameters), the hooks are taken off for the block and put back after, as TRL's
+    unwrap_model_for_generation does (its hook helpers are reused). Costs a full copy of the weights per GPU for
+    the duration (26 GB for 13B in bf16). Every rank must enter the block (the gather is a collective).
+    Anything else (DDP, FSDP, ZeRO-1/2, one process): a no-op yielding `accelerator.unwrap_model(model)`.
+
+        with gathered_for_generation(policy, accelerator) as unwrapped:
+            rollout = generate_rollout(unwrapped.lm, tokenizer, ids, settings, device=device, capture=True)
+    """
+    if zero_stage(accelerator) != 3:
+        yield accelerator.unwrap_model(model)
+        return
+    try:
+        import deepspeed
+    except ImportError:
+        raise RlhfchatError("accelerate config: DeepSpeed ZeRO-3 is selected but deepspeed is not installed; "
+                            "pip install deepspeed") from None
+    from trl.models.utils import add_hooks, remove_hooks
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        remove_hooks(model)
+        try:
+            yield accelerator.unwrap_model(model)
+        finally:
+            add_hooks(model)

@@ -154,6 +154,56 @@ def clip_and_step(optimizer: Any, params: Sequence[torch.Tensor], max_norm: floa
     return float(norm)
 
 
+class StepOptimizer:
+    """The policy's optimizer as the loop uses it: `step()` clips and steps, returning the norm before the clip.
+
+        policy, optimizer = StepOptimizer.prepare(policy, params, accelerator, lr=..., betas=..., weight_decay=...,
+                                                  max_norm=1.0)
+        optimizer.before_last_backward()   # the backward that finishes a minibatch's gradients comes next
+        norm = optimizer.step(); optimizer.zero_grad()
+
+    AdamW as `adamw` makes it, prepared with the policy by accelerate (`.optimizer`: what checkpoints read); on one
+    process with the fused kernel (no loss scaler) the gradient norms are taken by GradNorms' hooks.
+    """
+
+    def __init__(self, optimizer: Any, params: Sequence[torch.Tensor], accelerator: Any, max_norm: float,
+                 norms: GradNorms | None):
+        self.optimizer, self.params, self.accelerator, self.max_norm, self.norms = (optimizer, list(params),
+                                                                                   accelerator, max_norm, norms)
+
+    @classmethod
+    def prepare(cls, policy: Any, params: Sequence[torch.Tensor], accelerator: Any, *, max_norm: float,
+                **adamw_kwargs: Any) -> tuple[Any, "StepOptimizer"]:
+        """(the prepared policy, its optimizer)."""
+        params = list(params)
+        optimizer = adamw(params, accelerator, **adamw_kwargs)
+        fused = bool(optimizer.defaults.get("fused"))
+        policy, optimizer = accelerator.prepare(policy, optimizer)
+        one_process = accelerator.num_processes == 1 and accelerator.scaler is None  # see GradNorms
+        return policy, cls(optimizer, params, accelerator, max_norm, GradNorms(params) if fused and one_process
+                           else None)
+
+    @property
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The AdamW inside accelerate's wrapper."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    @property
+    def fused(self) -> bool:
+        return bool(self.torch_optimizer.defaults.get("fused"))
+
+    def before_last_backward(self) -> None:
+        if self.norms is not None:
+            self.norms.start()
+
+    def step(self) -> float:
+        return clip_and_step(self.optimizer, [p for p in self.params if p.grad is not None], self.max_norm,
+                             self.accelerator, self.norms)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 # -------------------------------------------------------------------------------------------------------------
 # The optimizer's state, whole and by name: what a checkpoint holds, loadable on any number of processes.
 

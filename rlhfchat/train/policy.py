@@ -57,20 +57,6 @@ def causal_parts(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
     return trunk, head
 
 
-def training_attention(device: torch.device, mixed_precision: str | None) -> contextlib.AbstractContextManager:
-    """The attention kernel for the PPO update's forward and backward.
-
-    On a CPU under bf16 autocast this picks PyTorch's plain (math) attention: its CPU flash-attention backward in bf16
-    takes about 8x its forward (9-11 ms against 3.5-4 ms for the math kernel's, on a minibatch of 8 x 63 queries over
-    123 keys); in float32, and on GPUs, the default choice stands.
-    """
-    if device.type == "cpu" and mixed_precision == "bf16":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([SDPBackend.MATH])
-    return contextlib.nullcontext()
-
-
 def response_states(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int,
                     share_prefix: bool = True) -> torch.Tensor:
     """The states that predict the response tokens: columns n_prompt - 1 .. T - 2. (B, P + R) -> (B, R, H)."""
@@ -323,20 +309,6 @@ def build_policy(sft_dir: str | Path, share_trunk: bool = True, lora: LoraConfig
     policy.value_head.to(torch.float32)  # a small head; float32 keeps the value regression stable in bf16 runs
     disable_dropout(policy)
     return policy
-
-
-def own_trainable_weights(model: nn.Module) -> None:
-    """Copy the trainable parameters out of the checkpoint's file mapping into the process's own memory (CPU).
-
-    from_pretrained maps a safetensors file copy-on-write and the parameters are views of that mapping, so the first
-    write to each 4 KB page (the first optimizer step) is a page fault that copies it: 0.34 s for a 110 MB model on
-    the development machine, against 0.03 s for this copy. Frozen weights stay mapped (never written, not copied).
-    On a GPU the weights leave the mapping when they move to the device; there this is not needed.
-    """
-    with torch.no_grad():
-        for param in model.parameters():  # tied weights are one parameter: copied once, still tied
-            if param.requires_grad:
-                param.data = param.data.clone()
 
 
 def _load(auto_cls: Any, path: str | Path, dtype: torch.dtype) -> nn.Module:

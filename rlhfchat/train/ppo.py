@@ -24,12 +24,10 @@ Each iteration ("step" in the logs) does, on every process, as trlX v0.6.0:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,104 +36,34 @@ import torch
 
 from rlhfchat.atomic import atomic_file, write_json
 from rlhfchat.config import PPOConfig, Recipe
+from rlhfchat.data.chat_format import Prompt
 from rlhfchat.errors import RlhfchatError
-from rlhfchat.models import adapters_merged
 from rlhfchat.train import ppo_math as pm
-from rlhfchat.train.allocator import keep_freed_memory, startup_objects_frozen
-from rlhfchat.train.distributed import (configure_deepspeed, frozen_forward, is_partitioned, new_accelerator,
-                                        prepare_frozen, whole_on_load, zero_stage)
-from rlhfchat.train.kernels import fuse_norms
-from rlhfchat.train.optim import GradNorms, adamw, clip_and_step
-from rlhfchat.train.policy import (PolicyWithValueHead, Reference, build_policy, own_trainable_weights,
-                                   training_attention)
+from rlhfchat.train.experience import Experience, merge
+from rlhfchat.train.policy import PolicyWithValueHead, Reference, build_policy
 from rlhfchat.train.ppo_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rlhfchat.train.rollout import (GenerationSettings, Prompt, RewardScorer, check_backend, encode_prompt,
-                                    gathered_for_generation, generate_replies, generate_rollout)
-
-
-@dataclass
-class Experience:
-    """One iteration's rollout, every chunk padded to a common width. N samples, P prompt and R response columns."""
-
-    input_ids: torch.Tensor  # (N, P + R) left-padded prompt, right-padded response
-    attention_mask: torch.Tensor  # (N, P + R)
-    n_prompt: int  # P
-    mask: torch.Tensor  # (N, R) float, 1 on real response tokens
-    logprobs: torch.Tensor  # (N, R) policy logprobs at generation time
-    ref_logprobs: torch.Tensor  # (N, R)
-    values: torch.Tensor  # (N, R)
-    scores: torch.Tensor  # (N,) raw reward-model scores
-    entropy: torch.Tensor  # (N, R)
-    rewards: torch.Tensor | None = None  # (N, R) after step 4
-    advantages: torch.Tensor | None = None  # (N, R)
-    returns: torch.Tensor | None = None  # (N, R)
-
-    def select(self, idx: torch.Tensor) -> "Experience":
-        """Rows `idx`, with columns that are padding in every selected row dropped (less work per minibatch)."""
-        attn = self.attention_mask[idx]
-        first = int((attn[:, : self.n_prompt].sum(0) > 0).nonzero()[0])
-        width = max(int(self.mask[idx].sum(1).max()), 1)
-        cols = slice(first, self.n_prompt + width)
-        per_token = {f.name: getattr(self, f.name)[idx][:, :width] for f in fields(self)
-                     if f.name in ("mask", "logprobs", "ref_logprobs", "values", "entropy", "rewards", "advantages",
-                                   "returns") and getattr(self, f.name) is not None}
-        return Experience(input_ids=self.input_ids[idx][:, cols], attention_mask=attn[:, cols],
-                          n_prompt=self.n_prompt - first, scores=self.scores[idx], **per_token)
-
-
-def merge(chunks: Sequence[Experience], pad_id: int) -> Experience:
-    """Concatenate chunks of different widths: prompts re-padded on the left, responses on the right."""
-    p = max(c.n_prompt for c in chunks)
-    r = max(c.mask.shape[1] for c in chunks)
-
-    def pad_seq(c: Experience, name: str, value: int) -> torch.Tensor:
-        x = getattr(c, name)
-        prompt, response = x[:, : c.n_prompt], x[:, c.n_prompt:]
-        left = prompt.new_full((x.shape[0], p - c.n_prompt), value)
-        right = response.new_full((x.shape[0], r - response.shape[1]), value)
-        return torch.cat([left, prompt, response, right], dim=1)
-
-    def pad_tok(x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.pad(x, (0, r - x.shape[1]))
-
-    per_token = ("mask", "logprobs", "ref_logprobs", "values", "entropy")
-    return Experience(
-        input_ids=torch.cat([pad_seq(c, "input_ids", pad_id) for c in chunks]),
-        attention_mask=torch.cat([pad_seq(c, "attention_mask", 0) for c in chunks]),
-        n_prompt=p, scores=torch.cat([c.scores for c in chunks]),
-        **{name: torch.cat([pad_tok(getattr(c, name)) for c in chunks]) for name in per_token},
-    )
+from rlhfchat.train.reward import RewardScorer
+from rlhfchat.train.rollout import (GenerationSettings, check_backend, encode_prompt, generate_replies,
+                                    generate_rollout)
+from rlhfchat.train.runtime import Runtime
 
 
 class PPO:
     """The models, the optimizer and the PPO state; `make_experience` is steps 1-4, `update` is step 5."""
 
     def __init__(self, policy: PolicyWithValueHead, reference: Reference, scorer: RewardScorer, tokenizer: Any,
-                 cfg: PPOConfig, accelerator: Any = None, vllm: Any = None):
+                 cfg: PPOConfig, runtime: Runtime | None = None, vllm: Any = None):
         self.cfg = cfg
-        self.accelerator = accelerator or new_accelerator()
+        self.rt = runtime or Runtime.start()
+        self.accelerator = self.rt.accelerator
         self.tokenizer = tokenizer
         self.settings = GenerationSettings.from_ppo(cfg)
-        if not is_partitioned(policy):
-            policy.to(self.accelerator.device)
-        if zero_stage(self.accelerator) is not None:  # the engine clips and steps; see minibatch_gradients
-            configure_deepspeed(self.accelerator, cfg.batch_size, cfg.max_grad_norm)
-        params = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = adamw(params, self.accelerator, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                          weight_decay=cfg.weight_decay)
-        self.fused = bool(optimizer.defaults.get("fused"))
-        self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
-        one_process = self.accelerator.num_processes == 1 and self.accelerator.scaler is None  # see optim.GradNorms
-        self.grad_norms = GradNorms(params) if self.fused and one_process else None
-        self._unwrapped = self.accelerator.unwrap_model(self.policy)  # (its first call imports deepspeed, if installed)
+        self.policy, self.optimizer = self.rt.prepare_training(policy, cfg)
+        self.unwrapped: PolicyWithValueHead = self.rt.unwrap(self.policy)
         self.policy.eval()  # train() only inside update(); dropout is off either way
-        self.reference = reference.prepare(self.accelerator)  # ZeRO-3: an inference engine of its own
+        self.reference = self.rt.prepare_frozen_reference(reference)
         self.scorer = scorer
-        if cfg.reward_device:  # a GPU of its own, outside DeepSpeed (loaded whole: from_folders)
-            scorer.model.to(cfg.reward_device)
-        else:
-            scorer.model = prepare_frozen(scorer.model if is_partitioned(scorer.model)
-                                          else scorer.model.to(self.accelerator.device), self.accelerator)
+        scorer.model = self.rt.prepare_frozen(scorer.model, device=cfg.reward_device)  # reward_device: a GPU of its own
         self.kl_ctl = (pm.AdaptiveKLController(cfg.init_kl_coef, cfg.target, cfg.horizon) if cfg.target is not None
                        else pm.FixedKLController(cfg.init_kl_coef))
         self.moments = pm.RunningMoments()
@@ -145,44 +73,35 @@ class PPO:
         self.vllm = vllm  # rollout_vllm.VLLMRollouts for ppo.rollout_backend=vllm; None: HF generate on the policy
 
     @classmethod
-    def from_folders(cls, policy_dir: str | Path, reward_dir: str | Path, cfg: PPOConfig, accelerator: Any = None,
+    def from_folders(cls, policy_dir: str | Path, reward_dir: str | Path, cfg: PPOConfig, runtime: Runtime | None = None,
                      dtype: torch.dtype = torch.float32, seed: int = 0, reward_max_length: int = 512) -> "PPO":
         from rlhfchat.models import load_tokenizer
 
-        accelerator = accelerator or new_accelerator()
+        rt = runtime or Runtime.start()
         # Under bf16 mixed precision the frozen networks (reference, reward) hold bf16 weights: autocast would
         # cast them to bf16 on every forward anyway. The policy keeps `dtype` weights for the optimizer.
-        frozen_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else dtype
+        frozen_dtype = torch.bfloat16 if rt.accelerator.mixed_precision == "bf16" else dtype
         tokenizer = load_tokenizer(policy_dir)
-        policy = build_policy(policy_dir, share_trunk=cfg.share_trunk, lora=cfg.lora, dtype=dtype,
-                              temperature=cfg.temperature, seed=seed,
-                              gradient_checkpointing=cfg.gradient_checkpointing,
-                              share_prefix=cfg.share_prompt_prefix, num_layers_unfrozen=cfg.num_layers_unfrozen,
-                              value_head=cfg.value_head)
-        if accelerator.device.type == "cpu" and zero_stage(accelerator) is None:
-            own_trainable_weights(policy)  # the optimizer would copy-on-write them from the file mapping
-            fuse_norms(policy)  # a CPU's update spends as long in the RMSNorms' backward as in the attention
-        sharded = accelerator.distributed_type.value == "FSDP" or zero_stage(accelerator) == 3
-        reference = Reference(policy, policy_dir, dtype=frozen_dtype, share_bottom=not sharded)
-        with whole_on_load(accelerator) if cfg.reward_device else contextlib.nullcontext():
+        policy = rt.prepare_policy(build_policy(
+            policy_dir, share_trunk=cfg.share_trunk, lora=cfg.lora, dtype=dtype, temperature=cfg.temperature,
+            seed=seed, gradient_checkpointing=cfg.gradient_checkpointing, share_prefix=cfg.share_prompt_prefix,
+            num_layers_unfrozen=cfg.num_layers_unfrozen, value_head=cfg.value_head))
+        reference = Reference(policy, policy_dir, dtype=frozen_dtype, share_bottom=not rt.sharded)
+        with rt.loading_whole(bool(cfg.reward_device)):  # a reward model outside DeepSpeed is loaded whole
             scorer = RewardScorer(reward_dir, max_length=reward_max_length, dtype=frozen_dtype,
                                   batch_size=cfg.chunk_size, share_prefix=cfg.share_prompt_prefix)
         vllm = None
         if cfg.rollout_backend == "vllm":
             from rlhfchat.train.rollout_vllm import VLLMRollouts
 
-            vllm = VLLMRollouts(policy_dir, cfg, accelerator, dtype=str(dtype).removeprefix("torch."), seed=seed)
-        return cls(policy, reference, scorer, tokenizer, cfg, accelerator, vllm)
+            vllm = VLLMRollouts(policy_dir, cfg, rt.accelerator, dtype=str(dtype).removeprefix("torch."), seed=seed)
+        return cls(policy, reference, scorer, tokenizer, cfg, rt, vllm)
 
     def sync_rollout_weights(self) -> None:
         """vLLM backend: load the policy's current weights into the engine (after every update; on every rank)."""
         if self.vllm is not None:
-            with gathered_for_generation(self.policy, self.accelerator) as policy:
+            with self.rt.whole(self.policy) as policy:
                 self.vllm.sync_weights(policy.lm)
-
-    @property
-    def unwrapped(self) -> PolicyWithValueHead:
-        return self._unwrapped
 
     # ---------------------------------------------------------------------------------------------------------
     def make_experience(self, prompts: Sequence[Prompt], seeds: Sequence[int] | None = None
@@ -192,7 +111,7 @@ class PPO:
         `seeds` (one per prompt) make each reply depend only on its prompt and its seed, not on which process or
         batch it is generated in: n processes then sample what one process samples.
         """
-        cfg, device, policy = self.cfg, self.accelerator.device, self.unwrapped
+        cfg, device, policy = self.cfg, self.rt.device, self.unwrapped
         chunks, times = [], {"gen_s": 0.0, "score_s": 0.0, "forward_s": 0.0}
         for start in range(0, len(prompts), cfg.chunk_size):
             batch = list(prompts[start : start + cfg.chunk_size])
@@ -202,23 +121,20 @@ class PPO:
             ids = [encode_prompt(self.tokenizer, p, cfg.max_prompt_length) for p in batch]
             if self.vllm is not None:
                 rollout = self.vllm.generate(ids, self.settings, device, seeds=batch_seeds)
-            else:  # under ZeRO-3 the weights are gathered once for the whole generation, not layer by layer;
-                # on a CPU, LoRA adapters are merged into copies of their weights for it (a GPU lacks the memory)
-                merging = adapters_merged if device.type == "cpu" else contextlib.nullcontext
-                with gathered_for_generation(self.policy, self.accelerator) as gen, self.accelerator.autocast(), \
-                        merging(gen.lm) as lm:
+            else:
+                with self.rt.generation(self.policy) as lm:
                     rollout = generate_rollout(lm, self.tokenizer, ids, self.settings, cfg.rollout_backend, device,
                                                capture=True, seeds=batch_seeds)
             t1 = time.perf_counter()
             # 2. score: the reward model reads the rendered conversation, not our token ids
-            with self.accelerator.autocast():
+            with self.rt.autocast():
                 scores = self.scorer.score(batch, rollout.texts).to(device)
             t2 = time.perf_counter()
             # 3. forward: old logprobs, values, entropy from the hidden states generation computed (no second
             #    pass through the trunk); the reference's logprobs (a frozen copy, the policy with LoRA disabled,
             #    or its frozen bottom under copies of the trained top)
             input_ids, attention_mask, n_prompt = rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1]
-            with frozen_forward(policy), self.accelerator.autocast():
+            with self.rt.inference(policy):
                 if rollout.hidden is not None:
                     out = policy.from_generation(rollout.hidden, input_ids, attention_mask, n_prompt)
                 else:
@@ -235,7 +151,7 @@ class PPO:
         exp = merge(chunks, self.tokenizer.pad_token_id)
 
         # 2b. scale and clip the scores (trlX v0.6.0: running moments over every score seen, then the clip)
-        all_scores = self.accelerator.gather(exp.scores)
+        all_scores = self.rt.gather(exp.scores)
         self.moments.update(all_scores)
         if self.ref_std is None:
             self.ref_std = float(all_scores.std()) if all_scores.numel() > 1 else 1.0
@@ -244,13 +160,13 @@ class PPO:
 
         # 4. rewards and advantages over the whole rollout (whitened once, over every process's tokens)
         seq_kl = pm.sequence_kl(exp.logprobs, exp.ref_logprobs, exp.mask)  # (N,)
-        self.mean_kl = float(self.accelerator.gather(seq_kl).mean())
+        self.mean_kl = float(self.rt.gather(seq_kl).mean())
         exp.rewards = pm.kl_penalty_rewards(exp.logprobs, exp.ref_logprobs, scores, exp.mask, self.kl_ctl.value)
         exp.advantages, exp.returns = pm.gae(exp.values, exp.rewards, exp.mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            exp.advantages = pm.whiten(exp.advantages, exp.mask, all_reduce=self._all_reduce)
+            exp.advantages = pm.whiten(exp.advantages, exp.mask, all_reduce=self.rt.all_reduce)
         # logged means over every process's samples and tokens
-        sums = self._all_reduce(torch.stack([
+        sums = self.rt.all_reduce(torch.stack([
             exp.mask.sum(), torch.tensor(float(exp.mask.shape[0]), device=exp.mask.device),
             pm.masked_sum(exp.entropy, exp.mask), pm.masked_sum(exp.returns, exp.mask),
             pm.masked_sum(exp.values, exp.mask)]).double()).tolist()
@@ -262,10 +178,6 @@ class PPO:
         }
         return exp, stats
 
-    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over the processes (identity on one)."""
-        return self.accelerator.reduce(x, "sum") if self.accelerator.num_processes > 1 else x
-
     # ---------------------------------------------------------------------------------------------------------
     def minibatch_gradients(self, exp: Experience, idx: torch.Tensor) -> dict[str, float]:
         """Accumulate the gradient of one minibatch (rows `idx`) in micro-batches of cfg.batch_size.
@@ -273,28 +185,21 @@ class PPO:
         Every micro-batch divides by the minibatch's token count, so the accumulated gradient equals the gradient
         of the whole minibatch in one forward. With n processes that count is the token count of every process's
         minibatch over n: DDP (and DeepSpeed) average the n gradients, which gives the gradient of the global
-        minibatch's mean. Only the last micro-batch synchronises (DDP's no_sync before it); under DeepSpeed, whose
-        engine steps inside the backward of a synchronising micro-batch, that makes one step per minibatch.
+        minibatch's mean. Only the last micro-batch synchronises (Runtime.micro_batch): one step per minibatch.
         """
         cfg = self.cfg
-        n_tokens = (self._all_reduce(exp.mask[idx].sum()) / self.accelerator.num_processes).clamp(min=1)
+        n_tokens = (self.rt.all_reduce(exp.mask[idx].sum()) / self.rt.processes).clamp(min=1)
         micro = list(idx.split(cfg.batch_size))
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "value_clipfrac": 0.0, "approx_kl": 0.0}
         for i, rows in enumerate(micro):
             mb = exp.select(rows)
-            last = i == len(micro) - 1
-            self.accelerator.sync_gradients = last  # DeepSpeed's accumulation boundary (its engine ignores no_sync)
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy)
-            if last and self.grad_norms is not None:  # this backward finishes the gradients: record their norms
-                self.grad_norms.start()
-            with sync, self.accelerator.autocast(), training_attention(self.accelerator.device,
-                                                                       self.accelerator.mixed_precision):
+            with self.rt.micro_batch(self.policy, self.optimizer, last=i == len(micro) - 1):
                 out = self.policy(mb.input_ids, mb.attention_mask, mb.n_prompt)
                 pg, clipfrac, approx_kl = pm.policy_loss(out.logprobs, mb.logprobs, mb.advantages, mb.mask,
                                                          cfg.cliprange, n_tokens)
                 vf, vf_clipfrac = pm.value_loss(out.values, mb.values, mb.returns, mb.mask, cfg.cliprange_value,
                                                 n_tokens)
-                self.accelerator.backward(pg + cfg.vf_coef * vf)
+                self.rt.backward(pg + cfg.vf_coef * vf)
             for key, value in zip(sums, (pg, vf, clipfrac, vf_clipfrac, approx_kl)):
                 sums[key] += float(value.detach())
         return sums
@@ -317,8 +222,8 @@ class PPO:
         for epoch in range(cfg.ppo_epochs):
             for idx in torch.randperm(n).split(minibatch):
                 stats = self.minibatch_gradients(exp, idx)
-                stats["grad_norm"] = self.clip_and_step()
-                self.optimizer.zero_grad(set_to_none=True)
+                stats["grad_norm"] = self.optimizer.step()  # clipped to max_grad_norm; the norm before the clip
+                self.optimizer.zero_grad()
                 self.optimizer_steps += 1
                 if epoch == 0:
                     self.kl_ctl.update(self.mean_kl, n_steps=minibatch)
@@ -327,17 +232,12 @@ class PPO:
                 count += 1
         self.policy.eval()
         means = {key: value / max(count, 1) for key, value in totals.items()}
-        if self.accelerator.num_processes > 1:  # each process's loss is its tokens' part of the global mean x n
+        if self.rt.processes > 1:  # each process's loss is its tokens' part of the global mean x n
             keys = [k for k in means if k != "grad_norm"]  # the norm is of the synchronised gradient already
-            summed = self._all_reduce(torch.tensor([means[k] for k in keys], dtype=torch.float64,
-                                                   device=self.accelerator.device)).tolist()
-            means.update({k: v / self.accelerator.num_processes for k, v in zip(keys, summed)})
+            summed = self.rt.all_reduce(torch.tensor([means[k] for k in keys], dtype=torch.float64,
+                                                     device=self.rt.device)).tolist()
+            means.update({k: v / self.rt.processes for k, v in zip(keys, summed)})
         return means
-
-    def clip_and_step(self) -> float:
-        """Clip the gradient's global norm to max_grad_norm, take the optimizer step; returns the norm before."""
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        return clip_and_step(self.optimizer, params, self.cfg.max_grad_norm, self.accelerator, self.grad_norms)
 
     # ---------------------------------------------------------------------------------------------------------
     def evaluate(self, prompts: Sequence[Prompt], seed: int) -> dict[str, float]:
@@ -350,20 +250,20 @@ class PPO:
             return {"reward": None, "reward_std": None, "response_len": None}
         from accelerate.utils import gather_object
 
-        acc = self.accelerator
-        share = list(range(acc.process_index, len(prompts), acc.num_processes))
-        if is_partitioned(self.scorer.model):  # ZeRO-3: every rank runs the same forwards; the extra rows drop out
-            share += [0] * (math.ceil(len(prompts) / acc.num_processes) - len(share))
+        rt = self.rt
+        share = list(range(rt.rank, len(prompts), rt.processes))
+        if rt.zero == 3:  # every rank runs the same forwards of the partitioned networks; the extra rows drop out
+            share += [0] * (math.ceil(len(prompts) / rt.processes) - len(share))
         mine = [prompts[i] for i in share]
-        with gathered_for_generation(self.policy, acc) as policy, acc.autocast():
-            replies = generate_replies(policy.lm, self.tokenizer, mine, self.settings, batch_size=self.cfg.chunk_size,
+        with rt.generation(self.policy) as lm:
+            replies = generate_replies(lm, self.tokenizer, mine, self.settings, batch_size=self.cfg.chunk_size,
                                        max_prompt_length=self.cfg.max_prompt_length,
                                        seeds=[seed * 1_000_003 + i for i in share])
-        with acc.autocast():
+        with rt.autocast():
             scores = self.scorer.score(mine, replies).tolist() if mine else []
         rows = [(i, s, len(self.tokenizer(r).input_ids)) for i, s, r in zip(share, scores, replies)]
-        rows = rows[: len(range(acc.process_index, len(prompts), acc.num_processes))]
-        rows = sorted(gather_object(rows) if acc.num_processes > 1 else rows)
+        rows = rows[: len(range(rt.rank, len(prompts), rt.processes))]
+        rows = sorted(gather_object(rows) if rt.processes > 1 else rows)
         all_scores = torch.tensor([s for _, s, _ in rows], dtype=torch.float64)
         return {"reward": float(all_scores.mean()),
                 "reward_std": float(all_scores.std()) if len(all_scores) > 1 else 0.0,
@@ -378,6 +278,21 @@ class PPO:
         self.moments.load_state_dict(state["moments"])
         self.ref_std, self.mean_kl = state["ref_std"], state["mean_kl"]
         self.optimizer_steps = state["optimizer_steps"]
+
+    def trainable_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, parameter) of everything that trains (LoRA adapters or the whole network, value head, critic)."""
+        return [(n, p) for n, p in self.unwrapped.named_parameters() if p.requires_grad]
+
+    def save_checkpoint(self, root: Path, step: int, extra: dict[str, Any]) -> None:
+        """Checkpoint `step` under `root` (ppo_checkpoint): weights, optimizer, this object's state and `extra`."""
+        save_checkpoint(root, step, self.accelerator, self.trainable_parameters(), self.optimizer.optimizer,
+                        {"ppo": self.state_dict(), **extra})
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Restore a checkpoint (before the first update); returns its state.json."""
+        state = load_checkpoint(path, self.accelerator, self.trainable_parameters(), self.optimizer.optimizer)
+        self.load_state_dict(state["ppo"])
+        return state
 
 
 class PromptSampler:
@@ -471,9 +386,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
     check_backend(cfg.rollout_backend)
     out_dir, ckpt_root = run / "ppo", run / "ppo" / "checkpoints"
     # without GPUs, `accelerate launch` ranks run over gloo on the CPU (DDP, or DeepSpeed under a DeepSpeed config)
-    accelerator = new_accelerator(log_with=cfg.report_to or None, project_dir=str(out_dir))
-    if accelerator.device.type == "cpu":
-        keep_freed_memory()  # every step frees and allocates its activations and gradients again
+    rt = Runtime.start(log_with=cfg.report_to or None, project_dir=str(out_dir))
+    accelerator = rt.accelerator
     set_seed(recipe.seed)
     train_prompts = _read_prompts(run / "data" / "prompts.train.jsonl")
     eval_path = run / "data" / "prompts.eval.jsonl"
@@ -481,7 +395,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     if not train_prompts:
         raise RlhfchatError(f"{run / 'data' / 'prompts.train.jsonl'}: no prompts")
 
-    ppo = PPO.from_folders(run / "sft", run / "reward", cfg, accelerator, dtype=torch_dtype(recipe.base.dtype),
+    ppo = PPO.from_folders(run / "sft", run / "reward", cfg, rt, dtype=torch_dtype(recipe.base.dtype),
                            seed=recipe.seed, reward_max_length=recipe.reward.max_length)
     # Iterations (num_rollouts samples on each rank, as trlX v0.6.0) are the unit of progress: every rank takes the
     # same optimizer steps in each, so a checkpoint resumes on any number of ranks (an iteration then reads
@@ -494,7 +408,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     # Resume from the latest checkpoint, or start and measure the SFT policy on the held-out prompts.
     ckpt = latest_checkpoint(ckpt_root)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, ppo)
+        state = ppo.load_checkpoint(ckpt)
         sampler.load_state_dict(state["sampler"])
         start, before, elapsed = state["step"], state["eval_before"], state["wall_time_s"]
         if accelerator.is_main_process:  # drop lines logged after the checkpoint: they will be logged again
@@ -518,7 +432,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     bar = tqdm(range(start, iterations), initial=start, total=iterations, desc="ppo",
                disable=not accelerator.is_local_main_process)
     stats: dict[str, Any] = {}
-    with startup_objects_frozen():  # what is loaded by now lives for the whole loop: full collections skip it
+    with rt.loop():
         for step in bar:
             t0 = time.perf_counter()
             # this process's share of the iteration's prompts; each sample's seed depends only on its place in the
@@ -542,7 +456,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
             bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", pg=f"{stats['policy_loss']:.3f}",
                             vf=f"{stats['value_loss']:.3f}")
             if (step + 1) % cfg.save_steps == 0 or step + 1 == iterations:
-                save_checkpoint(ckpt_root, step + 1, ppo, {
+                ppo.save_checkpoint(ckpt_root, step + 1, {
                     "sampler": sampler.state_dict(), "eval_before": before,
                     "wall_time_s": elapsed + time.perf_counter() - t_start,
                 })
@@ -562,7 +476,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
             "samples": iterations * n_samples, "resumed_from_step": start or None,
             "wall_time_s": round(elapsed + time.perf_counter() - t_start, 2),
         }
-    with gathered_for_generation(ppo.policy, accelerator) as policy:  # ZeRO-3: whole weights to save (all ranks)
+    with rt.whole(ppo.policy) as policy:  # ZeRO-3: whole weights to save (every rank gathers)
         if accelerator.is_main_process:
             policy.save_pretrained(out_dir)
             ppo.tokenizer.save_pretrained(out_dir)

@@ -21,7 +21,7 @@ import contextlib
 import json
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -29,9 +29,6 @@ import torch
 from rlhfchat.atomic import atomic_dir, write_json
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.train.optim import full_state, load_full_state
-
-if TYPE_CHECKING:
-    from rlhfchat.train.ppo import PPO
 
 
 def _rng_state() -> dict[str, Any]:
@@ -49,11 +46,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, step: int, ppo: PPO, extra: dict[str, Any]) -> None:
-    """policy + value head (trainable weights), optimizer, KL controller, running stats, RNG states, counters."""
+def save_checkpoint(root: Path, step: int, accelerator: Any, params: Sequence[tuple[str, torch.Tensor]], optimizer: Any,
+                    state: dict[str, Any]) -> None:
+    """Write checkpoint `step`: the trainable `params` (name, parameter) whole in float32, the `optimizer`'s moments,
+    every rank's RNG states and `state` (JSON: the loop's counters and its algorithm's state); every rank calls it."""
     from safetensors.torch import save_file
 
-    acc = ppo.accelerator
+    acc = accelerator
     path = root / f"step-{step:06d}"
     with atomic_dir(path) if acc.is_main_process else contextlib.nullcontext() as tmp:
         holder = [str(tmp) if tmp is not None else None]
@@ -63,12 +62,11 @@ def save_checkpoint(root: Path, step: int, ppo: PPO, extra: dict[str, Any]) -> N
             broadcast_object_list(holder)
         tmp = Path(holder[0])
         torch.save(_rng_state(), tmp / f"rng-{acc.process_index}.pt")
-        weights, moments, optimizer_step = full_state(ppo.optimizer, trainable_parameters(ppo))  # every rank
+        weights, moments, optimizer_step = full_state(optimizer, params)  # every rank
         if acc.is_main_process:
             save_file(weights, str(tmp / "trainable.safetensors"))
             save_file(moments, str(tmp / "optimizer.safetensors"))
-            write_json(tmp / "state.json", {"step": step, "optimizer_step": optimizer_step, "ppo": ppo.state_dict(),
-                                            **extra})
+            write_json(tmp / "state.json", {"step": step, "optimizer_step": optimizer_step, **state})
         acc.wait_for_everyone()
     if acc.is_main_process:
         for old in root.glob("step-*"):
@@ -83,22 +81,18 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def trainable_parameters(ppo: PPO) -> list[tuple[str, torch.Tensor]]:
-    """(name, parameter) of everything that trains (LoRA adapters or the whole network, value head, critic)."""
-    return [(n, p) for n, p in ppo.unwrapped.named_parameters() if p.requires_grad]
-
-
-def load_checkpoint(path: Path, ppo: PPO) -> dict[str, Any]:
-    """Restore a checkpoint into `ppo` (before its first update); every rank calls it. Returns state.json."""
+def load_checkpoint(path: Path, accelerator: Any, params: Sequence[tuple[str, torch.Tensor]], optimizer: Any
+                    ) -> dict[str, Any]:
+    """Restore checkpoint `path` into the trainable `params` and the `optimizer` (before the first update) and the
+    RNG states; every rank calls it. Returns state.json (the caller restores its own state from it)."""
     from safetensors.torch import load_file
 
     state = json.loads((path / "state.json").read_text())
     if "optimizer_step" not in state:
         raise RlhfchatError(f"{path}: a checkpoint in an older layout (optimizer.pt); remove {path.parent} to start "
                             "the stage over")
-    load_full_state(ppo.optimizer, trainable_parameters(ppo), load_file(str(path / "trainable.safetensors")),
+    load_full_state(optimizer, params, load_file(str(path / "trainable.safetensors")),
                     load_file(str(path / "optimizer.safetensors")), state["optimizer_step"])
-    ppo.load_state_dict(state["ppo"])
-    rng = path / f"rng-{ppo.accelerator.process_index}.pt"
+    rng = path / f"rng-{accelerator.process_index}.pt"
     _set_rng_state(torch.load(rng if rng.is_file() else path / "rng-0.pt", weights_only=False))
     return state

@@ -7,17 +7,26 @@ the last real token: `AutoModelForSequenceClassification` with one label) and tr
 (Bradley-Terry loss on chosen vs rejected, each rendered through the chat template). Writes a Hugging Face
 sequence-classification folder to `<run>/reward/` with `metrics.json`: `eval_accuracy` (share of held-out pairs
 whose chosen reply scores above the rejected one) and `eval_loss`.
+
+`RewardScorer` scores (prompt, reply) pairs with such a folder, for PPO's rewards and eval's win rates:
+
+    scores = RewardScorer("runs/tiny/reward").score(prompts, replies)     # (N,) float32
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Sequence
+
+import torch
 
 from rlhfchat import manifest
 from rlhfchat.config import Recipe, config_hash
+from rlhfchat.data.chat_format import Prompt, reward_text
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.models import load_pretrained, load_tokenizer, torch_dtype
 from rlhfchat.train import hf_stage
+from rlhfchat.train.distributed import frozen_forward
 
 
 def to_pairs(ds):
@@ -104,6 +113,96 @@ def main(recipe: Recipe, init: str | Path | None = None) -> Path:
               + f"  -> {stage_dir}")
     manifest.barrier()  # every rank goes on to the next stage only once this one's manifest says complete
     return stage_dir
+
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scoring with a reward model: what PPO's step 2 and eval's win rates call
+
+
+class RewardScorer:
+    """A sequence-classification model with one label, scoring `reward_text(prompt, reply)`.
+
+    Texts longer than `max_length` tokens lose the left end of the prompt (the reply is what is being judged).
+    A string prompt (benchmarks) is scored as prompt + " " + reply, verbatim.
+    """
+
+    def __init__(self, path: str | Path | Any, tokenizer: Any = None, max_length: int = 512,
+                 dtype: torch.dtype = torch.float32, batch_size: int = 16, device: Any = None,
+                 share_prefix: bool = True):
+        from transformers import AutoModelForSequenceClassification
+
+        from rlhfchat.models import load_tokenizer, resolve_model
+
+        if isinstance(path, (str, Path)):
+            path = resolve_model(path)  # a folder or hub id; a weight delta is refused
+            try:
+                self.model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
+            except (OSError, ValueError) as e:
+                raise RlhfchatError(f"{path}: cannot load a reward model ({str(e).splitlines()[0]})") from None
+            tokenizer = tokenizer or load_tokenizer(path)
+        else:
+            self.model = path
+        if self.model.config.num_labels != 1:
+            raise RlhfchatError(f"{path}: a reward model needs num_labels=1, got {self.model.config.num_labels}")
+        self.tokenizer = tokenizer
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = tokenizer.pad_token_id
+        self.model.requires_grad_(False)
+        self.model.eval()
+        if device is not None:
+            self.model.to(device)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.share_prefix = share_prefix  # see forward
+
+    def text(self, prompt: Prompt, reply: str) -> str:
+        if isinstance(prompt, str):
+            return f"{prompt} {reply}"
+        return reward_text(self.tokenizer, prompt, reply)
+
+    def score_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Scores of whole texts. N texts -> (N,) float32 on the CPU.
+
+        Under ZeRO-3 (distributed.prepare_frozen) every rank must score the same number of texts."""
+        device = next(self.model.parameters()).device
+        tok = self.tokenizer
+        sides = tok.truncation_side, tok.padding_side
+        tok.truncation_side = tok.padding_side = "left"
+        scores = []
+        try:
+            with frozen_forward(self.model):
+                for start in range(0, len(texts), self.batch_size):
+                    enc = tok(list(texts[start : start + self.batch_size]), return_tensors="pt", padding=True,
+                              truncation=True, max_length=self.max_length, add_special_tokens=False).to(device)
+                    scores.append(self.forward(enc["input_ids"], enc["attention_mask"]).float().cpu())
+        finally:
+            tok.truncation_side, tok.padding_side = sides
+        return torch.cat(scores) if scores else torch.zeros(0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scores of left-padded rows. (B, T) -> (B,).
+
+        The model's own pooling (its head on the last token that is not padding), with the leading tokens all rows
+        share computed once (trunk.hidden_from, when `share_prefix`); models whose head is not a linear `score` run
+        whole.
+        """
+        from rlhfchat.train.trunk import hidden_from
+
+        model = self.model
+        trunk, head = getattr(model, model.base_model_prefix, None), getattr(model, "score", None)
+        if trunk is None or not isinstance(head, torch.nn.Linear):
+            return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        # The rightmost token that is not padding, as HF's sequence classifiers pool.
+        cols = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (cols * (input_ids != model.config.pad_token_id)).argmax(-1)
+        start = int(last.min())
+        hidden = hidden_from(trunk, input_ids, attention_mask, start, self.share_prefix)
+        return head(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last - start])[:, 0]
+
+    def score(self, prompts: Sequence[Prompt], replies: Sequence[str]) -> torch.Tensor:
+        """Scores of replies to prompts. -> (N,) float32 on the CPU."""
+        return self.score_texts([self.text(p, r) for p, r in zip(prompts, replies)])
 
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
-"""Rollouts: prompts in, left-padded prompt tensors and cut, right-padded response tensors out; and scoring.
+"""Rollouts: prompts in, left-padded prompt tensors and cut, right-padded response tensors out.
 
     settings = GenerationSettings.from_ppo(recipe.ppo)
     prompt_ids = [encode_prompt(tokenizer, p, 256) for p in prompts]        # chat messages or a verbatim string
     rollout = generate_rollout(model, tokenizer, prompt_ids, settings)      # Rollout: (B, P) and (B, R) tensors
-    scores = RewardScorer("runs/tiny/reward").score(prompts, rollout.texts)  # (B,)
 
     generate_replies(model, tokenizer, prompts, settings)                   # list[str], for evaluation and chat
 
@@ -20,26 +19,20 @@ the other rows of the batch, its padding or the global RNG, so a run on 2 proces
 
     generate_rollout(model, tokenizer, prompt_ids, settings, seeds=[1000 + i for i in range(len(prompt_ids))])
 
-Under DeepSpeed ZeRO-3, `gathered_for_generation(policy, accelerator)` gathers the sharded parameters once for a
-whole generate call instead of layer by layer at every step.
+(Under DeepSpeed ZeRO-3 the PPO loop generates inside `Runtime.generation`, which gathers the sharded weights once for
+the whole call instead of layer by layer at every step.)
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from rlhfchat.data.chat_format import cut_at_stop, reward_text
+from rlhfchat.data.chat_format import Prompt, cut_at_stop
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.models import inverse_cdf_sample, reserve_cache
-from rlhfchat.train.distributed import frozen_forward, zero_stage
-
-Prompt = str | list[dict[str, str]]
-"""A list of chat messages (rendered through the chat template) or a string used verbatim as the input."""
 
 
 @dataclass
@@ -297,38 +290,6 @@ def hf_generate(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, prompt_mas
     return Generated(tokens, torch.stack(hidden[: tokens.shape[1]], dim=1))
 
 
-@contextlib.contextmanager
-def gathered_for_generation(model: Any, accelerator: Any) -> Iterator[Any]:
-    """The unwrapped model, with its parameters gathered once for the whole block under DeepSpeed ZeRO-3.
-
-    Under ZeRO-3 each rank holds a shard of every parameter and DeepSpeed's hooks all-gather a layer's weights
-    before its forward and free them after: once per layer per generated token. Here the whole model is gathered
-    once (deepspeed.zero.GatheredParameters), the hooks are taken off for the block and put back after, as TRL's
-    unwrap_model_for_generation does (its hook helpers are reused). Costs a full copy of the weights per GPU for
-    the duration (26 GB for 13B in bf16). Every rank must enter the block (the gather is a collective).
-    Anything else (DDP, FSDP, ZeRO-1/2, one process): a no-op yielding `accelerator.unwrap_model(model)`.
-
-        with gathered_for_generation(ppo.policy, accelerator) as policy:
-            rollout = generate_rollout(policy.lm, tokenizer, ids, settings, device=device, capture=True)
-    """
-    if zero_stage(accelerator) != 3:
-        yield accelerator.unwrap_model(model)
-        return
-    try:
-        import deepspeed
-    except ImportError:
-        raise RlhfchatError("accelerate config: DeepSpeed ZeRO-3 is selected but deepspeed is not installed; "
-                            "pip install deepspeed") from None
-    from trl.models.utils import add_hooks, remove_hooks
-
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        remove_hooks(model)
-        try:
-            yield accelerator.unwrap_model(model)
-        finally:
-            add_hooks(model)
-
-
 def check_backend(name: str) -> None:
     """Fail early, in one line naming the field, for a rollout backend that cannot run here."""
     if name == "hf":
@@ -376,88 +337,3 @@ def generate_replies(model: Any, tokenizer: Any, prompts: Sequence[Prompt], sett
         batch_seeds = None if seeds is None else seeds[start : start + batch_size]
         replies.extend(generate_rollout(model, tokenizer, batch, settings, device=device, seeds=batch_seeds).texts)
     return replies
-
-
-class RewardScorer:
-    """A sequence-classification model with one label, scoring `reward_text(prompt, reply)`.
-
-    Texts longer than `max_length` tokens lose the left end of the prompt (the reply is what is being judged).
-    A string prompt (benchmarks) is scored as prompt + " " + reply, verbatim.
-    """
-
-    def __init__(self, path: str | Path | Any, tokenizer: Any = None, max_length: int = 512,
-                 dtype: torch.dtype = torch.float32, batch_size: int = 16, device: Any = None,
-                 share_prefix: bool = True):
-        from transformers import AutoModelForSequenceClassification
-
-        from rlhfchat.models import load_tokenizer, resolve_model
-
-        if isinstance(path, (str, Path)):
-            path = resolve_model(path)  # a folder or hub id; a weight delta is refused
-            try:
-                self.model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
-            except (OSError, ValueError) as e:
-                raise RlhfchatError(f"{path}: cannot load a reward model ({str(e).splitlines()[0]})") from None
-            tokenizer = tokenizer or load_tokenizer(path)
-        else:
-            self.model = path
-        if self.model.config.num_labels != 1:
-            raise RlhfchatError(f"{path}: a reward model needs num_labels=1, got {self.model.config.num_labels}")
-        self.tokenizer = tokenizer
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = tokenizer.pad_token_id
-        self.model.requires_grad_(False)
-        self.model.eval()
-        if device is not None:
-            self.model.to(device)
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.share_prefix = share_prefix  # see forward
-
-    def text(self, prompt: Prompt, reply: str) -> str:
-        if isinstance(prompt, str):
-            return f"{prompt} {reply}"
-        return reward_text(self.tokenizer, prompt, reply)
-
-    def score_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Scores of whole texts. N texts -> (N,) float32 on the CPU.
-
-        Under ZeRO-3 (distributed.prepare_frozen) every rank must score the same number of texts."""
-        device = next(self.model.parameters()).device
-        tok = self.tokenizer
-        sides = tok.truncation_side, tok.padding_side
-        tok.truncation_side = tok.padding_side = "left"
-        scores = []
-        try:
-            with frozen_forward(self.model):
-                for start in range(0, len(texts), self.batch_size):
-                    enc = tok(list(texts[start : start + self.batch_size]), return_tensors="pt", padding=True,
-                              truncation=True, max_length=self.max_length, add_special_tokens=False).to(device)
-                    scores.append(self.forward(enc["input_ids"], enc["attention_mask"]).float().cpu())
-        finally:
-            tok.truncation_side, tok.padding_side = sides
-        return torch.cat(scores) if scores else torch.zeros(0)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Scores of left-padded rows. (B, T) -> (B,).
-
-        The model's own pooling (its head on the last token that is not padding), with the leading tokens all rows
-        share computed once (trunk.hidden_from, when `share_prefix`); models whose head is not a linear `score` run
-        whole.
-        """
-        from rlhfchat.train.trunk import hidden_from
-
-        model = self.model
-        trunk, head = getattr(model, model.base_model_prefix, None), getattr(model, "score", None)
-        if trunk is None or not isinstance(head, torch.nn.Linear):
-            return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-        # The rightmost token that is not padding, as HF's sequence classifiers pool.
-        cols = torch.arange(input_ids.shape[1], device=input_ids.device)
-        last = (cols * (input_ids != model.config.pad_token_id)).argmax(-1)
-        start = int(last.min())
-        hidden = hidden_from(trunk, input_ids, attention_mask, start, self.share_prefix)
-        return head(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last - start])[:, 0]
-
-    def score(self, prompts: Sequence[Prompt], replies: Sequence[str]) -> torch.Tensor:
-        """Scores of replies to prompts. -> (N,) float32 on the CPU."""
-        return self.score_texts([self.text(p, r) for p, r in zip(prompts, replies)])

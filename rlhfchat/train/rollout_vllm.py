@@ -113,7 +113,7 @@ class VLLMRollouts:
         """Load the policy's current weights (LoRA deltas added) into the engine, one tensor at a time.
 
         `lm` is the unwrapped causal LM (`policy.lm`); under DeepSpeed ZeRO-3 call this inside
-        `rollout.gathered_for_generation(...)` so every tensor is whole. Every rank calls it (each has an engine).
+        `Runtime.whole(...)` so every tensor is whole. Every rank calls it (each has an engine).
         """
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
