@@ -296,6 +296,13 @@ def test_a_packed_forward_leaves_the_trunk_as_it_was_and_only_sdpa_trunks_pack(t
     stop.remove()
     mlp = decoder_blocks(model)[-1].mlp
     assert model.config._attn_implementation == "sdpa" and not mlp._forward_hooks and not mlp._forward_pre_hooks
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from rlhfchat.train.trunk import PACKED
+
+    # nothing global outlives the call: the attention and mask functions are registered only inside it
+    assert PACKED not in AttentionInterface._global_mapping and PACKED not in AttentionMaskInterface._global_mapping
     real = mask[:, n_prompt - 1 :].bool()
     assert torch.allclose(hidden_from(model, ids, mask, n_prompt - 1)[real], expected[real], atol=1e-5)
     q = torch.zeros(1, 2, 5, 16)

@@ -268,19 +268,36 @@ def packable(trunk: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
+def _registered(interface: Any, name: str, function: Any) -> Iterator[None]:
+    """`function` registered with a transformers interface (attention, attention mask) under `name` for the block,
+    and whatever was there before put back after: nothing outlives the call."""
+    mapping = interface._global_mapping
+    before = mapping.get(name, _registered)
+    interface.register(name, function)
+    try:
+        yield
+    finally:
+        if before is _registered:
+            mapping.pop(name, None)
+        else:
+            mapping[name] = before
+
+
+@contextlib.contextmanager
 def packed_forward(trunk: nn.Module, layout: PackedRows) -> Iterator[None]:
-    """Inside this block the trunk's attention is packed_attention over `layout`, in every config its modules read."""
+    """Inside this block the trunk's attention is packed_attention over `layout`, in every config its modules read;
+    the registration, the configs' attention setting and the layout are all undone when it ends."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(PACKED, packed_attention)
-    AttentionMaskInterface.register(PACKED, _no_mask)
     switched = [(config, config._attn_implementation) for config in _configs(trunk)]
     token = _packed_rows.set(layout)
     try:
-        for config, _ in switched:
-            config._attn_implementation = PACKED
-        yield
+        with _registered(AttentionInterface, PACKED, packed_attention), \
+                _registered(AttentionMaskInterface, PACKED, _no_mask):
+            for config, _ in switched:
+                config._attn_implementation = PACKED
+            yield
     finally:
         for config, inner in switched:
             config._attn_implementation = inner
