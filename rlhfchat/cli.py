@@ -45,6 +45,25 @@ BENCHES = {
 }
 
 
+SECTIONS = {"pipeline": (), "data": ("data",), "sft": ("base", "sft"), "reward": ("reward",), "ppo": ("ppo",),
+            "dpo": ("dpo",), "kto": ("kto",), "eval": ("eval",), "report": ()}
+"""The recipe sections a stage reads, listed field by field in its --help."""
+
+
+def _fields_help(name: str) -> str:
+    """Every recipe field the stage reads, with its type, default and documentation (from rlhfchat/config.py)."""
+    from rlhfchat.config import Recipe
+    from rlhfchat.typed import describe
+
+    lines = ["recipe fields (any can be overridden with key=value, the value in YAML syntax):"]
+    if not SECTIONS[name]:  # the whole recipe: its own fields, one line per section
+        lines += describe(Recipe, "", expand=False)
+        lines.append("(each stage's --help lists the fields of its sections: rlhfchat ppo --help, ...)")
+    for section in SECTIONS[name]:
+        lines += describe(type(getattr(Recipe(), section)), f"{section}.")
+    return "\n".join(lines)
+
+
 def _stage(args: argparse.Namespace) -> None:
     from rlhfchat.config import load_recipe
 
@@ -111,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for name, (_, help_text) in STAGES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=_fields_help(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("recipe", metavar="RECIPE.yaml", help="recipe file (see recipes/)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe field, e.g. seed=1")
         p.set_defaults(func=_stage)

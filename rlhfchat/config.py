@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from rlhfchat.errors import RlhfchatError
+from rlhfchat.typed import _set_dotted, from_dict, parse_override, to_dict  # noqa: F401  (the recipe's own API)
 
 SOURCES_SFT = ("oasst1", "gpt4all", "alpaca", "gsm8k", "messages")
 SOURCES_PREFERENCES = ("oasst1", "hh_rlhf", "shp", "feedback", "preferences")
@@ -64,8 +63,11 @@ class DataConfig:
     eval_fraction: float = 0.05
     """Share of each kind held out for evaluation (0 keeps everything for training)."""
     sft: list[SourceConfig] = field(default_factory=list)
+    """Sources of SFT conversations (each adapter's `sft` records)."""
     preferences: list[SourceConfig] = field(default_factory=list)
+    """Sources of preference pairs (reward model, DPO, KTO)."""
     prompts: list[SourceConfig] = field(default_factory=list)
+    """Sources of prompts for RL (PPO's rollouts) and evaluation."""
     dedupe: bool = True
     """Remove exact duplicates across sources (same messages, or same prompt/chosen/rejected)."""
 
@@ -87,19 +89,29 @@ class TinyModelConfig:
     """Shape of the `tiny` base model: a random-init Llama with a BPE tokenizer trained on the run's data."""
 
     vocab_size: int = 2048
+    """Size of the BPE vocabulary trained on the run's data (special tokens included)."""
     hidden_size: int = 128
+    """Width of the hidden states."""
     intermediate_size: int = 384
+    """Width of each block's MLP."""
     num_hidden_layers: int = 4
+    """Decoder blocks."""
     num_attention_heads: int = 4
+    """Attention heads (as many key/value heads)."""
     max_position_embeddings: int = 512
+    """Longest sequence the model takes (its context window)."""
 
 
 @dataclass
 class BaseConfig:
+    """The model the run starts from, and its chat format."""
+
     model: str = "tiny"
     """A Hugging Face model folder or hub id, or `tiny` (built locally, deterministic)."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """The shape of the `tiny` model (used when `model: tiny`)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """The dtype weights are stored and trained in (on GPUs, bfloat16 trains under bf16 autocast; 16-bit PPO policies keep float32 master copies)."""
     chat_template: str = "model"
     """The chat format of the whole run (SFT, reward, PPO, eval, serving): `model` keeps the base model's own chat
     template (Vicuna v0 when it has none), `vicuna_v0` is StableVicuna's, or the path of a Jinja template file. The
@@ -108,11 +120,18 @@ class BaseConfig:
 
 @dataclass
 class LoraConfig:
+    """LoRA adapters (peft) for a training stage: only the adapters train; the saved folder has them merged in."""
+
     enabled: bool = False
+    """Train LoRA adapters instead of every weight."""
     r: int = 16
+    """The adapters' rank."""
     alpha: int = 32
+    """The adapters' scale numerator (the update is scaled by alpha / r)."""
     dropout: float = 0.05
+    """Dropout on the adapters' input during training."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names of the linear layers that get adapters (Llama-style attention projections by default)."""
     quantize: Literal["4bit"] | None = None
     """QLoRA: `4bit` loads the frozen base in 4-bit NF4 through bitsandbytes (double quantization, bf16 compute)
     and trains the LoRA adapters on top (needs `enabled: true` and `pip install 'rlhfchat[qlora]'`). The saved
@@ -121,24 +140,34 @@ class LoraConfig:
 
 @dataclass
 class TrainerConfig:
-    """What the two stages on a Hugging Face Trainer (SFT and reward) share; `train/hf_stage.trainer_args` maps it."""
+    """What the stages on a Hugging Face Trainer (SFT, reward, DPO, KTO) share; `train/hf_stage.trainer_args` maps it."""
 
     epochs: float = 1.0
+    """Passes over the training data (fractions allowed)."""
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: run `epochs`)."""
     learning_rate: float = 2e-5
+    """Peak learning rate of AdamW."""
     batch_size: int = 8
     """Per process; the global batch is batch_size x grad_accum x processes."""
     grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
     max_length: int = 512
+    """Tokens per example; longer ones are truncated."""
     warmup_ratio: float = 0.0
+    """Share of the steps spent warming the learning rate up from 0."""
     weight_decay: float = 0.0
+    """AdamW's weight decay."""
     lr_scheduler: str = "cosine"
+    """The learning-rate schedule after warm-up (a transformers scheduler name: cosine, linear, constant, ...)."""
     save_steps: int = 100
     """Checkpoint every N steps (resume point for an interrupted run)."""
     logging_steps: int = 10
+    """Write a metrics.jsonl line every N steps."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward instead of keeping them (less memory, more compute)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA or QLoRA adapters instead of training every weight."""
     report_to: list[str] = field(default_factory=list)
     """Where transformers logs go besides metrics.jsonl: tensorboard, wandb."""
 
@@ -148,6 +177,7 @@ class SFTConfig(TrainerConfig):
     """Supervised fine-tuning through TRL's SFTTrainer, loss on assistant tokens only."""
 
     packing: bool = False
+    """Pack several conversations into each max_length sequence (TRL's packing)."""
 
 
 @dataclass
@@ -157,6 +187,7 @@ class RewardConfig(TrainerConfig):
     learning_rate: float = 1e-5
     lr_scheduler: str = "linear"
     center_rewards_coefficient: float | None = None
+    """TRL's auxiliary loss pulling the rewards' mean towards 0 (None: off)."""
 
 
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -249,6 +280,42 @@ class IterateConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """How PPO samples its replies (trlX v0.6.0's gen_kwargs; StableVicuna's: top_k 0, top_p 1.0, temperature 1)."""
+
+    max_new_tokens: int = 128
+    """Longest reply, in tokens."""
+    min_new_tokens: int = 0
+    """Shortest reply: EOS is not sampled before this many tokens."""
+    top_k: int = 0
+    """Sample from the k most likely tokens only (0: all)."""
+    top_p: float = 1.0
+    """Sample from the smallest set of tokens whose probability reaches p (1.0: all)."""
+    temperature: float = 1.0
+    """Divide the logits by this before sampling; PPO's logprobs use the same tempered distribution."""
+    stop_sequences: list[str] = field(default_factory=lambda: ["### Human:"])
+    """Texts that end a reply when the model writes them instead of EOS (cut there, as trlX v0.6.0 does)."""
+    max_prompt_length: int = 256
+    """Tokens of a prompt the policy sees; longer prompts lose their beginning (the assistant's cue stays)."""
+
+
+@dataclass
+class VLLMConfig:
+    """The vLLM rollout backend (`rollout_backend: vllm`, GPU only)."""
+
+    gpu_memory_utilization: float = 0.3
+    """The share of each GPU that the engine takes for its weights and KV cache; training has the rest."""
+    sleep: bool = True
+    """Drop the engine's weights and KV cache between generations (vLLM sleep mode), so the update gets the memory
+    back; the weights return with the sync after each update."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise RlhfchatError(f"ppo.vllm.gpu_memory_utilization: expected a number in (0, 1], "
+                                f"got {self.gpu_memory_utilization}")
+
+
+@dataclass
 class PPOConfig:
     """Our PPO, faithful to trlX v0.6.0 (the StableVicuna run's version; docs/ppo.md lists every difference and why).
     Defaults are StableVicuna's published values."""
@@ -259,10 +326,12 @@ class PPOConfig:
     chunk_size: int = 16
     """Prompts per generation batch on each process (trlX v0.6.0 method.chunk_size)."""
     ppo_epochs: int = 4
+    """Passes of the update over each iteration's samples."""
     batch_size: int = 8
     """Rows per micro-batch of the PPO update on each process (trlX v0.6.0 train.batch_size, which has no
     accumulation); an optimizer step takes batch_size x grad_accum rows from each process."""
     grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
     total_steps: int = 100
     """Optimizer steps overall (trlX v0.6.0 train.total_steps, where the run stops mid-iteration): the run makes as many
     whole iterations as fit. Every process takes the same steps, so the count does not depend on the number of
@@ -271,44 +340,53 @@ class PPOConfig:
     """Upper bound on passes over the prompt set (each iteration reads num_rollouts x processes prompts). trlX v0.6.0's
     train.epochs bounds the number of iterations instead."""
     learning_rate: float = 1e-6
+    """AdamW's learning rate (constant)."""
     weight_decay: float = 1e-6
+    """AdamW's weight decay."""
     adam_beta1: float = 0.9
+    """AdamW's beta1."""
     adam_beta2: float = 0.95
+    """AdamW's beta2."""
     max_grad_norm: float = 1.0
+    """Clip the gradient's global norm to this before each step (trlX v0.6.0 does not clip; docs/ppo.md)."""
     init_kl_coef: float = 0.1
+    """The KL penalty's starting coefficient (beta): each token's reward is -beta x (logp - ref_logp)."""
     target: float | None = 6.0
     """Target KL of the adaptive controller; None uses a fixed KL coefficient."""
     horizon: int = 10000
+    """The adaptive controller's horizon: beta moves by error x n_steps / horizon per update (Ziegler et al.)."""
     gamma: float = 1.0
+    """GAE's discount."""
     lam: float = 0.95
+    """GAE's lambda."""
     cliprange: float = 0.2
+    """PPO's clip of the probability ratio, 1 +- cliprange."""
     cliprange_value: float = 0.2
+    """Clip of the new values around the old ones in the value loss."""
     vf_coef: float = 1.0
+    """Weight of the value loss beside the policy loss."""
     scale_reward: Literal["none", "running", "ref"] | None = None
     """trlX v0.6.0 scale_reward: None/none, running (divide by running std), ref (by the reference's score std)."""
-    ref_mean: float | None = None
     ref_std: float | None = None
+    """scale_reward ref: the std to divide the scores by (None: the std of the first iteration's scores)."""
     cliprange_reward: float = 10.0
+    """Clip the reward-model scores to +-this (after scaling)."""
     whiten_advantages: bool = True
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
-    top_k: int = 0
-    top_p: float = 1.0
-    temperature: float = 1.0
-    stop_sequences: list[str] = field(default_factory=lambda: ["### Human:"])
-    max_prompt_length: int = 256
+    """Normalise the advantages to mean 0 and std 1 over each iteration's tokens (over every process)."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """How replies are sampled."""
     share_trunk: bool = True
     """The value head rides on the policy's network (one trunk, as trlX v0.6.0 always does) instead of a separate
     critic."""
     value_head: Literal["mlp", "linear"] = "mlp"
     """mlp: trlX v0.6.0's value head, Linear(d, 2d), ReLU, Linear(2d, 1); linear: one Linear(d, 1)."""
     num_layers_unfrozen: int = -1
-    """trlX v0.6.0 model.num_layers_unfrozen: -1 trains every layer; N >= 0 freezes the embeddings and all decoder blocks
-    but the top N (the final norm and the output layer still train, unless tied to the embeddings; trlX v0.6.0 leaves the
-    embeddings trainable, freezing them keeps the reference exact). The reference is then the policy's own frozen
-    bottom under frozen copies of the top (trlX v0.6.0's hydra): no second whole model (under ZeRO-3 or FSDP it is one
-    again), and the update's backward stops at the lowest trainable block. trlX v0.6.0's default PPO config uses 2. Not with
-    `lora`; a separate critic (`share_trunk: false`) trains in full."""
+    """trlX v0.6.0 model.num_layers_unfrozen: -1 trains every layer; N >= 0 freezes the embeddings and all decoder
+    blocks but the top N (the final norm and the output layer still train, unless tied to the embeddings; trlX v0.6.0
+    leaves the embeddings trainable, freezing them keeps the reference exact). The reference is then the policy's own
+    frozen bottom under frozen copies of the top (trlX v0.6.0's hydra): no second whole model (under ZeRO-3 or FSDP it
+    is one again), and the update's backward stops at the lowest trainable block. trlX v0.6.0's default PPO config
+    uses 2. Not with `lora`; a separate critic (`share_trunk: false`) trains in full."""
     share_prompt_prefix: bool = True
     """The leading tokens every prompt of a batch has in common (the system prompt, the template's opening) go
     through the policy, critic, reference and reward model once per batch, and generation prefills them once; their
@@ -316,23 +394,23 @@ class PPOConfig:
     update's forward under gradient checkpointing, or to sliding-window attention. Off: every row computes its whole
     prompt."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters on the policy (the reference is then the same network with the adapters off)."""
     reward_device: str | None = None
     """Where the reward model lives (e.g. cuda:7, a GPU the training ranks leave free, as StableVicuna's run did);
     None: on each rank's own device."""
     rollout_backend: Literal["hf", "vllm"] = "hf"
     """hf: transformers generate (the default, CPU or GPU); vllm: a vLLM engine beside each training rank (GPU only,
     `pip install 'rlhfchat[vllm]'`), the policy's weights loaded into it after every update."""
-    vllm_gpu_memory_utilization: float = 0.3
-    """vllm: the share of each GPU that the engine takes for its weights and KV cache; training has the rest."""
-    vllm_sleep: bool = True
-    """vllm: drop the engine's weights and KV cache between generations (vLLM sleep mode), so the update gets the
-    memory back; the weights return with the sync after each update."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """The vLLM engine's settings (rollout_backend: vllm)."""
     save_steps: int = 20
     """Checkpoint every N PPO iterations."""
     eval_prompts: int = 64
     """Held-out prompts scored before and after PPO."""
     gradient_checkpointing: bool = False
+    """Recompute the policy's activations in the backward instead of keeping them."""
     report_to: list[str] = field(default_factory=list)
+    """Trackers besides metrics.jsonl (accelerate's: tensorboard, wandb)."""
 
     def __post_init__(self) -> None:
         if self.num_layers_unfrozen < -1:
@@ -341,20 +419,22 @@ class PPOConfig:
         if self.num_layers_unfrozen >= 0 and self.lora.enabled:
             raise RlhfchatError("ppo.num_layers_unfrozen: LoRA already freezes the whole base model; set it to -1 "
                                 "with ppo.lora.enabled")
-        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
-            raise RlhfchatError(f"ppo.vllm_gpu_memory_utilization: expected a number in (0, 1], "
-                                f"got {self.vllm_gpu_memory_utilization}")
 
 
 @dataclass
 class EvalConfig:
+    """The eval stage: every model of the run on held-out prompts, lm-eval tasks and exact answers."""
+
     prompts: int = 64
     """Held-out prompts answered by each model for win rate, length and KL."""
     max_new_tokens: int = 64
+    """Longest reply each model writes."""
     tasks: list[str] = field(default_factory=lambda: ["rlhfchat_math", "rlhfchat_code", "rlhfchat_grammar"])
     """lm-eval task names (local task folders shipped with rlhfchat, or any task lm-eval knows when online)."""
     limit: int | None = None
+    """Run each lm-eval task on at most this many items (None: all)."""
     bootstrap: int = 1000
+    """Bootstrap resamples for the win rates' 95% intervals."""
     models: list[str] = field(default_factory=list)
     """Extra model folders (or hub ids) to evaluate beside the run's base, SFT and PPO (or DPO, KTO) models."""
     win_rates: bool = True
@@ -374,22 +454,33 @@ class Recipe:
     """A whole run: data -> sft -> reward -> ppo -> eval (or data -> sft -> dpo|kto -> eval)."""
 
     name: str = "run"
+    """The run's name (the default run folder is runs/<name>)."""
     output_dir: str | None = None
     """Run folder; default runs/<name>."""
     seed: int = 0
+    """Seed of every random draw of the run (data splits, initialisation, sampling)."""
     method: Literal[METHODS] = "ppo"
     """How the policy learns from preferences after SFT: ppo (a reward model, then PPO against it: StableVicuna's
     recipe), dpo or kto (TRL's DPOTrainer / KTOTrainer on the preference data directly; the reward model is still
     trained when `eval.win_rates` needs it)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The data stage."""
     base: BaseConfig = field(default_factory=BaseConfig)
+    """The base model and chat format."""
     sft: SFTConfig = field(default_factory=SFTConfig)
+    """Supervised fine-tuning."""
     reward: RewardConfig = field(default_factory=RewardConfig)
+    """The reward model."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO and its critic-free siblings (method: ppo)."""
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    """DPO (method: dpo)."""
     kto: KTOConfig = field(default_factory=KTOConfig)
+    """KTO (method: kto)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation and the report."""
     iterate: IterateConfig = field(default_factory=IterateConfig)
+    """`rlhfchat iterate`: rounds from collected feedback."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -405,127 +496,6 @@ class Recipe:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# dict <-> dataclass with type checks
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp` and convert it (dicts to dataclasses, ints to floats)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except RlhfchatError as e:
-                errors.append(e)
-        raise errors[0]
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise RlhfchatError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
-        return value
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise RlhfchatError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise RlhfchatError(f"{key}: expected a mapping of {_type_name(tp)} fields, got {value!r}")
-        return from_dict(tp, value, prefix=f"{key}.")
-    if tp is float:
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RlhfchatError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RlhfchatError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RlhfchatError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise RlhfchatError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from a plain dict, checking every key and type."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in hints:
-            raise RlhfchatError(f"{prefix}{key}: unknown key; valid keys: {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise RlhfchatError(f"{prefix}{missing[0]}: required key is missing")
-    return cls(**kwargs)
-
-
-def to_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
-
-
-def _set_dotted(data: dict[str, Any], cls: type, dotted: str, value: Any) -> None:
-    """Set `a.b.c=value` in the raw dict, checking each part names a field of the dataclass it walks through."""
-    parts = dotted.split(".")
-    node, node_cls = data, cls
-    for depth, part in enumerate(parts):
-        key = ".".join(parts[: depth + 1])
-        hints = typing.get_type_hints(node_cls)
-        if part not in hints:
-            valid = ", ".join(f.name for f in dataclasses.fields(node_cls))
-            raise RlhfchatError(f"{key}: unknown key; valid keys: {valid}")
-        if depth == len(parts) - 1:
-            node[part] = value
-            return
-        tp = hints[part]
-        if typing.get_origin(tp) in (typing.Union, types.UnionType):
-            tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        if not dataclasses.is_dataclass(tp):
-            raise RlhfchatError(f"{key}: is a {_type_name(tp)}, it has no sub-keys")
-        child = node.get(part)
-        if child is None:
-            child = {}
-        elif dataclasses.is_dataclass(child):
-            child = to_dict(child)
-        node[part] = child
-        node, node_cls = child, tp
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise RlhfchatError(f"override {text!r}: expected key=value (e.g. ppo.init_kl_coef=0.05)")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as e:
-        raise RlhfchatError(f"override {key}: value {raw!r} is not valid YAML ({e.problem})") from None
-    return key.strip(), value
 
 
 def _local_or_hub(base: Path, value: str) -> str:

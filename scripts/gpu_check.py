@@ -41,9 +41,9 @@ def overrides(tiny: bool, out_dir: Path) -> list[str]:
         "reward.save_steps=100000",
         "ppo.num_rollouts=32" if not tiny else "ppo.num_rollouts=8", "ppo.chunk_size=16" if not tiny else
         "ppo.chunk_size=8", "ppo.batch_size=8" if not tiny else "ppo.batch_size=4", "ppo.ppo_epochs=2",
-        "ppo.total_steps=16" if not tiny else "ppo.total_steps=8", f"ppo.max_new_tokens={16 if tiny else 128}",
-        f"ppo.min_new_tokens={16 if tiny else 128}", "ppo.stop_sequences=[]", "ppo.eval_prompts=8",
-        "ppo.save_steps=100000", "ppo.max_prompt_length=256",
+        "ppo.total_steps=16" if not tiny else "ppo.total_steps=8", f"ppo.generation.max_new_tokens={16 if tiny else 128}",
+        f"ppo.generation.min_new_tokens={16 if tiny else 128}", "ppo.generation.stop_sequences=[]", "ppo.eval_prompts=8",
+        "ppo.save_steps=100000", "ppo.generation.max_prompt_length=256",
     ]
 
 

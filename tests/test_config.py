@@ -23,7 +23,7 @@ def test_defaults_and_output_dir(tmp_path):
     assert (r.ppo.num_rollouts, r.ppo.chunk_size, r.ppo.ppo_epochs) == (128, 16, 4)
     assert (r.ppo.init_kl_coef, r.ppo.target, r.ppo.horizon) == (0.1, 6.0, 10000)
     assert (r.ppo.gamma, r.ppo.lam, r.ppo.cliprange, r.ppo.cliprange_value) == (1.0, 0.95, 0.2, 0.2)
-    assert (r.ppo.vf_coef, r.ppo.cliprange_reward, r.ppo.top_k, r.ppo.top_p) == (1.0, 10.0, 0, 1.0)
+    assert (r.ppo.vf_coef, r.ppo.cliprange_reward, r.ppo.generation.top_k, r.ppo.generation.top_p) == (1.0, 10.0, 0, 1.0)
 
 
 def test_overrides_nested_lists_and_scientific_notation(tmp_path):
@@ -108,3 +108,66 @@ def test_paths_resolve_against_the_recipe_folder_and_are_saved_absolute(tmp_path
     saved.write_text(dump_recipe(r))
     monkeypatch.chdir(tmp_path)
     assert load_recipe(saved) == r
+
+
+def _dataclasses_of(cls, seen=None):
+    """Every dataclass a recipe holds (nested, and as list items), once each."""
+    import dataclasses
+    import typing
+
+    from rlhfchat.typed import _nested
+
+    seen = seen if seen is not None else []
+    if cls in seen:
+        return seen
+    seen.append(cls)
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        for sub in (_nested(tp), inner):
+            if sub is not None and dataclasses.is_dataclass(sub):
+                _dataclasses_of(sub, seen)
+    return seen
+
+
+def test_every_recipe_field_is_documented():
+    import dataclasses
+
+    from rlhfchat.typed import field_docs
+
+    missing = [f"{cls.__name__}.{f.name}" for cls in _dataclasses_of(Recipe) for f in dataclasses.fields(cls)
+               if not field_docs(cls).get(f.name)]
+    assert not missing, f"fields without a docstring: {missing}"
+    assert not hasattr(Recipe().ppo, "ref_mean")  # dead, removed
+
+
+def test_each_stage_help_lists_its_fields_with_type_default_and_docstring(capsys):
+    import dataclasses
+
+    from rlhfchat import cli
+    from rlhfchat.typed import field_docs
+
+    with pytest.raises(SystemExit):
+        cli.main(["ppo", "--help"])
+    out = capsys.readouterr().out
+    for cls, prefix in ((type(Recipe().ppo), "ppo."), (type(Recipe().ppo.generation), "ppo.generation."),
+                        (type(Recipe().ppo.vllm), "ppo.vllm.")):
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(getattr(cls(), f.name)):
+                continue
+            assert f"\n{prefix}{f.name}: " in out, f.name
+            first_words = " ".join(field_docs(cls)[f.name].split()[:4])
+            assert first_words in " ".join(out.split()), (f.name, first_words)
+    assert "ppo.generation.max_new_tokens: int = 128" in out and "ppo.target: float | None = 6.0" in out
+    with pytest.raises(SystemExit):
+        cli.main(["data", "--help"])
+    assert "data.sft[i].path: str = (required)" in capsys.readouterr().out
+
+
+def test_nested_sections_take_overrides_and_name_unknown_keys():
+    r = load_recipe(None, ["ppo.generation.max_new_tokens=7", "ppo.vllm.sleep=false"])
+    assert (r.ppo.generation.max_new_tokens, r.ppo.vllm.sleep) == (7, False)
+    with pytest.raises(RlhfchatError, match="ppo.max_new_tokens: unknown key; valid keys: .*generation"):
+        load_recipe(None, ["ppo.max_new_tokens=7"])
+    with pytest.raises(RlhfchatError, match=r"ppo.vllm.gpu_memory_utilization: expected a number in \(0, 1\]"):
+        load_recipe(None, ["ppo.vllm.gpu_memory_utilization=2"])

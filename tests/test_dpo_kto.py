@@ -228,7 +228,7 @@ def test_iterate_makes_a_ppo_round_from_a_kto_round(sums, kto_run):
 
     store = FeedbackStore(kto_run.parent / "feedback.db")
     ppo = ["ppo.num_rollouts=8", "ppo.chunk_size=8", "ppo.batch_size=8", "ppo.ppo_epochs=1", "ppo.total_steps=2",
-           "ppo.max_new_tokens=8", "ppo.eval_prompts=4", "ppo.save_steps=1"]
+           "ppo.generation.max_new_tokens=8", "ppo.eval_prompts=4", "ppo.save_steps=1"]
     assert rounds.iterate(tiny_recipe(sums, "method=kto"), store.url) is None  # round 1 recorded, no feedback yet
     for rec in list(read_jsonl(kto_run / "data" / "prompts.train.jsonl"))[:12]:
         a, b = (int(x) for x in rec["prompt"][-1]["content"].removeprefix("What is ").rstrip("?").split(" + "))

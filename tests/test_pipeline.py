@@ -19,7 +19,7 @@ SMALL = [
     "sft.max_steps=6", "sft.batch_size=8", "sft.max_length=128", "sft.save_steps=3",
     "reward.max_steps=6", "reward.batch_size=8", "reward.max_length=128", "reward.save_steps=3",
     "ppo.num_rollouts=8", "ppo.chunk_size=8", "ppo.batch_size=8", "ppo.ppo_epochs=1", "ppo.total_steps=2",
-    "ppo.max_new_tokens=8", "ppo.eval_prompts=4", "ppo.save_steps=1",
+    "ppo.generation.max_new_tokens=8", "ppo.eval_prompts=4", "ppo.save_steps=1",
     "eval.prompts=4", "eval.max_new_tokens=8", "eval.limit=2", "eval.bootstrap=50",
 ]
 CONTRACT = {

@@ -48,8 +48,8 @@ def run_dir(tmp_path, tiny_model_dir, tiny_reward_dir) -> Path:
 
 def tiny_recipe(run: Path, *overrides: str):
     return load_recipe(None, [f"output_dir={run}", "ppo.num_rollouts=8", "ppo.chunk_size=4", "ppo.batch_size=4",
-                              "ppo.ppo_epochs=1", "ppo.max_new_tokens=6", "ppo.eval_prompts=2",
-                              "ppo.learning_rate=0.01", "ppo.max_prompt_length=64", *overrides])
+                              "ppo.ppo_epochs=1", "ppo.generation.max_new_tokens=6", "ppo.eval_prompts=2",
+                              "ppo.learning_rate=0.01", "ppo.generation.max_prompt_length=64", *overrides])
 
 
 def make_ppo(run: Path, *overrides: str) -> PPO:
@@ -133,7 +133,7 @@ def test_score_lands_on_last_real_token_never_padding(run_dir, monkeypatch):
 def test_logprobs_and_values_kept_from_generation_match_a_full_forward(run_dir):
     # make_experience reads the old logprobs, values and entropy off the generation steps (KV cache, no second
     # pass): they must be what a full forward over prompt + response gives, on every real token
-    ppo = make_ppo(run_dir, "ppo.max_new_tokens=8", "ppo.stop_sequences=[e, a, '1']")
+    ppo = make_ppo(run_dir, "ppo.generation.max_new_tokens=8", "ppo.generation.stop_sequences=[e, a, '1']")
     exp, _ = ppo.make_experience(PROMPTS)
     assert exp.mask.sum(1).min() < exp.mask.shape[1]  # some replies were cut by a stop sequence
     with torch.no_grad():

@@ -23,7 +23,7 @@ PROMPTS = [[message("user", f"What is {i} + 1?")] for i in range(6)]
 
 def make_ppo(tiny_model_dir: Path, tiny_reward_dir: Path, *overrides: str, dtype=torch.float32) -> PPO:
     recipe = load_recipe(None, ["ppo.num_rollouts=6", "ppo.chunk_size=6", "ppo.batch_size=4", "ppo.ppo_epochs=3",
-                                "ppo.max_new_tokens=6", "ppo.learning_rate=0.01", "ppo.max_prompt_length=64",
+                                "ppo.generation.max_new_tokens=6", "ppo.learning_rate=0.01", "ppo.generation.max_prompt_length=64",
                                 *overrides])
     return PPO.from_folders(tiny_model_dir, tiny_reward_dir, recipe.ppo, seed=0, dtype=dtype)
 

@@ -24,11 +24,11 @@ ROOT = Path(__file__).parents[1]
 TWO_PROCS = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
              str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"), "-m", "rlhfchat.cli"]
 ONE_PROC = [sys.executable, "-m", "rlhfchat.cli"]
-PPO = ["ppo.num_rollouts=8", "ppo.chunk_size=8", "ppo.batch_size=4", "ppo.ppo_epochs=1", "ppo.max_new_tokens=8",
+PPO = ["ppo.num_rollouts=8", "ppo.chunk_size=8", "ppo.batch_size=4", "ppo.ppo_epochs=1", "ppo.generation.max_new_tokens=8",
        "ppo.eval_prompts=4", "ppo.save_steps=1", "ppo.learning_rate=1e-4"]
 # The parity runs: 8 samples an iteration, 3 iterations of 2 optimizer steps; one process takes them in one minibatch
 # of 8 (PPO_ONE), two in minibatches of 4 on each (num_rollouts and batch_size are per process, as in trlX v0.6.0).
-PPO_PARITY = [*PPO, "ppo.max_new_tokens=12", "ppo.ppo_epochs=2", "ppo.eval_prompts=3", "ppo.save_steps=100",
+PPO_PARITY = [*PPO, "ppo.generation.max_new_tokens=12", "ppo.ppo_epochs=2", "ppo.eval_prompts=3", "ppo.save_steps=100",
               "ppo.total_steps=6"]
 PPO_ONE = [*PPO_PARITY, "ppo.num_rollouts=8", "ppo.batch_size=8"]
 PPO_TWO = [*PPO_PARITY, "ppo.num_rollouts=4", "ppo.batch_size=4"]

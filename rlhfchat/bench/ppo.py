@@ -74,19 +74,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from accelerate.utils import set_seed
 
-    from rlhfchat.config import LoraConfig, PPOConfig
+    from rlhfchat.config import GenerationConfig, LoraConfig, PPOConfig
     from rlhfchat.train.ppo import PPO
     from rlhfchat.train.runtime import Runtime
 
     torch.set_num_threads(args.threads)
     set_seed(args.seed)
     prompts = read_prompts(args.prompts)
+    generation = GenerationConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, stop_sequences=[],
+                                  max_prompt_length=1024)
     cfg = PPOConfig(num_rollouts=args.batch, chunk_size=args.batch, ppo_epochs=args.ppo_epochs,
-                    batch_size=args.minibatch, grad_accum=1, max_new_tokens=args.new_tokens,
-                    min_new_tokens=args.new_tokens, stop_sequences=[], share_trunk=not args.separate_critic,
-                    share_prompt_prefix=not args.no_share_prefix,
-                    lora=LoraConfig(enabled=args.lora), num_layers_unfrozen=args.num_layers_unfrozen,
-                    max_prompt_length=1024)
+                    batch_size=args.minibatch, grad_accum=1, generation=generation,
+                    share_trunk=not args.separate_critic, share_prompt_prefix=not args.no_share_prefix,
+                    lora=LoraConfig(enabled=args.lora), num_layers_unfrozen=args.num_layers_unfrozen)
     rt = Runtime.start(mixed_precision=args.mixed_precision)  # as `rlhfchat ppo` sets the process up
     ppo = PPO.from_folders(args.policy, args.reward, cfg, rt, seed=args.seed, reward_max_length=1024)
 

@@ -170,7 +170,7 @@ def _reconcile(results: dict[str, Any], ppo: dict[str, Any], recipe: Recipe) -> 
     if ppo.get("eval_reward_after") is None:
         return []
     rows = {r["model"]: r for r in results["models"]}
-    s, cfg = results["settings"], recipe.ppo
+    s, cfg = results["settings"], recipe.ppo.generation
 
     def reward(mean: Any, std: Any) -> str:
         return "–" if mean is None else f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f}"

@@ -170,7 +170,7 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
     inputs = manifest.input_hashes(run, [prompts_file, *(p for _, p in models),
                                          *([reward_dir] if has_reward else []), *([judge] if judge else [])])
     chash = config_hash({"eval": cfg, "seed": recipe.seed, "dtype": recipe.base.dtype,
-                         "max_prompt_length": recipe.ppo.max_prompt_length,
+                         "max_prompt_length": recipe.ppo.generation.max_prompt_length,
                          "reward_max_length": recipe.reward.max_length,
                          "local_tasks": _files_hash(TASKS_DIR, ["*.yaml", "*.py", "data/*.jsonl"]),
                          "models": names, "references": references})
@@ -202,7 +202,7 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
             model, tokenizer = generate.load_causal_lm(path, recipe.base.dtype)
             replies[name] = generate.generate_replies(
                 model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=bs,
-                seed=recipe.seed, max_prompt_length=recipe.ppo.max_prompt_length, desc=f"[eval] {name}: replies")
+                seed=recipe.seed, max_prompt_length=recipe.ppo.generation.max_prompt_length, desc=f"[eval] {name}: replies")
             texts = [r.text for r in replies[name]]
             correct[name] = math_correct(prompts, texts)
             em, n_math = math_exact_match(prompts, texts)
@@ -243,7 +243,7 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
             reference, _ = generate.load_causal_lm(rows[ref]["path"], recipe.base.dtype)
             kl = generate.kl_to_reference(policy, reference, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
                                           seed=recipe.seed, batch_size=bs,
-                                          max_prompt_length=recipe.ppo.max_prompt_length,
+                                          max_prompt_length=recipe.ppo.generation.max_prompt_length,
                                           desc=f"[eval] KL({name}||{ref})")
             rows[name].update(kl_to_ref=kl["kl"], kl_estimator="k1", kl_per_token=kl["kl_per_token"],
                               kl_k3=kl["kl_k3"], kl_trlx=kl["kl_trlx"], kl_reference=ref)

@@ -83,7 +83,7 @@ class PPO:
         frozen_dtype = torch.bfloat16 if rt.accelerator.mixed_precision == "bf16" else dtype
         tokenizer = load_tokenizer(policy_dir)
         policy = rt.prepare_policy(build_policy(
-            policy_dir, share_trunk=cfg.share_trunk, lora=cfg.lora, dtype=dtype, temperature=cfg.temperature,
+            policy_dir, share_trunk=cfg.share_trunk, lora=cfg.lora, dtype=dtype, temperature=cfg.generation.temperature,
             seed=seed, gradient_checkpointing=cfg.gradient_checkpointing, share_prefix=cfg.share_prompt_prefix,
             num_layers_unfrozen=cfg.num_layers_unfrozen, value_head=cfg.value_head))
         reference = Reference(policy, policy_dir, dtype=frozen_dtype, share_bottom=not rt.sharded)
@@ -118,7 +118,7 @@ class PPO:
             batch_seeds = None if seeds is None else list(seeds[start : start + cfg.chunk_size])
             # 1. generate: left-padded prompts, sampled replies cut at stop sequences
             t0 = time.perf_counter()
-            ids = [encode_prompt(self.tokenizer, p, cfg.max_prompt_length) for p in batch]
+            ids = [encode_prompt(self.tokenizer, p, cfg.generation.max_prompt_length) for p in batch]
             if self.vllm is not None:
                 rollout = self.vllm.generate(ids, self.settings, device, seeds=batch_seeds)
             else:
@@ -257,7 +257,7 @@ class PPO:
         mine = [prompts[i] for i in share]
         with rt.generation(self.policy) as lm:
             replies = generate_replies(lm, self.tokenizer, mine, self.settings, batch_size=self.cfg.chunk_size,
-                                       max_prompt_length=self.cfg.max_prompt_length,
+                                       max_prompt_length=self.cfg.generation.max_prompt_length,
                                        seeds=[seed * 1_000_003 + i for i in share])
         with rt.autocast():
             scores = self.scorer.score(mine, replies).tolist() if mine else []

@@ -48,8 +48,9 @@ class GenerationSettings:
 
     @classmethod
     def from_ppo(cls, cfg: Any) -> "GenerationSettings":
-        return cls(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, top_k=cfg.top_k,
-                   top_p=cfg.top_p, temperature=cfg.temperature, stop_sequences=list(cfg.stop_sequences),
+        gen = cfg.generation
+        return cls(max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens, top_k=gen.top_k,
+                   top_p=gen.top_p, temperature=gen.temperature, stop_sequences=list(gen.stop_sequences),
                    share_prefix=cfg.share_prompt_prefix)
 
 

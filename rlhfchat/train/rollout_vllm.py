@@ -12,7 +12,7 @@ supports); `tests/test_rollout.py` checks only the one-line errors for a missing
 
 Colocated: every training rank builds its own vLLM engine on its own GPU, in its own process
 (`distributed_executor_backend="external_launcher"`, the ranks that accelerate started), taking
-`ppo.vllm_gpu_memory_utilization` of the GPU for its weights and KV cache. With `ppo.vllm_sleep: true` the engine
+`ppo.vllm.gpu_memory_utilization` of the GPU for its weights and KV cache. With `ppo.vllm.sleep: true` the engine
 drops its weights and KV cache between generations (vLLM sleep level 2) so the update has the memory back; the
 weights come back through `sync_weights`, which PPO calls after every update anyway.
 
@@ -78,14 +78,14 @@ class VLLMRollouts:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        self.sleep = bool(cfg.vllm_sleep)
+        self.sleep = bool(cfg.vllm.sleep)
         self.llm = LLM(
             model=str(model_dir),
             tokenizer=str(model_dir),
             dtype=dtype,
             seed=seed + accelerator.process_index,  # only used by requests without a seed of their own
-            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-            max_model_len=cfg.max_prompt_length + cfg.max_new_tokens,
+            gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
+            max_model_len=cfg.generation.max_prompt_length + cfg.generation.max_new_tokens,
             max_num_seqs=max(cfg.chunk_size, 1),
             tensor_parallel_size=1,
             distributed_executor_backend="external_launcher",
