@@ -404,7 +404,7 @@ def test_sigkill_mid_run_resumes_to_the_same_step_count(run_dir, tmp_path):
     recipe_path.write_text(
         f"output_dir: {run_dir}\n"
         "ppo:\n  num_rollouts: 8\n  chunk_size: 8\n  batch_size: 8\n  ppo_epochs: 1\n  total_steps: 10\n"
-        "  max_new_tokens: 6\n  eval_prompts: 2\n  save_steps: 1\n  learning_rate: 0.001\n"
+        "  generation: {max_new_tokens: 6}\n  eval_prompts: 2\n  save_steps: 1\n  learning_rate: 0.001\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen([sys.executable, "-m", "rlhfchat.cli", "ppo", str(recipe_path)], env=env,
