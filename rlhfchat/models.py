@@ -28,12 +28,18 @@ SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
-    """A byte-level BPE tokenizer trained on `texts` (deterministic for the same texts), as a fast HF tokenizer."""
+    """A byte-level BPE tokenizer trained on `texts` (deterministic for the same texts), as a fast HF tokenizer.
+
+    Every digit is a token of its own ("19" is "1", "9"), as in Llama's and Qwen's tokenizers: a number is then
+    spelt the same way wherever it appears, and a small model can learn arithmetic digit by digit instead of one
+    token per number it has seen.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
