@@ -54,6 +54,10 @@ class SourceConfig:
     """shp: skip pairs whose score_ratio is below this."""
     strict: bool = False
     """Make a malformed row an error instead of a counted skip."""
+    held_out: bool = False
+    """Every record of this source goes to the eval file of its kind, none to train (a published test split: give
+    `split: test`). A kind with such a source takes its eval records from them alone: `eval_fraction` holds out
+    nothing from its other sources."""
 
 
 @dataclass

@@ -27,13 +27,20 @@ from rlhfchat.errors import RlhfchatError
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
-    """A byte-level BPE tokenizer trained on `texts` (deterministic for the same texts), as a fast HF tokenizer."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, split_digits: bool = True) -> Any:
+    """A byte-level BPE tokenizer trained on `texts` (deterministic for the same texts), as a fast HF tokenizer.
+
+    With `split_digits` every digit is a token of its own ("19" is "1", "9"), as in Llama's and Qwen's tokenizers: a
+    number is then spelt the same way wherever it appears, and a small model can learn arithmetic digit by digit
+    instead of one token per number it has seen.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -208,16 +208,13 @@ def test_unknown_task_is_a_clear_error():
 
 
 def test_task_items_are_the_sample_families():
-    from rlhfchat.data.samples import expected_math_answer
+    """(The math task's items, the held-out problems, are checked in tests/test_held_out.py.)"""
     from rlhfchat.eval.tasks import TASKS_DIR, build
 
-    for skill, items in (("math", build.math_items(50)), ("code", build.choice_items("code", 50)),
-                         ("grammar", build.choice_items("grammar", 50))):
+    for skill, items in (("code", build.choice_items("code", 50)), ("grammar", build.choice_items("grammar", 50))):
         on_disk = [json.loads(line) for line in (TASKS_DIR / "data" / f"{skill}.jsonl").read_text().splitlines()]
         assert on_disk == items, f"data/{skill}.jsonl is stale: python -m rlhfchat.eval.tasks.build"
         assert len({it["question"] for it in items}) == 50
-    for item in build.math_items(50):
-        assert str(expected_math_answer(item["question"])) == item["answer"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -129,6 +129,24 @@ def test_eval_fraction_edges(sources, tmp_path):
     assert card["sft"]["eval"] == 0 and card["sft"]["train"] == 30
 
 
+def test_a_held_out_source_is_the_kinds_whole_eval_file(sources, tmp_path):
+    """A published test split marked held_out goes to eval whole; the kind's other sources then stay in train."""
+    test_split = write_lines(tmp_path / "test.jsonl", [{"prompt": f"Exam {i}?", "response": "x"} for i in range(4)]
+                             + [{"prompt": "Question 3?", "response": "Answer 3."}])  # also a train record
+    data = mix(sources, eval_fraction=0.2,
+               prompts=[{"source": "gpt4all", "path": sources["gpt4all"]},
+                        {"source": "gpt4all", "path": test_split, "held_out": True}])
+    recipe = load_recipe(recipe_file(tmp_path, data))
+    card = mixture.build(recipe)
+    run = Path(recipe.output_dir)
+    held = records(run, "prompts", "eval")
+    assert sorted(r["prompt"][0]["content"] for r in held) == [f"Exam {i}?" for i in range(4)]
+    assert len(records(run, "prompts", "train")) == 20  # eval_fraction holds out nothing more
+    assert card["prompts"]["sources"][1]["held_out"] is True and "held_out" not in card["prompts"]["sources"][0]
+    assert card["prompts"]["sources"][1]["dropped"] == {"duplicate": 1}  # never on both sides
+    assert card["sft"]["eval"] == 5  # kinds without a held-out source split as before: round(25 x 0.2)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # errors: one line naming the file, line or row and field; nothing half-written
 
@@ -207,7 +225,7 @@ def test_dedupe_key_matches_record_key():
 
 
 def test_bundled_samples_smoke(tmp_path, monkeypatch):
-    """The repository's sample data (data/sample, made by rlhfchat/data/samples.py) through the stage."""
+    """The repository's sample data (data/sample, made by rlhfchat/data/sample_formats.py) through the stage."""
     root = Path(__file__).resolve().parent.parent
     if not (root / "data" / "sample" / "oasst1").is_dir():
         pytest.skip("no bundled sample data")

@@ -11,7 +11,8 @@ and `<output_dir>/recipe.yaml`. For each kind, in order:
 3. weight: below 1 keeps a random round(n * weight) of the source's records, above 1 draws round(n * weight)
    with replacement (records never drawn count as "left out by weight"); then `max_examples` keeps a random subset;
 4. shuffle everything with the recipe's seed and hold out `eval_fraction` (at least one record when the fraction
-   is above 0 and there are two or more; copies of one record stay on one side, so nothing leaks into eval).
+   is above 0 and there are two or more; copies of one record stay on one side, so nothing leaks into eval). A
+   source marked `held_out` (a published test split) goes to eval whole; a kind with one holds out nothing else.
 
 Every random draw comes from its own `random.Random(f"{seed}:{kind}:{i}")`, so the same recipe gives byte-identical
 files and adding a source leaves the draws of the others alone. Everything is written into a temporary folder
@@ -66,6 +67,7 @@ def build(recipe: Recipe) -> dict[str, Any]:
 def _build_kind(kind: str, sources: list[SourceConfig], recipe: Recipe, out: Path) -> dict[str, Any]:
     seen: set[str] | None = set() if recipe.data.dedupe else None
     pool: list[_Record] = []
+    held: list[_Record] = []  # the records of held_out sources: all of them eval
     cards = []
     for i, src in enumerate(sources):
         stats: Counter = Counter()
@@ -78,26 +80,29 @@ def _build_kind(kind: str, sources: list[SourceConfig], recipe: Recipe, out: Pat
             stats["over max_examples"] += len(records) - src.max_examples
             records = rng.sample(records, src.max_examples)
         cards.append({"index": i, "source": src.source, "path": src.path, "rows_read": rows_read,
-                      "records": n_records, "dropped": dict(sorted(stats.items())), "kept": len(records)})
-        pool.extend(records)
+                      "records": n_records, "dropped": dict(sorted(stats.items())), "kept": len(records),
+                      **({"held_out": True} if src.held_out else {})})
+        (held if src.held_out else pool).extend(records)
         del records
     seen = None
-    # 3. shuffle the mixture and hold out the eval records
+    # 3. shuffle the mixture and hold out the eval records (the held-out sources' records, else eval_fraction)
     random.Random(f"{recipe.seed}:{kind}:shuffle").shuffle(pool)
-    eval_keys = _eval_keys(pool, recipe.data.eval_fraction)
+    random.Random(f"{recipe.seed}:{kind}:held_out").shuffle(held)
+    eval_keys = set() if held else _eval_keys(pool, recipe.data.eval_fraction)
     # 4. write both files in the shuffled order, hashing as we go
     files = {}
     with open(out / f"{kind}.train.jsonl", "wb") as train, open(out / f"{kind}.eval.jsonl", "wb") as held_out:
         hashes = {"train": hashlib.sha256(), "eval": hashlib.sha256()}
         counts = {"train": 0, "eval": 0}
-        for key, line in pool:
-            split = "eval" if key in eval_keys else "train"
-            f = held_out if split == "eval" else train
-            f.write(line)
-            f.write(b"\n")
-            hashes[split].update(line)
-            hashes[split].update(b"\n")
-            counts[split] += 1
+        for records, all_eval in ((pool, False), (held, True)):
+            for key, line in records:
+                split = "eval" if all_eval or key in eval_keys else "train"
+                f = held_out if split == "eval" else train
+                f.write(line)
+                f.write(b"\n")
+                hashes[split].update(line)
+                hashes[split].update(b"\n")
+                counts[split] += 1
     for split in ("train", "eval"):
         files[f"{kind}.{split}.jsonl"] = {"records": counts[split], "sha256": hashes[split].hexdigest()}
     return {"sources": cards, "train": counts["train"], "eval": counts["eval"], "files": files}

@@ -1,11 +1,15 @@
-"""The six published layouts of the sample data: OASST1 trees, GPT4All, Alpaca, HH-RLHF, SHP rows and their files.
+"""The seven published layouts of the sample data (OASST1 trees, GPT4All, Alpaca, HH-RLHF, SHP, GSM8K) and the CLI.
 
-The content (tasks, reply kinds, quality levels) lives in samples.py; this module only lays it out as each dataset
-is published. Entry point: `python -m rlhfchat.data.samples OUT_DIR`.
+    python -m rlhfchat.data.sample_formats data/sample [--seed 0]    # regenerate the committed files (byte-identical)
+
+The content (tasks, reply kinds, quality levels, the held-out math pool) lives in samples.py; this module only lays
+it out as each dataset is published and writes the files. A split other than train (OASST1 validation, HH-RLHF
+test, SHP validation and test, GSM8K test) draws its math from `samples.held_out_problems()`, a train split never.
 """
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import io
 import json
@@ -19,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rlhfchat.atomic import atomic_file
-from rlhfchat.data.samples import (LEVEL, Task, _ask, _ask_alpaca, _math_task, _pair_kinds, _reply, _sft_kind, _sibling_kinds, _task)
+from rlhfchat.data.samples import (LEVEL, Task, ask, ask_alpaca, draw_math, draw_task, gsm8k_row, pair_kinds, reply,
+                                   sft_kind, sibling_kinds)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -96,17 +101,22 @@ class _Tree:
         """Competing assistant replies to `parent`; returns the best one if it is good."""
         rng = self.rng
         if rng.random() < 0.12:  # a lone reply: nothing to rank it against
-            kind = _sft_kind(rng)
-            row = self.add(_reply(task, kind, rng), "assistant", parent, LEVEL[kind])
+            kind = sft_kind(rng)
+            row = self.add(reply(task, kind, rng), "assistant", parent, LEVEL[kind])
             return row if kind == "good" else None
-        kinds = _sibling_kinds(rng)
+        kinds = sibling_kinds(rng)
         order = list(range(len(kinds)))
         rng.shuffle(order)  # written in creation order, not rank order
-        rows = {i: self.add(_reply(task, kinds[i], rng), "assistant", parent, LEVEL[kinds[i]], rank=i)
+        rows = {i: self.add(reply(task, kinds[i], rng), "assistant", parent, LEVEL[kinds[i]], rank=i)
                 for i in order}
         if rng.random() < 0.08:  # came in after ranking: unranked
-            self.add(_reply(task, "good", rng), "assistant", parent, 3)
+            self.add(reply(task, "good", rng), "assistant", parent, 3)
         return rows[0] if kinds[0] == "good" else None
+
+
+def _oasst1_split(t: int) -> str:
+    """The split of the t-th tree (OASST1 splits by tree): one in 20 is validation."""
+    return "validation" if t % 20 == 19 else "train"
 
 
 def _oasst1_trees(rng: random.Random, n_trees: int) -> list[list[dict[str, Any]]]:
@@ -114,33 +124,34 @@ def _oasst1_trees(rng: random.Random, n_trees: int) -> list[list[dict[str, Any]]
     start = datetime(2023, 2, 1, tzinfo=timezone.utc)
     trees = []
     for t in range(n_trees):
+        held_out = _oasst1_split(t) != "train"
         start += timedelta(hours=rng.randint(1, 12))
         lang = "en" if t % 25 else ("de" if t % 50 else "es")
         tree = _Tree(rng, users, start, lang)
         if lang != "en":
-            ask, answer, evasive = _FOREIGN[lang]
-            f = _math_task(rng).fields
-            root = tree.add(ask.format(**f), "prompter", None, 3)
-            texts = [f"{f['a']} {f['op']} {f['b']} = {f['c']}. " + answer.format(**f), f"{f['c']}.", evasive]
+            question, answer, evasive = _FOREIGN[lang]
+            f = draw_math(rng, held_out).fields
+            root = tree.add(question.format(**f), "prompter", None, 3)
+            texts = [f"{f['worked']}. " + answer.format(**f), f"{f['c']}.", evasive]
             for rank in rng.sample(range(3), 3):
                 tree.add(texts[rank], "assistant", root, 3 - rank, rank=rank)
             trees.append(tree.rows)
             continue
-        task = _task(rng)
-        root = tree.add(_ask(task, rng), "prompter", None, 3)
+        task = draw_task(rng, held_out=held_out)
+        root = tree.add(ask(task, rng), "prompter", None, 3)
         best = tree.replies(task, root)
         if best is not None and rng.random() < 0.4:
-            follow_task = _task(rng)
-            follow = tree.add(rng.choice(_FOLLOW_UP) + _ask(follow_task, rng), "prompter", best, 3)
+            follow_task = draw_task(rng, held_out=held_out)
+            follow = tree.add(rng.choice(_FOLLOW_UP) + ask(follow_task, rng), "prompter", best, 3)
             tree.replies(follow_task, follow)
         if rng.random() < 0.06:  # deleted by a moderator, sometimes after someone answered it
             gone = tree.add(rng.choice(_SPAM), "assistant", root, -1, deleted=True)
             if rng.random() < 0.5:
-                more = _task(rng)
-                q = tree.add(_ask(more, rng), "prompter", gone, 3)
-                tree.add(_reply(more, "good", rng), "assistant", q, 3)
+                more = draw_task(rng, held_out=held_out)
+                q = tree.add(ask(more, rng), "prompter", gone, 3)
+                tree.add(reply(more, "good", rng), "assistant", q, 3)
         if rng.random() < 0.05:  # failed review
-            tree.add(_reply(task, "repeated", rng), "assistant", root, 0, review_ok=False)
+            tree.add(reply(task, "repeated", rng), "assistant", root, 0, review_ok=False)
         trees.append(tree.rows)
     return trees
 
@@ -151,9 +162,9 @@ def _oasst1_trees(rng: random.Random, n_trees: int) -> list[list[dict[str, Any]]
 def _gpt4all_rows(rng: random.Random, n: int) -> list[dict[str, str]]:
     rows = []
     for _ in range(n):
-        task = _task(rng)
+        task = draw_task(rng)
         source = "pacovaldez/stackoverflow-questions" if task.skill == "code" else "laion/unified_chip2"
-        rows.append({"prompt": _ask(task, rng), "response": _reply(task, _sft_kind(rng), rng), "source": source})
+        rows.append({"prompt": ask(task, rng), "response": reply(task, sft_kind(rng), rng), "source": source})
     return rows
 
 
@@ -164,9 +175,9 @@ _ALPACA_HEAD = ("Below is an instruction that describes a task{}. "
 def _alpaca_rows(rng: random.Random, n: int) -> list[dict[str, str]]:
     rows = []
     for _ in range(n):
-        task = _task(rng)
-        instruction, inp = _ask_alpaca(task, rng)
-        output = _reply(task, _sft_kind(rng), rng)
+        task = draw_task(rng)
+        instruction, inp = ask_alpaca(task, rng)
+        output = reply(task, sft_kind(rng), rng)
         if inp:
             text = (_ALPACA_HEAD.format(", paired with an input that provides further context")
                     + f"### Instruction:\n{instruction}\n\n### Input:\n{inp}\n\n### Response:\n{output}")
@@ -177,21 +188,33 @@ def _alpaca_rows(rng: random.Random, n: int) -> list[dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# GSM8K: question/answer rows, the answer worked lines ending "#### N"; the test split holds held-out problems.
+
+def _gsm8k_rows(rng: random.Random, n: int, held_out: bool) -> list[dict[str, str]]:
+    return [gsm8k_row(draw_math(rng, held_out), rng) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # HH-RLHF and SHP: preference pairs.
+
+def _hh_split(i: int) -> str:
+    return "test" if i % 10 == 9 else "train"
+
 
 def _hh_rows(rng: random.Random, n: int) -> list[dict[str, str]]:
     rows = []
-    for _ in range(n):
+    for i in range(n):
+        held_out = _hh_split(i) != "train"
         transcript = ""
         for _turn in range(rng.choices([0, 1, 2], [0.55, 0.35, 0.10])[0]):
-            earlier = _task(rng)
-            transcript += f"\n\nHuman: {_ask(earlier, rng)}\n\nAssistant: {_reply(earlier, 'good', rng)}"
-        task = _task(rng)
+            earlier = draw_task(rng, held_out=held_out)
+            transcript += f"\n\nHuman: {ask(earlier, rng)}\n\nAssistant: {reply(earlier, 'good', rng)}"
+        task = draw_task(rng, held_out=held_out)
         opener = rng.choice(_FOLLOW_UP) if transcript else ""
-        transcript += f"\n\nHuman: {opener}{_ask(task, rng)}\n\nAssistant: "
-        chosen, rejected = _pair_kinds(rng)
-        rows.append({"chosen": transcript + _reply(task, chosen, rng),
-                     "rejected": transcript + _reply(task, rejected, rng)})
+        transcript += f"\n\nHuman: {opener}{ask(task, rng)}\n\nAssistant: "
+        chosen, rejected = pair_kinds(rng)
+        rows.append({"chosen": transcript + reply(task, chosen, rng),
+                     "rejected": transcript + reply(task, rejected, rng)})
     return rows
 
 
@@ -211,17 +234,17 @@ def _shp_rows(rng: random.Random, n_posts: int) -> list[tuple[str, str, dict[str
     out = []
     t0 = 1609459200  # 2021-01-01
     for p in range(n_posts):
-        task = _task(rng)
         split = "train" if p % 20 < 18 else ("validation" if p % 20 == 18 else "test")
+        task = draw_task(rng, held_out=split != "train")
         post_id, posted = _b36(rng, 6), t0 + rng.randint(0, 60_000_000)
-        history = f"{_ask(task, rng)} {rng.choice(_SHP_BODY[task.skill])}"
+        history = f"{ask(task, rng)} {rng.choice(_SHP_BODY[task.skill])}"
         ratio = round(rng.uniform(0.8, 1.0), 2)
         # Better comments are written later (SHP keeps a preference only then), and score higher.
         comments, when = [], posted
-        for kind in reversed(_sibling_kinds(rng)):
+        for kind in reversed(sibling_kinds(rng)):
             when += rng.randint(30, 7200)
             comments.append({"id": _b36(rng, 7), "at": when, "score": rng.randint(*_SCORE[LEVEL[kind]]),
-                             "text": _reply(task, kind, rng), "level": LEVEL[kind]})
+                             "text": reply(task, kind, rng), "level": LEVEL[kind]})
         for i, worse in enumerate(comments):
             for better in comments[i + 1:]:
                 a, b = (better, worse) if rng.random() < 0.5 else (worse, better)
@@ -275,36 +298,36 @@ SHP_SCHEMA = pa.schema([
     ("seconds_difference", pa.float64()), ("score_ratio", pa.float64()),
 ])
 GPT4ALL_SCHEMA = _schema("prompt", "response", "source")
+GSM8K_SCHEMA = _schema("question", "answer")
 ALPACA_SCHEMA = _schema("instruction", "input", "output", "text")
 HH_SCHEMA = _schema("chosen", "rejected")
+GSM8K_ROWS = {"train": 1000, "test": 100}
 
 
 def write_samples(out_dir: Path, seed: int = 0) -> dict[str, Path]:
-    """Write the six sample datasets (and a README) under `out_dir`; returns {dataset name: its folder}."""
+    """Write the seven sample datasets (and a README) under `out_dir`; returns {dataset name: its folder}."""
     out_dir = Path(out_dir)
     rng = lambda name: random.Random(f"{seed}:{name}")  # one stream per dataset: editing one leaves the others
     table: list[tuple[str, ...]] = []  # README rows: folder, published as, used for, files, rows
 
     trees = _oasst1_trees(rng("oasst1"), 360)
-    splits = {"train": [r for i, t in enumerate(trees) if i % 20 != 19 for r in t],
-              "validation": [r for i, t in enumerate(trees) if i % 20 == 19 for r in t]}
+    splits = {s: [r for i, t in enumerate(trees) if _oasst1_split(i) == s for r in t] for s in ("train", "validation")}
     for split, rows in splits.items():
         _write_parquet(out_dir / "oasst1" / f"{split}.parquet", rows, OASST1_SCHEMA)
     table.append(("oasst1", "OpenAssistant/oasst1", "SFT; preferences from sibling ranks",
                   "train.parquet, validation.parquet",
                   f"{len(trees)} trees, {len(splits['train'])} + {len(splits['validation'])} messages"))
 
-    rows = _gpt4all_rows(rng("gpt4all"), 800)
+    rows = _gpt4all_rows(rng("gpt4all"), 700)
     _write_parquet(out_dir / "gpt4all" / "train.parquet", rows, GPT4ALL_SCHEMA)
     table.append(("gpt4all", "nomic-ai/gpt4all_prompt_generations", "SFT", "train.parquet", f"{len(rows)} rows"))
 
-    rows = _alpaca_rows(rng("alpaca"), 800)
+    rows = _alpaca_rows(rng("alpaca"), 700)
     _write_parquet(out_dir / "alpaca" / "train.parquet", rows, ALPACA_SCHEMA)
     table.append(("alpaca", "tatsu-lab/alpaca", "SFT", "train.parquet", f"{len(rows)} rows"))
 
     rows = _hh_rows(rng("hh_rlhf"), 800)
-    hh = {"train": [r for i, r in enumerate(rows) if i % 10 != 9],
-          "test": [r for i, r in enumerate(rows) if i % 10 == 9]}
+    hh = {s: [r for i, r in enumerate(rows) if _hh_split(i) == s] for s in ("train", "test")}
     for split, part in hh.items():
         _write_jsonl_gz(out_dir / "hh_rlhf" / "helpful-base" / f"{split}.jsonl.gz", part)
     table.append(("hh_rlhf", "Anthropic/hh-rlhf", "preferences", "helpful-base/{train,test}.jsonl.gz",
@@ -320,6 +343,13 @@ def write_samples(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     table.append(("shp", "stanfordnlp/SHP", "preferences", f"{{{','.join(sorted(_SHP_DOMAIN.values()))}}}/"
                   "{train,validation,test}.jsonl", f"{n['train']} + {n['validation']} + {n['test']} pairs, 360 posts"))
 
+    gsm8k = {"train": _gsm8k_rows(rng("gsm8k:train"), GSM8K_ROWS["train"], held_out=False),
+             "test": _gsm8k_rows(rng("gsm8k:test"), GSM8K_ROWS["test"], held_out=True)}
+    for split, part in gsm8k.items():
+        _write_parquet(out_dir / "gsm8k" / "main" / f"{split}-00000-of-00001.parquet", part, GSM8K_SCHEMA)
+    table.append(("gsm8k", "openai/gsm8k", "SFT; prompts with references", "main/{train,test}-00000-of-00001.parquet",
+                  f"{len(gsm8k['train'])} + {len(gsm8k['test'])} rows"))
+
     with atomic_file(out_dir / "README.md") as f:
         rows_md = "\n".join(f"| `{a}/` | `{b}` | {c} | `{d}` | {e} |" for a, b, c, d, e in table)
         f.write(_README.format(seed=seed, table=rows_md))
@@ -328,19 +358,22 @@ def write_samples(out_dir: Path, seed: int = 0) -> dict[str, Path]:
 
 _README = """# Sample data
 
-Small synthetic stand-ins for the six StableVicuna data sources, written in their published formats so that the
-data stage and the tiny pipeline run offline. Made by `rlhfchat/data/samples.py` (its docstring says what is in the
-rows and why); do not edit by hand. Regenerate with
+Small synthetic stand-ins for the six StableVicuna data sources and GSM8K, written in their published formats so that
+the data stage and the tiny pipeline run offline. Made by `rlhfchat/data/samples.py` (the content; its docstring
+says what is in the rows and why) and `rlhfchat/data/sample_formats.py` (the layouts); do not edit by hand.
+Regenerate with
 
-    python -m rlhfchat.data.samples data/sample --seed {seed}
+    python -m rlhfchat.data.sample_formats data/sample --seed {seed}
 
 and `tests/test_samples.py` checks that the result matches these files.
 
-Three skills (basic math, small Python functions, grammar fixes), each answered well, tersely, wrongly or
-unhelpfully. Instruction data is mostly good answers and never wrong; every preference prefers a correct and
-better-formed answer. In all, about 2,000 instruction conversations and 2,100 English
-preference pairs. Math is graded by `expected_math_answer(prompt)` (the last "A op B" in the question) and
-`extract_answer(reply)` (the last integer in the reply), both in `rlhfchat/data/samples.py`.
+Three skills (basic math with worked solutions, small Python functions, grammar fixes), each answered well,
+tersely, wrongly or unhelpfully. Instruction data is mostly good answers and never wrong; every preference prefers a
+correct and better-formed answer. In all, about 2,000 instruction conversations, 600 GSM8K-style worked problems
+and 2,100 English preference pairs. The math of every split other than train comes from a pool of held-out problems
+that no train split holds in any phrasing, not even as a step of a worked solution (`held_out_problems()`); the
+`rlhfchat_math` eval task is that pool. Math is graded by `expected_math_answer(prompt)` (the last "A op B" in the
+question) and `extract_answer(reply)` (the last integer in the reply); GSM8K rows carry their answer (`#### N`).
 
 | folder | published as | used for | files | rows |
 |---|---|---|---|---|
@@ -348,6 +381,21 @@ preference pairs. Math is graded by `expected_math_answer(prompt)` (the last "A 
 
 OASST1 holds deleted messages (some with replies under them), messages that failed review, unranked replies and
 a few German and Spanish trees, which an adapter should drop or filter by `lang`. SHP publishes its files as
-`train.json` etc. holding JSON lines; here they are named `.jsonl`. Parquet row contents (not bytes) and gzip
-contents are what stays the same across pyarrow and zlib versions.
+`train.json` etc. holding JSON lines; here they are named `.jsonl`. GSM8K's answers carry calculator annotations
+(`<<13*4=52>>`) as published. Parquet row contents (not bytes) and gzip contents are what stays the same across
+pyarrow and zlib versions.
 """
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rlhfchat.data.sample_formats",
+                                     description="Write the bundled sample data (byte-identical for the same seed).")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name, path in write_samples(args.out_dir, args.seed).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,8 +8,10 @@ through `local_data.load` (lm-eval's `custom_dataset` hook), which resolves the 
 work from a source checkout and from an installed wheel alike. The prompts are bare questions: they are meant to be
 run with the model's chat template applied (`rlhfchat eval` does so for these tasks).
 
-- rlhfchat_math     generate_until: "What is 12 + 7?"; exact match of the last integer of the reply (the same rule
-                    as `rlhfchat.data.samples.extract_answer`).
+- rlhfchat_math     generate_until: "What is 17 + 8?"; exact match of the last integer of the reply (the same rule
+                    as `rlhfchat.data.samples.extract_answer`). One item per held-out problem of the sample data
+                    (`samples.held_out_problems()`): no train split holds it in any phrasing, not even as a step of
+                    a worked solution, so the task measures arithmetic the model composes, not recalls.
 - rlhfchat_code     multiple_choice: a Python-function request; the correct reply against the same reply with a wrong
                     expression and one that does not compile. acc / acc_norm.
 - rlhfchat_grammar  multiple_choice: a grammar fix; the corrected sentence against the error swapped in and "already
