@@ -82,6 +82,26 @@ def is_complete(stage_dir: Path, config_hash: str, inputs: dict[str, str]) -> bo
                 and m.get("inputs") == inputs)
 
 
+def prepare(stage: str, stage_dir: Path, config_hash: str, inputs: dict[str, str]) -> bool:
+    """The skip and resume rule: True when the stage is complete for this config and these inputs (skip it).
+
+    Otherwise checkpoints left by an attempt with another config or other inputs are removed, so that only an
+    attempt at the same work resumes from them.
+    """
+    import shutil
+
+    if is_complete(stage_dir, config_hash, inputs):
+        print(f"[{stage}] complete for this recipe and inputs; skipping ({stage_dir})")
+        return True
+    previous = read(stage_dir)
+    ckpt = Path(stage_dir) / "checkpoints"
+    changed = previous and (previous.get("config_hash") != config_hash or previous.get("inputs") != inputs)
+    if changed and ckpt.exists() and is_main_process():
+        print(f"[{stage}] recipe or inputs changed since the last attempt; starting over")
+        shutil.rmtree(ckpt)
+    return False
+
+
 def require_complete(folder: str | Path) -> dict[str, Any] | None:
     """A stage folder's manifest, refusing with one line naming the folder when it does not say complete.
 

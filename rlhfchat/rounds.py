@@ -263,7 +263,8 @@ def run_round(recipe: Recipe, k: int, db: str | Path) -> dict[str, Any]:
     reward_dir = None
     if method == "ppo" or recipe.eval.win_rates:
         init = run / prev["reward"] if prev.get("reward") else None
-        reward_dir = reward.main(sub, init=init)
+        reward.main(sub, init=init)
+        reward_dir = sub.run_dir / "reward"
     # 5. the policy: PPO against the new reward model, or DPO / KTO on the round's data.
     from rlhfchat.pipeline import DIRECT
 

@@ -135,11 +135,12 @@ def test_dpo_stage_learns_and_kto_takes_unpaired_thumbs(sums, kto_run):
     from rlhfchat.train import dpo, kto
 
     recipe = tiny_recipe(sums, "method=dpo")
-    out = dpo.main(recipe)
-    assert out == kto_run / "dpo"
+    result = dpo.main(recipe)  # every stage returns its figures
+    out = kto_run / "dpo"
     for name in MODEL_FILES:
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
+    assert result == metrics
     assert metrics["steps"] == 8 and metrics["eval_margin"] > 0 and metrics["eval_accuracy"] > 0.6
     held_out = list(read_jsonl(kto_run / "data" / "preferences.eval.jsonl"))
     before, after = logp_gaps(kto_run / "sft", held_out), logp_gaps(out, held_out)
@@ -209,7 +210,7 @@ def test_dpo_resumes_after_kill(kto_run, tmp_path):
     (["dpo", "{plain}", "method=sft"], "method: expected one of 'ppo', 'dpo', 'kto', got 'sft'"),
     (["kto", "{plain}", "kto.batch_size=1"], "kto.batch_size: the kto loss estimates its KL term within a batch"),
     (["dpo", "{plain}", "dpo.loss_type=dop"], "dpo.loss_type: expected one of 'sigmoid', 'hinge', 'ipo'"),
-    (["dpo", "{plain}"], "no SFT model; run `rlhfchat sft RECIPE.yaml` first"),
+    (["dpo", "{plain}"], "run/sft: not found; run `rlhfchat sft RECIPE.yaml` first"),
 ])
 def test_wrong_method_or_missing_input_is_a_one_line_error(tmp_path, capsys, args, message):
     (tmp_path / "bad.yaml").write_text("name: t\nmethod: rlhf\n")

@@ -215,31 +215,19 @@ class _naming:
 
 
 def main(recipe: Recipe) -> dict[str, Any]:
-    """The data stage: skipped when the data section, the seed and the source files are unchanged."""
-    from rlhfchat import manifest
-    from rlhfchat.config import config_hash
+    """The data stage (rlhfchat/stage.py): skipped when the data section, the seed and the source files are unchanged;
+    returns the card."""
+    from rlhfchat import manifest, stage
 
-    stage_dir = recipe.run_dir / "data"
-    if manifest.is_main_process():  # what an interrupted attempt left: `.data.*.tmp`, `.recipe.yaml.*.tmp`, ...
+    if manifest.is_main_process():  # what an interrupted attempt left beside data/: `.data.*.tmp`, `.recipe.yaml.*.tmp`
         sweep(recipe.run_dir, names=("data", "recipe.yaml"))
-        manifest.sweep(stage_dir)
     sources = [s.path for kind in KINDS for s in getattr(recipe.data, kind)]
-    inputs = manifest.input_hashes(recipe.run_dir, sources)
-    chash = config_hash({"data": recipe.data, "seed": recipe.seed})
-    if manifest.is_complete(stage_dir, chash, inputs):
-        print(f"[data] complete for this recipe and inputs; skipping ({stage_dir})")
-        return json.loads((stage_dir / "card.json").read_text())
-    with manifest.main_process_first():
-        if manifest.is_main_process():
-            card = build(recipe)
-            # The folder is replaced whole by build(), so its manifest is written once it is in place.
-            with manifest.running("data", stage_dir, chash, inputs):
-                pass
-    card = json.loads((stage_dir / "card.json").read_text())
+    card = stage.run(recipe, "data", inputs=sources, config={"data": recipe.data, "seed": recipe.seed},
+                     body=lambda m: build(recipe), result="card.json", main_only=True)
     for kind in KINDS:
         parts = ", ".join(f"{s['source']} {s['kept']}" for s in card[kind]["sources"]) or "no sources"
         print(f"{kind:12s} {card[kind]['train']:>8d} train {card[kind]['eval']:>7d} eval   ({parts})")
-    print(f"written to {stage_dir}")
+    print(f"written to {recipe.run_dir / 'data'}")
     return card
 
 

@@ -30,9 +30,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rlhfchat import manifest
+from rlhfchat import manifest, stage
 from rlhfchat.atomic import write_json
-from rlhfchat.config import Recipe, config_hash
+from rlhfchat.config import Recipe
 from rlhfchat.data.schema import read_jsonl, write_jsonl
 from rlhfchat.errors import RlhfchatError
 
@@ -64,9 +64,9 @@ def models_to_evaluate(recipe: Recipe) -> list[tuple[str, str]]:
             models.append(("base", str(run / "base")))
     else:
         models.append(("base", _reachable(recipe.base.model, "base.model")))
-    for stage in ("sft", *POLICY_STAGES):
-        if _is_model_folder(run / stage):
-            models.append((stage, str(run / stage)))
+    for name in ("sft", *POLICY_STAGES):
+        if _is_model_folder(run / name):
+            models.append((name, str(run / name)))
     names = {n for n, _ in models}
     for path in recipe.eval.models:
         path = _reachable(path, "eval.models")
@@ -153,12 +153,10 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
     cfg = recipe.eval
     prompts_file = run / "data" / "prompts.eval.jsonl"
     reward_dir = run / "reward"
-    manifest.sweep(stage_dir)  # before the skip: the report's temporary files live here too
-    manifest.require_complete(run / "data")
     has_reward = cfg.win_rates and _is_model_folder(reward_dir)
     judge = _reachable(cfg.judge, "eval.judge") if cfg.judge else None
 
-    # 1. Inputs and skip: the same eval section, seed and inputs as a finished evaluation.
+    # 1. Inputs and skip (rlhfchat/stage.py): the same eval section, seed and inputs as a finished evaluation.
     models = models_to_evaluate(recipe) if models is None else models
     names = [n for n, _ in models]
     if references is None:
@@ -167,27 +165,18 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
     if not models:
         raise RlhfchatError(f"{run}: no finished model to evaluate (sft/, ppo/ or eval.models); "
                             f"run `rlhfchat sft RECIPE.yaml` first")
-    inputs = manifest.input_hashes(run, [prompts_file, *(p for _, p in models),
-                                         *([reward_dir] if has_reward else []), *([judge] if judge else [])])
-    chash = config_hash({"eval": cfg, "seed": recipe.seed, "dtype": recipe.base.dtype,
-                         "max_prompt_length": recipe.ppo.generation.max_prompt_length,
-                         "reward_max_length": recipe.reward.max_length,
-                         "local_tasks": _files_hash(TASKS_DIR, ["*.yaml", "*.py", "data/*.jsonl"]),
-                         "models": names, "references": references})
-    if manifest.is_complete(stage_dir, chash, inputs) and (stage_dir / "results.json").is_file():
-        print(f"[eval] complete for this recipe and inputs; skipping ({stage_dir})")
-        results = json.loads((stage_dir / "results.json").read_text())
-        print(format_table(results))
-        return results
-    if not manifest.is_main_process():  # under accelerate/torchrun rank 0 evaluates; the others wait for it
-        manifest.barrier()
-        return {}
-    manager = benchmarks.task_manager(cfg.tasks) if cfg.tasks else None
-    if cfg.tasks:
-        benchmarks.check_tasks(cfg.tasks, manager)  # a misspelt task fails now, not after the first model's replies
+    inputs = [prompts_file, *(p for _, p in models), *([reward_dir] if has_reward else []), *([judge] if judge else [])]
+    config = {"eval": cfg, "seed": recipe.seed, "dtype": recipe.base.dtype,
+              "max_prompt_length": recipe.ppo.generation.max_prompt_length,
+              "reward_max_length": recipe.reward.max_length,
+              "local_tasks": _files_hash(TASKS_DIR, ["*.yaml", "*.py", "data/*.jsonl"]),
+              "models": names, "references": references}
 
-    with manifest.running("eval", stage_dir, chash, inputs) as m:
+    def evaluate(m: dict) -> None:  # on rank 0 alone (stage.run: main_only); the other ranks wait
         t0 = time.perf_counter()
+        manager = benchmarks.task_manager(cfg.tasks) if cfg.tasks else None
+        if cfg.tasks:  # a misspelt task fails now, not after the first model's replies
+            benchmarks.check_tasks(cfg.tasks, manager)
         records = load_prompts(prompts_file, cfg.prompts)
         prompts = [rec["prompt"] for rec in records]
         print(f"[eval] {len(models)} models ({', '.join(n for n, _ in models)}) on {len(prompts)} held-out prompts"
@@ -282,10 +271,13 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
             for i, rec in enumerate(records)))
         write_json(stage_dir / "results.json", results)
         m["models"] = names
+        print(f"[eval] results in {stage_dir / 'results.json'} ({results['wall_seconds']:.0f}s)")
 
+    results = stage.run(recipe, "eval", inputs=inputs, config=config, body=evaluate, result="results.json",
+                        main_only=True)
     # 6. The comparison, printed.
-    print(format_table(results))
-    print(f"[eval] results in {stage_dir / 'results.json'} ({results['wall_seconds']:.0f}s)")
+    if manifest.is_main_process():
+        print(format_table(results))
     return results
 
 

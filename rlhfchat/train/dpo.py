@@ -22,8 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhfchat import manifest
-from rlhfchat.config import Recipe, config_hash
+from rlhfchat import stage
+from rlhfchat.config import Recipe
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.models import load_pretrained, load_tokenizer, torch_dtype
 from rlhfchat.train import hf_stage
@@ -48,76 +48,56 @@ def datasets_for(recipe: Recipe, train_file: Path, eval_file: Path):
 
 def run(recipe: Recipe, method: str, trainer_classes: Callable[[], tuple[type, type]],
         make_args: Callable[[Recipe], dict[str, Any]], make_datasets: Callable[[Recipe, Path, Path], Any],
-        extra_inputs: tuple[Path, ...] = ()) -> Path:
-    """The DPO or KTO stage: `trainer_classes()` gives TRL's (config, trainer) classes, `make_args` the config's
-    method-specific arguments, `make_datasets` the (train, eval) datasets; `extra_inputs` are further data files
-    the datasets read (hashed when they exist)."""
+        extra_inputs: tuple[Path, ...] = ()) -> dict:
+    """The DPO or KTO stage (rlhfchat/stage.py): `trainer_classes()` gives TRL's (config, trainer) classes,
+    `make_args` the config's method-specific arguments, `make_datasets` the (train, eval) datasets; `extra_inputs`
+    are further data files the datasets read (hashed when they exist). Returns the stage's metrics."""
+    data = recipe.run_dir / "data"
+    train_file, eval_file = data / "preferences.train.jsonl", data / "preferences.eval.jsonl"
+    extra = [p for p in extra_inputs if p.is_file()]
+    return stage.run(recipe, method, inputs=[recipe.run_dir / "sft", train_file, eval_file, *extra],
+                     config={method: getattr(recipe, method), "seed": recipe.seed, "dtype": recipe.base.dtype},
+                     body=lambda m: _train(recipe, method, trainer_classes, make_args, make_datasets, m))
+
+
+def _train(recipe: Recipe, method: str, trainer_classes: Callable[[], tuple[type, type]],
+           make_args: Callable[[Recipe], dict[str, Any]], make_datasets: Callable[[Recipe, Path, Path], Any],
+           m: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    run_dir = recipe.run_dir
-    stage_dir = run_dir / method
-    sft_dir = run_dir / "sft"
+    run_dir, cfg = recipe.run_dir, getattr(recipe, method)
+    stage_dir, sft_dir = run_dir / method, run_dir / "sft"
     train_file, eval_file = run_dir / "data" / "preferences.train.jsonl", run_dir / "data" / "preferences.eval.jsonl"
-    cfg = getattr(recipe, method)
+    # 1. Data: TRL renders prompt and replies through the chat template and masks all but the replies.
+    train_ds, eval_ds = make_datasets(recipe, train_file, eval_file)
+    if not len(train_ds):
+        raise RlhfchatError(f"{train_file}: no preference records to train {method.upper()} on")
 
-    # 1. Inputs: the finished SFT model (start and reference) and the preference data; skip when already done.
-    if not (sft_dir / "config.json").is_file():
-        raise RlhfchatError(f"{sft_dir}: no SFT model; run `rlhfchat sft RECIPE.yaml` first")
-    manifest.require_complete(sft_dir)
-    manifest.require_complete(run_dir / "data")
-    for path in (train_file, eval_file):
-        if not path.is_file():
-            raise RlhfchatError(f"{path}: not found; run `rlhfchat data RECIPE.yaml` first")
-    extra = [p for p in extra_inputs if p.is_file()]
-    inputs = manifest.input_hashes(run_dir, [sft_dir, train_file, eval_file, *extra])
-    chash = config_hash({method: cfg, "seed": recipe.seed, "dtype": recipe.base.dtype})
-    if hf_stage.prepare(method, stage_dir, chash, inputs):
-        return stage_dir
+    # 2. The policy starts as the SFT model; with no ref_model, TRL takes the SFT model as the reference too.
+    tokenizer = load_tokenizer(sft_dir)
+    torch.manual_seed(recipe.seed)
+    model = load_pretrained(AutoModelForCausalLM, sft_dir, torch_dtype(recipe.base.dtype), cfg.lora,
+                            f"{method}.lora.quantize", cfg.gradient_checkpointing)
+    config_cls, trainer_cls = trainer_classes()
+    args = config_cls(**hf_stage.trainer_args(cfg, stage_dir, recipe.seed, recipe.base.dtype),
+                      **make_args(recipe), dataset_num_proc=None)
 
-    with manifest.running(method, stage_dir, chash, inputs) as m:
-        # 2. Data: TRL renders prompt and replies through the chat template and masks all but the replies.
-        train_ds, eval_ds = make_datasets(recipe, train_file, eval_file)
-        if not len(train_ds):
-            raise RlhfchatError(f"{train_file}: no preference records to train {method.upper()} on")
+    # 3. Train (from the newest checkpoint when there is one), then TRL's figures on the held-out data.
+    trainer, metrics = hf_stage.fit(trainer_cls, stage_dir, m, model=model, ref_model=None, args=args,
+                                    train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                                    peft_config=hf_stage.peft_config(cfg.lora, "CAUSAL_LM"))
+    metrics["train_examples"] = len(train_ds)
+    if len(eval_ds):
+        ev = trainer.evaluate()
+        metrics.update({ours: ev[f"eval_{key}"] for key, ours in EVAL_FIGURES.items() if f"eval_{key}" in ev})
+        metrics["eval_examples"] = len(eval_ds)
 
-        # 3. The policy starts as the SFT model; with no ref_model, TRL takes the SFT model as the reference too.
-        tokenizer = load_tokenizer(sft_dir)
-        torch.manual_seed(recipe.seed)
-        model = load_pretrained(AutoModelForCausalLM, sft_dir, torch_dtype(recipe.base.dtype), cfg.lora,
-                                f"{method}.lora.quantize", cfg.gradient_checkpointing)
-        config_cls, trainer_cls = trainer_classes()
-        args = config_cls(**hf_stage.trainer_args(cfg, stage_dir, recipe.seed, recipe.base.dtype),
-                          **make_args(recipe), dataset_num_proc=None)
-        resume = hf_stage.latest_checkpoint(stage_dir)
-        m["resumed_from"] = str(resume.relative_to(stage_dir)) if resume else None
-        logger = hf_stage.metrics_logger(stage_dir / "metrics.jsonl", resume)
-        trainer = trainer_cls(
-            model=model,
-            ref_model=None,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds if len(eval_ds) else None,
-            processing_class=tokenizer,
-            peft_config=hf_stage.peft_config(cfg.lora, "CAUSAL_LM"),
-            callbacks=[logger],
-        )
-
-        # 4. Train (from the newest checkpoint when there is one), then TRL's figures on the held-out data.
-        metrics = hf_stage.train(trainer, logger, resume)  # the figures of all steps, also when resumed
-        metrics["train_examples"] = len(train_ds)
-        if len(eval_ds):
-            ev = trainer.evaluate()
-            metrics.update({ours: ev[f"eval_{key}"] for key, ours in EVAL_FIGURES.items() if f"eval_{key}" in ev})
-            metrics["eval_examples"] = len(eval_ds)
-
-        # 5. Save the folder (LoRA merged), tokenizer and template, and the figures.
-        hf_stage.save_model_folder(trainer.model, tokenizer, stage_dir, torch_dtype(recipe.base.dtype), metrics)
-        print(f"[{method}] train_loss {metrics['train_loss']:.4f}"
-              + (f"  eval_margin {metrics['eval_margin']:.4f}" if metrics.get("eval_margin") is not None else "")
-              + f"  -> {stage_dir}")
-    manifest.barrier()  # every rank goes on to the next stage only once this one's manifest says complete
-    return stage_dir
+    # 4. Save the folder (LoRA merged), tokenizer and template, and the figures.
+    hf_stage.save_model_folder(trainer.model, tokenizer, stage_dir, torch_dtype(recipe.base.dtype), metrics)
+    print(f"[{method}] train_loss {metrics['train_loss']:.4f}"
+          + (f"  eval_margin {metrics['eval_margin']:.4f}" if metrics.get("eval_margin") is not None else "")
+          + f"  -> {stage_dir}")
 
 
 def _trl_dpo() -> tuple[type, type]:
@@ -126,7 +106,7 @@ def _trl_dpo() -> tuple[type, type]:
     return DPOConfig, DPOTrainer
 
 
-def main(recipe: Recipe) -> Path:
+def main(recipe: Recipe) -> dict:
     return run(recipe, "dpo", _trl_dpo, trl_args, datasets_for)
 
 

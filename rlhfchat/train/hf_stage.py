@@ -1,6 +1,6 @@
-"""Plumbing shared by the two stages that run a Hugging Face Trainer (SFT and reward): skip/resume, logging, LoRA.
+"""Plumbing shared by the stages that run a TRL trainer (SFT, reward, DPO, KTO): resume, logging, LoRA, saving.
 
-PPO (our own loop) uses `prepare` too: the same skip rule, and the same removal of stale checkpoints.
+(The skip rule every stage shares is manifest.prepare, through rlhfchat/stage.py.)
 
 A stage folder looks like
 
@@ -23,30 +23,6 @@ from rlhfchat.config import LoraConfig
 from rlhfchat.errors import RlhfchatError
 
 
-def prepare(stage: str, stage_dir: Path, chash: str, inputs: dict[str, str]) -> bool:
-    """True when the stage is already complete for this config and these inputs (skip it).
-
-    Otherwise, checkpoints left by a run with another config or other inputs are removed, so that only a run of
-    the same work resumes from them. Either way, temporary files an interrupted attempt left are removed first.
-    """
-    manifest.sweep(stage_dir)
-    if manifest.is_complete(stage_dir, chash, inputs):
-        print(f"[{stage}] complete for this recipe and inputs; skipping ({stage_dir})")
-        return True
-    previous = manifest.read(stage_dir)
-    ckpt = stage_dir / "checkpoints"
-    changed = previous and (previous.get("config_hash") != chash or previous.get("inputs") != inputs)
-    if changed and ckpt.exists() and manifest.is_main_process():
-        print(f"[{stage}] recipe or inputs changed since the last attempt; starting over")
-        shutil.rmtree(ckpt)
-    partial = [p for p in ckpt.glob("checkpoint-*") if not _is_complete(p)]
-    if partial and manifest.is_main_process():  # saves a kill cut short: at 13B, tens of GB of optimizer state
-        print(f"[{stage}] removing {len(partial)} checkpoint(s) an interrupted save left incomplete")
-        for p in partial:
-            shutil.rmtree(p)
-    return False
-
-
 def _is_complete(checkpoint: Path) -> bool:
     """Whether a Trainer checkpoint is whole: the Trainer writes its trainer_state.json last (not atomically)."""
     try:
@@ -54,6 +30,34 @@ def _is_complete(checkpoint: Path) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def remove_partial_checkpoints(stage_dir: Path) -> None:
+    """Remove the Trainer checkpoints a kill cut short (at 13B, tens of GB of optimizer state); rank 0 only."""
+    partial = [p for p in (stage_dir / "checkpoints").glob("checkpoint-*") if not _is_complete(p)]
+    if partial and manifest.is_main_process():
+        print(f"[{stage_dir.name}] removing {len(partial)} checkpoint(s) an interrupted save left incomplete")
+        for p in partial:
+            shutil.rmtree(p)
+
+
+def fit(trainer_cls: Any, stage_dir: Path, m: dict[str, Any], *, args: Any, train_dataset: Any, eval_dataset: Any,
+        before_train: Any = None, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """A TRL trainer made and trained from the stage's newest checkpoint when there is one: (trainer, figures).
+
+    The manifest `m` records the checkpoint resumed from; metrics.jsonl gets every log (metrics_logger), and the
+    figures are those of all steps, also after a resume (train). `before_train(trainer)` runs between the two.
+    """
+    remove_partial_checkpoints(stage_dir)
+    resume = latest_checkpoint(stage_dir)
+    m["resumed_from"] = str(resume.relative_to(stage_dir)) if resume else None
+    logger = metrics_logger(stage_dir / "metrics.jsonl", resume)
+    trainer = trainer_cls(args=args, train_dataset=train_dataset,
+                          eval_dataset=eval_dataset if eval_dataset is not None and len(eval_dataset) else None,
+                          callbacks=[logger], **kwargs)
+    if before_train is not None:
+        before_train(trainer)
+    return trainer, train(trainer, logger, resume)
 
 
 def latest_checkpoint(stage_dir: Path) -> Path | None:

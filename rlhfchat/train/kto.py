@@ -72,7 +72,7 @@ def _trl_kto() -> tuple[type, type]:
     return KTOConfig, KTOTrainer
 
 
-def main(recipe: Recipe) -> Path:
+def main(recipe: Recipe) -> dict:
     return dpo.run(recipe, "kto", _trl_kto, trl_args, datasets_for,
                    extra_inputs=(recipe.run_dir / "data" / UNPAIRED,))
 

@@ -337,41 +337,19 @@ def _read_prompts(path: Path) -> list[Prompt]:
     return [rec["prompt"] for rec in read_jsonl(path, "prompts")]
 
 
-def _check_inputs(run: Path) -> None:
-    """The folders PPO reads are there, and finished where their manifests say what they are."""
-    from rlhfchat.manifest import require_complete
-
-    for rel, what in (("sft/config.json", "the SFT model (run the sft stage first)"),
-                      ("reward/config.json", "the reward model (run the reward stage first)"),
-                      ("data/prompts.train.jsonl", "the training prompts (run the data stage first)")):
-        if not (run / rel).is_file():
-            raise RlhfchatError(f"{run / rel}: not found; PPO needs {what}")
-        require_complete(run / rel.split("/")[0])
-
-
 # -------------------------------------------------------------------------------------------------------------
 
 
 def main(recipe: Recipe) -> dict[str, Any]:
-    """The PPO stage: skipped when complete for the same recipe section and inputs, else run (or resumed)."""
-    from rlhfchat import manifest
-    from rlhfchat.config import config_hash
-    from rlhfchat.train.hf_stage import prepare
+    """The PPO stage (rlhfchat/stage.py: skipped when done, resumed from its last checkpoint); returns its metrics."""
+    from rlhfchat import stage
 
-    run = recipe.run_dir
-    stage_dir = run / "ppo"
-    _check_inputs(run)
-    inputs = manifest.input_hashes(run, [run / "sft", run / "reward", run / "data" / "prompts.train.jsonl",
-                                         run / "data" / "prompts.eval.jsonl"])
-    chash = config_hash({"ppo": recipe.ppo, "seed": recipe.seed, "dtype": recipe.base.dtype,
-                         "reward_max_length": recipe.reward.max_length})
-    if prepare("ppo", stage_dir, chash, inputs):
-        return json.loads((stage_dir / "metrics.json").read_text())
-    with manifest.running("ppo", stage_dir, chash, inputs) as m:
-        metrics = train(recipe)
-        m["resumed_from_step"] = metrics.get("resumed_from_step")
-    manifest.barrier()  # every rank goes on to the next stage only once this one's manifest says complete
-    return metrics
+    run, data = recipe.run_dir, recipe.run_dir / "data"
+    return stage.run(recipe, "ppo", inputs=[run / "sft", run / "reward", data / "prompts.train.jsonl",
+                                            data / "prompts.eval.jsonl"], optional=[data / "prompts.eval.jsonl"],
+                     config={"ppo": recipe.ppo, "seed": recipe.seed, "dtype": recipe.base.dtype,
+                             "reward_max_length": recipe.reward.max_length},
+                     body=lambda m: m.update(resumed_from_step=train(recipe).get("resumed_from_step")))
 
 
 def train(recipe: Recipe) -> dict[str, Any]:
@@ -382,7 +360,6 @@ def train(recipe: Recipe) -> dict[str, Any]:
     from rlhfchat.models import torch_dtype
 
     cfg, run = recipe.ppo, recipe.run_dir
-    _check_inputs(run)
     check_backend(cfg.rollout_backend)
     out_dir, ckpt_root = run / "ppo", run / "ppo" / "checkpoints"
     # without GPUs, `accelerate launch` ranks run over gloo on the CPU (DDP, or DeepSpeed under a DeepSpeed config)

@@ -11,10 +11,9 @@ an interrupted one resumes from its newest checkpoint.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-from rlhfchat import manifest
-from rlhfchat.config import Recipe, config_hash
+from rlhfchat import manifest, stage
+from rlhfchat.config import Recipe
 from rlhfchat.models import ensure_base, load_pretrained, load_tokenizer, torch_dtype
 from rlhfchat.train import hf_stage
 
@@ -46,73 +45,55 @@ def assistant_loss_dataset(ds, tokenizer):
     return ds.map(encode, remove_columns=ds.column_names), False
 
 
-def main(recipe: Recipe) -> Path:
+def main(recipe: Recipe) -> dict:
+    """The SFT stage (rlhfchat/stage.py: skipped when done, resumed when interrupted); returns its metrics."""
+    run = recipe.run_dir
+    data = run / "data"
+    # The base model: `base.model` as given, or the tiny model, built once from the run's data (rank 0 first).
+    stage.check_inputs(run, [data / "sft.train.jsonl"])
+    with manifest.main_process_first():
+        base = ensure_base(recipe)
+    return stage.run(recipe, "sft", inputs=[base, data / "sft.train.jsonl", data / "sft.eval.jsonl"],
+                     config={"sft": recipe.sft, "seed": recipe.seed, "base": recipe.base},
+                     body=lambda m: train(recipe, base, m))
+
+
+def train(recipe: Recipe, base: str, m: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    run = recipe.run_dir
-    stage_dir = run / "sft"
-    train_file, eval_file = run / "data" / "sft.train.jsonl", run / "data" / "sft.eval.jsonl"
+    stage_dir, data = recipe.run_dir / "sft", recipe.run_dir / "data"
+    # 1. Data: canonical conversations; the loss falls on assistant tokens only.
+    train_ds = hf_stage.load_jsonl_dataset(data / "sft.train.jsonl").select_columns(["messages"])
+    eval_ds = hf_stage.load_jsonl_dataset(data / "sft.eval.jsonl").select_columns(["messages"])
 
-    # 1. What this stage depends on: skip when already done for the same recipe section and inputs.
-    manifest.require_complete(run / "data")
-    with manifest.main_process_first():
-        base = ensure_base(recipe)
-    inputs = manifest.input_hashes(run, [base, train_file, eval_file])
-    chash = config_hash({"sft": recipe.sft, "seed": recipe.seed, "base": recipe.base})
-    if hf_stage.prepare("sft", stage_dir, chash, inputs):
-        return stage_dir
+    # 2. Model and tokenizer, with the run's chat template (base.chat_template), and each conversation's
+    #    assistant tokens: TRL's mask where the template marks them, else found by rendering.
+    tokenizer = load_tokenizer(base, recipe.base.chat_template)
+    tokenizer.padding_side = "right"
+    train_ds, trl_masks = assistant_loss_dataset(train_ds, tokenizer)
+    eval_ds, _ = assistant_loss_dataset(eval_ds, tokenizer)
+    cfg = recipe.sft
+    torch.manual_seed(recipe.seed)
+    # lora.quantize: 4bit loads the frozen base in 4-bit (QLoRA); the adapters go on top in the trainer
+    model = load_pretrained(AutoModelForCausalLM, base, torch_dtype(recipe.base.dtype), cfg.lora,
+                            "sft.lora.quantize", cfg.gradient_checkpointing)
+    args = SFTConfig(**hf_stage.trainer_args(cfg, stage_dir, recipe.seed, recipe.base.dtype),
+                     assistant_only_loss=trl_masks, packing=cfg.packing, dataset_num_proc=None)
 
-    with manifest.running("sft", stage_dir, chash, inputs) as m:
-        # 2. Data: canonical conversations; TRL applies the chat template and masks all but assistant tokens.
-        train_ds = hf_stage.load_jsonl_dataset(train_file).select_columns(["messages"])
-        eval_ds = hf_stage.load_jsonl_dataset(eval_file).select_columns(["messages"])
+    # 3. Train (from the newest checkpoint when one exists), then evaluate on the held-out conversations.
+    trainer, metrics = hf_stage.fit(SFTTrainer, stage_dir, m, model=model, args=args, train_dataset=train_ds,
+                                    eval_dataset=eval_ds, processing_class=tokenizer,
+                                    peft_config=hf_stage.peft_config(cfg.lora, "CAUSAL_LM"))
+    if len(eval_ds):
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
 
-        # 3. Model and tokenizer, with the run's chat template (base.chat_template), and each conversation's
-        #    assistant tokens: TRL's mask where the template marks them, else found by rendering.
-        tokenizer = load_tokenizer(base, recipe.base.chat_template)
-        tokenizer.padding_side = "right"
-        train_ds, trl_masks = assistant_loss_dataset(train_ds, tokenizer)
-        eval_ds, _ = assistant_loss_dataset(eval_ds, tokenizer)
-        cfg = recipe.sft
-        torch.manual_seed(recipe.seed)
-        # lora.quantize: 4bit loads the frozen base in 4-bit (QLoRA); the adapters go on top in the trainer
-        model = load_pretrained(AutoModelForCausalLM, base, torch_dtype(recipe.base.dtype), cfg.lora,
-                                "sft.lora.quantize", cfg.gradient_checkpointing)
-
-        args = SFTConfig(
-            **hf_stage.trainer_args(cfg, stage_dir, recipe.seed, recipe.base.dtype),
-            assistant_only_loss=trl_masks,
-            packing=cfg.packing,
-            dataset_num_proc=None,
-        )
-        resume = hf_stage.latest_checkpoint(stage_dir)
-        m["resumed_from"] = str(resume.relative_to(stage_dir)) if resume else None
-        logger = hf_stage.metrics_logger(stage_dir / "metrics.jsonl", resume)
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds if len(eval_ds) else None,
-            processing_class=tokenizer,
-            peft_config=hf_stage.peft_config(cfg.lora, "CAUSAL_LM"),
-            callbacks=[logger],
-        )
-
-        # 4. Train (from the newest checkpoint when one exists), then evaluate on the held-out conversations.
-        metrics = hf_stage.train(trainer, logger, resume)  # the figures of all steps, also when resumed
-        if len(eval_ds):
-            metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-
-        # 5. Save the model folder (LoRA merged) with its tokenizer and template, then the figures.
-        hf_stage.save_model_folder(trainer.model, tokenizer, stage_dir, torch_dtype(recipe.base.dtype), metrics)
-        print(f"[sft] train_loss {metrics['train_loss']:.4f}"
-              + (f"  eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
-              + f"  -> {stage_dir}")
-    manifest.barrier()  # every rank goes on to the next stage only once this one's manifest says complete
-    return stage_dir
+    # 4. Save the model folder (LoRA merged) with its tokenizer and template, then the figures.
+    hf_stage.save_model_folder(trainer.model, tokenizer, stage_dir, torch_dtype(recipe.base.dtype), metrics)
+    print(f"[sft] train_loss {metrics['train_loss']:.4f}"
+          + (f"  eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "") + f"  -> {stage_dir}")
 
 
 if __name__ == "__main__":
