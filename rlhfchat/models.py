@@ -138,6 +138,17 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def folder_dtype(folder: str | Path) -> str:
+    """The dtype a model folder's weights are stored in (its config.json's `dtype`, `torch_dtype` before
+    transformers 5): float32, bfloat16 or float16; float32 when it says none of these."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # QLoRA: a 4-bit base under LoRA adapters, and merging them back into a full-precision folder
 

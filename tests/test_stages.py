@@ -82,6 +82,13 @@ def test_sft_then_reward_write_the_contract_and_learn(run_dir):
     assert rm["eval_accuracy"] >= 0.9 and rm["eval_pairs"] == 16
     cfg = json.loads((run_dir / "reward" / "config.json").read_text())
     assert cfg["num_labels"] == 1 if "num_labels" in cfg else len(cfg["id2label"]) == 1
+    # Later stages read how to use these folders from the folders, not from other recipe sections: the reward
+    # model's text length (scoring.json, what it was trained on) and the SFT weights' dtype (config.json).
+    from rlhfchat.models import folder_dtype
+    from rlhfchat.train.reward import RewardScorer
+
+    assert json.loads((run_dir / "reward" / "scoring.json").read_text()) == {"max_length": 96}
+    assert RewardScorer(run_dir / "reward").max_length == 96 and folder_dtype(out) == "float32"
 
     # Skipped when nothing changed: the manifest is not rewritten.
     before = (out / "manifest.json").read_text()

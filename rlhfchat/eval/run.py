@@ -168,7 +168,6 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
     inputs = [prompts_file, *(p for _, p in models), *([reward_dir] if has_reward else []), *([judge] if judge else [])]
     config = {"eval": cfg, "seed": recipe.seed, "dtype": recipe.base.dtype,
               "max_prompt_length": recipe.ppo.generation.max_prompt_length,
-              "reward_max_length": recipe.reward.max_length,
               "local_tasks": _files_hash(TASKS_DIR, ["*.yaml", "*.py", "data/*.jsonl"]),
               "models": names, "references": references}
 
@@ -287,7 +286,7 @@ def _score(path: str | Path, prompts: list, replies: dict[str, list], recipe: Re
     from rlhfchat.models import torch_dtype
     from rlhfchat.train.reward import RewardScorer
 
-    scorer = RewardScorer(path, max_length=recipe.reward.max_length, dtype=torch_dtype(recipe.base.dtype),
+    scorer = RewardScorer(path, dtype=torch_dtype(recipe.base.dtype),
                           batch_size=bs, device=generate.device_for())
     scores = {name: scorer.score(prompts, [r.text for r in rs]).tolist() for name, rs in replies.items()}
     del scorer

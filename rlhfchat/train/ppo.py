@@ -74,7 +74,7 @@ class PPO:
 
     @classmethod
     def from_folders(cls, policy_dir: str | Path, reward_dir: str | Path, cfg: PPOConfig, runtime: Runtime | None = None,
-                     dtype: torch.dtype = torch.float32, seed: int = 0, reward_max_length: int = 512) -> "PPO":
+                     dtype: torch.dtype = torch.float32, seed: int = 0, reward_max_length: int | None = None) -> "PPO":
         from rlhfchat.models import load_tokenizer
 
         rt = runtime or Runtime.start()
@@ -347,8 +347,7 @@ def main(recipe: Recipe) -> dict[str, Any]:
     run, data = recipe.run_dir, recipe.run_dir / "data"
     return stage.run(recipe, "ppo", inputs=[run / "sft", run / "reward", data / "prompts.train.jsonl",
                                             data / "prompts.eval.jsonl"], optional=[data / "prompts.eval.jsonl"],
-                     config={"ppo": recipe.ppo, "seed": recipe.seed, "dtype": recipe.base.dtype,
-                             "reward_max_length": recipe.reward.max_length},
+                     config={"ppo": recipe.ppo, "seed": recipe.seed},
                      body=lambda m: m.update(resumed_from_step=train(recipe).get("resumed_from_step")))
 
 
@@ -357,7 +356,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from rlhfchat.models import torch_dtype
+    from rlhfchat.models import folder_dtype, torch_dtype
 
     cfg, run = recipe.ppo, recipe.run_dir
     check_backend(cfg.rollout_backend)
@@ -372,8 +371,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
     if not train_prompts:
         raise RlhfchatError(f"{run / 'data' / 'prompts.train.jsonl'}: no prompts")
 
-    ppo = PPO.from_folders(run / "sft", run / "reward", cfg, rt, dtype=torch_dtype(recipe.base.dtype),
-                           seed=recipe.seed, reward_max_length=recipe.reward.max_length)
+    # the policy in the dtype the SFT folder holds; the reward model reads texts as it was trained to (scoring.json)
+    ppo = PPO.from_folders(run / "sft", run / "reward", cfg, rt, dtype=torch_dtype(folder_dtype(run / "sft")),
+                           seed=recipe.seed)
     # Iterations (num_rollouts samples on each rank, as trlX v0.6.0) are the unit of progress: every rank takes the
     # same optimizer steps in each, so a checkpoint resumes on any number of ranks (an iteration then reads
     # num_rollouts x ranks prompts).

@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhfchat import stage
+from rlhfchat import manifest, stage
+from rlhfchat.atomic import write_json
 from rlhfchat.config import Recipe
 from rlhfchat.data.chat_format import Prompt, reward_text
 from rlhfchat.errors import RlhfchatError
@@ -88,8 +89,10 @@ def train(recipe: Recipe, start: Path, m: dict) -> None:
         metrics.update(eval_loss=ev["eval_loss"], eval_accuracy=ev["eval_accuracy"],
                        eval_margin=ev.get("eval_margin"), eval_pairs=len(eval_ds))
 
-    # 4. Save the folder (LoRA merged), tokenizer and template, and the figures.
+    # 4. Save the folder (LoRA merged), tokenizer and template, how it reads a text, and the figures.
     hf_stage.save_model_folder(trainer.model, tokenizer, stage_dir, torch_dtype(recipe.base.dtype), metrics)
+    if manifest.is_main_process():
+        write_json(stage_dir / SCORING, {"max_length": cfg.max_length})
     print(f"[reward] train_loss {metrics['train_loss']:.4f}"
           + (f"  eval_accuracy {metrics['eval_accuracy']:.3f}" if "eval_accuracy" in metrics else "")
           + f"  -> {stage_dir}")
@@ -97,6 +100,20 @@ def train(recipe: Recipe, start: Path, m: dict) -> None:
 
 # --------------------------------------------------------------------------------------------------------------
 # Scoring with a reward model: what PPO's step 2 and eval's win rates call
+
+SCORING = "scoring.json"
+"""In a reward folder: how the model reads a text, {"max_length": the tokens it was trained on}; scoring truncates
+to the same length (from the left: the reply is what is judged)."""
+
+
+def scoring_length(folder: str | Path) -> int | None:
+    """The max_length a reward folder was trained with (its scoring.json), or None."""
+    import json
+
+    try:
+        return int(json.loads((Path(folder) / SCORING).read_text())["max_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class RewardScorer:
@@ -106,7 +123,7 @@ class RewardScorer:
     A string prompt (benchmarks) is scored as prompt + " " + reply, verbatim.
     """
 
-    def __init__(self, path: str | Path | Any, tokenizer: Any = None, max_length: int = 512,
+    def __init__(self, path: str | Path | Any, tokenizer: Any = None, max_length: int | None = None,
                  dtype: torch.dtype = torch.float32, batch_size: int = 16, device: Any = None,
                  share_prefix: bool = True):
         from transformers import AutoModelForSequenceClassification
@@ -131,7 +148,8 @@ class RewardScorer:
         self.model.eval()
         if device is not None:
             self.model.to(device)
-        self.max_length = max_length
+        # None: the length the reward model was trained on (its folder's scoring.json), else 512
+        self.max_length = max_length or (scoring_length(path) if isinstance(path, (str, Path)) else None) or 512
         self.batch_size = batch_size
         self.share_prefix = share_prefix  # see forward
 
