@@ -133,7 +133,7 @@ def _first_line(e: BaseException) -> str:
 def model_ref(name: str, what: str = "") -> str:
     """What to hand to `from_pretrained` for hub id `name`: the id when the hub answers, the cached snapshot folder
     when it cannot be reached but the model was fetched before; otherwise a one-line error. A delta is refused."""
-    from rlhfchat import delta_card as delta
+    from rlhfchat.delta import card as delta
 
     files, why = _repo_files(name, what)
     if files is not None:

@@ -103,7 +103,7 @@ def resolve_model(path: str | Path, what: str = "") -> str:
     refused with the command that applies it. Every loader of a model folder calls this first; `what` names the
     option or recipe field in errors (e.g. `eval.models`).
     """
-    from rlhfchat import delta_card as delta
+    from rlhfchat.delta import card as delta
     from rlhfchat import hub
 
     folder = Path(path).expanduser()

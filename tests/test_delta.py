@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhfchat import delta as D
 from rlhfchat.errors import RlhfchatError
-from rlhfchat.weights import Checkpoint
+from rlhfchat.delta.weights import Checkpoint
 
 H, INTER, LAYERS, VOCAB = 32, 64, 2, 64
 BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -149,7 +149,7 @@ def test_round_trip_is_bit_exact(tmp_path, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_round_trip_in_small_chunks_on_several_threads_is_bit_exact(tmp_path, monkeypatch, dtype):
-    import rlhfchat.weights as W
+    import rlhfchat.delta.weights as W
 
     # chunks of one to three rows, written by 3 threads at once into 4 small shards: every chunk boundary, a grown
     # tensor's split and the fixes that fall on either side of them must come out the same as in one piece
@@ -177,7 +177,7 @@ def test_round_trip_in_small_chunks_on_several_threads_is_bit_exact(tmp_path, mo
 
 
 def test_wrong_base_is_refused_with_several_threads(tmp_path, monkeypatch):
-    import rlhfchat.weights as W
+    import rlhfchat.delta.weights as W
 
     monkeypatch.setattr(W, "CHUNK_BYTES", 100)
     monkeypatch.setattr(D, "WORKERS", 3)
@@ -376,7 +376,7 @@ def test_shape_mismatch(made):
     ("compute", KeyboardInterrupt()),  # Ctrl-C, in the main thread
 ])
 def test_interrupted_apply_leaves_no_output(made, monkeypatch, where, failure):
-    import rlhfchat.weights as W
+    import rlhfchat.delta.weights as W
 
     tmp_path, _, _ = made
     module, attr = (W, "_write") if where == "write" else (D, "combine")
@@ -406,13 +406,22 @@ def test_refuses_without_space_or_over_an_existing_folder(made, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_module_main_prints_one_line_errors(made, capsys):
+def test_module_main_prints_one_line_errors(made):
+    """`python -m rlhfchat.delta ...` is the CLI's delta command."""
+    import subprocess
+    import sys
+
     tmp_path, _, _ = made
-    assert D.main(["verify", "--target", str(tmp_path / "target"), "--delta", str(tmp_path / "delta")]) == 0
-    assert D.main(["apply", "--base", str(tmp_path / "nope"), "--delta", str(tmp_path / "delta"),
-                   "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "no such folder" in err and "\n" not in err
+
+    def module(*args):
+        return subprocess.run([sys.executable, "-m", "rlhfchat.delta", *args], capture_output=True, text=True,
+                              timeout=300)
+
+    assert module("verify", "--target", str(tmp_path / "target"), "--delta", str(tmp_path / "delta")).returncode == 0
+    out = module("apply", "--base", str(tmp_path / "nope"), "--delta", str(tmp_path / "delta"),
+                 "--out", str(tmp_path / "out"))
+    err = out.stderr.strip()
+    assert out.returncode == 2 and err.startswith("error: ") and "no such folder" in err and "\n" not in err
 
 
 # ---- the benchmark ----------------------------------------------------------------------------------------------

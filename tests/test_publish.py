@@ -23,9 +23,9 @@ import torch
 from rlhfchat import delta as D
 from rlhfchat import hub
 from rlhfchat.cli import main as cli_main
-from rlhfchat.delta_card import fingerprint
+from rlhfchat.delta.card import fingerprint
 from rlhfchat.errors import RlhfchatError
-from rlhfchat.weights import file_sha256
+from rlhfchat.delta.weights import file_sha256
 from tests.test_delta import CFG, finetune, llama_tensors, save
 
 BOOKKEEPING = {"manifest.json": json.dumps({"stage": "ppo", "status": "complete"}), "metrics.json": "{}",

@@ -34,7 +34,7 @@ from rlhfchat.errors import RlhfchatError
 if TYPE_CHECKING:  # torch is imported when the benchmark runs, so that `rlhfchat --help` stays fast
     import torch
 
-    from rlhfchat.weights import Spec
+    from rlhfchat.delta.weights import Spec
 
 VOCAB = 32000
 
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def llama_specs(size_bytes: float, dtype: torch.dtype, vocab: int) -> tuple[list[Spec], dict]:
     """Tensor list and config.json of a Llama with about `size_bytes` of weights (hidden 2048 from 1 GB up)."""
-    from rlhfchat.weights import Spec
+    from rlhfchat.delta.weights import Spec
 
     hidden = 2048 if size_bytes >= 1e9 else 256
     inter = (hidden * 11 // 4 + 127) // 128 * 128
@@ -80,7 +80,7 @@ def build_pair(workdir: Path, size_bytes: float, dtype: torch.dtype, shard_size:
     import torch
     from safetensors.torch import save_file
 
-    from rlhfchat.weights import plan_shards
+    from rlhfchat.delta.weights import plan_shards
 
     base_specs, base_cfg = llama_specs(size_bytes, dtype, VOCAB)
     target_specs, target_cfg = llama_specs(size_bytes, dtype, VOCAB + 1)
@@ -172,7 +172,7 @@ def timed_child(cmd: list[str], what: str) -> tuple[float, float, float]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from rlhfchat.weights import dtype_from_name
+    from rlhfchat.delta.weights import dtype_from_name
 
     dtype = dtype_from_name(args.dtype)
     shard_size = args.shard_size_mb << 20

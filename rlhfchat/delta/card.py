@@ -75,9 +75,9 @@ def _count(n: float) -> str:
     return str(int(n))
 
 
-def model_card(manifest: dict[str, Any], manifest_sha256: str) -> str:
-    """The README.md of a delta folder, from its manifest (as make_delta writes it) and delta.json's sha256."""
-    from rlhfchat import hub
+def model_card(manifest: dict[str, Any], manifest_sha256: str, base_on_hub: bool = False) -> str:
+    """The README.md of a delta folder, from its manifest (as make_delta writes it) and delta.json's sha256;
+    `base_on_hub`: the base is a hub id (the card's front matter then names it as its base_model)."""
 
     name, base = manifest.get("name") or "DELTA", manifest.get("base_model") or "BASE"
     tensors = manifest["tensors"]
@@ -89,7 +89,7 @@ def model_card(manifest: dict[str, Any], manifest_sha256: str) -> str:
              + (f" ({', '.join('`' + t['content'] + '`' for t in added)})" if added else "")
              if vocab.get("grown_tensors") else "")
     front = ["---", "tags:", "- rlhfchat", "- weight-delta"]
-    if hub.is_hub_id(base) and "/" in base:
+    if base_on_hub and "/" in base:
         front += [f"base_model: {base}"]
     front += ["---", ""]
     files = manifest.get("files") or {}

@@ -14,7 +14,7 @@ value_head.safetensors when it holds the head alone; not a run's bookkeeping: ma
                             carried file and of the fixes file.
   delta-fixes.safetensors   the exact target values of the few elements the delta cannot reproduce (see below).
 
-A delta is not a model: every rlhfchat loader of a model folder refuses one (delta_card.refuse, through
+A delta is not a model: every rlhfchat loader of a model folder refuses one (delta.card.refuse, through
 models.resolve_model) with the apply command. `--base`, `--delta` and `--target` also take hub ids (hub.download).
 
 Trust. Apply checks, before writing a byte: the base's tensors and every carried file and the fixes file against
@@ -47,7 +47,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,10 +56,10 @@ import torch
 from tqdm import tqdm
 
 from rlhfchat.atomic import FILE_MODE, atomic_dir, sweep, write_json
-from rlhfchat.delta_card import CARD, FORMAT, MANIFEST, model_card, refuse
+from rlhfchat.delta.card import CARD, FORMAT, MANIFEST, model_card, refuse
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.manifest import require_complete
-from rlhfchat.weights import (
+from rlhfchat.delta.weights import (
     WORKERS,
     Checkpoint,
     Spec,
@@ -419,7 +418,8 @@ def make_delta(base: str | Path, target: str | Path, out: str | Path, *, shard_s
                             for n, e in entries.items()},
             }
             write_json(tmp / MANIFEST, manifest)
-            (tmp / CARD).write_text(model_card(manifest, file_sha256(tmp / MANIFEST)), encoding="utf-8")
+            (tmp / CARD).write_text(model_card(manifest, file_sha256(tmp / MANIFEST), hub.is_hub_id(base_name)),
+                                     encoding="utf-8")
     return manifest
 
 
@@ -584,16 +584,3 @@ def verify_delta(target: str | Path, delta: str | Path) -> None:
         path = target / fname
         if not path.is_file() or file_sha256(path) != want:
             raise RlhfchatError(f"{path} is missing or differs from the delta's manifest")
-
-
-# ---- python -m rlhfchat.delta -----------------------------------------------------------------------------------
-
-def main(argv: list[str] | None = None) -> int:
-    """`rlhfchat delta ...` (the same arguments and messages)."""
-    from rlhfchat.cli import main as cli_main
-
-    return cli_main(["delta", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
