@@ -12,7 +12,6 @@ reserved ahead, no copy of the whole cache per token), and `inverse_cdf_sample`,
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import sys
 from pathlib import Path
@@ -298,93 +297,6 @@ def ensure_base(recipe: Any) -> str:
             build_tiny(stage_dir, corpus, recipe.base.tiny, seed=recipe.seed)
         print(f"[base] tiny Llama built in {stage_dir}")
     return str(stage_dir)
-
-
-def inverse_cdf_sample(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One token per row of (B, V) logits from one uniform number per row u (B,) in [0, 1): the token where u
-    falls in the cumulative distribution of softmax(logits). -inf logits get probability 0 and are never taken.
-
-    The cumulative sum runs in float64 (float32 on MPS, which has none), so a 100k-token vocabulary does not drift.
-    A row that is NaN or all -inf is an error, as in torch.multinomial. Returns (B,) token indices.
-    """
-    dtype = torch.float32 if logits.device.type == "mps" else torch.float64
-    cdf = torch.softmax(logits.float(), dim=-1).to(dtype).cumsum(-1)  # (B, V)
-    total = cdf[:, -1]
-    if not bool(torch.isfinite(total).all() and (total > 0).all()):
-        raise RlhfchatError("sampling: a row's next-token scores are NaN or all -inf "
-                            "(overflow in the model, or the warpers removed every token)")
-    # the first token whose cumulative probability exceeds u x total: one with probability > 0 (the target stays
-    # below the total even where u x total would round up to it)
-    target = torch.minimum(u.reshape(-1).to(dtype).to(logits.device) * total,
-                           torch.nextafter(total, total.new_zeros(())))
-    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
-
-
-@functools.cache
-def _reserving_layer() -> type:
-    """A transformers DynamicLayer that writes each step's keys and values into room reserved ahead of time.
-
-    The stock layer concatenates every step: each generated token copies the layer's whole cache (for 16 rows of a
-    27M-parameter model, a third of a CPU decode step). This one keeps a buffer with room for the tokens still to
-    come and returns views of its filled part. A crop leaves its keys a view of the buffer, and the next tokens
-    overwrite the cropped ones; when its keys are replaced from outside (a repeat, a reorder, a selection of rows)
-    or the room runs out, it starts a new buffer from them. Either way it returns what the stock layer would.
-
-    Decoding only (no_grad or inference mode): the buffer is written in place, which autograd cannot follow.
-    """
-    from transformers.cache_utils import DynamicLayer
-
-    class ReservingLayer(DynamicLayer):
-        def __init__(self, reserve: int):
-            super().__init__()
-            self.reserve = reserve
-            self.room: tuple[torch.Tensor, torch.Tensor] | None = None
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n, new = self.get_seq_length(), key_states.shape[-2]
-            room = self.room
-            if (room is None or n + new > room[0].shape[-2] or self.keys.data_ptr() != room[0].data_ptr()
-                    or self.keys.shape[:2] != room[0].shape[:2] or self.keys.dtype != key_states.dtype):
-                b, h, _, d = key_states.shape
-                room = (key_states.new_empty(b, h, n + new + self.reserve, d),
-                        value_states.new_empty(b, h, n + new + self.reserve, value_states.shape[-1]))
-                if n:
-                    room[0][:, :, :n] = self.keys
-                    room[1][:, :, :n] = self.values
-                self.room = room
-            room[0][:, :, n : n + new] = key_states
-            room[1][:, :, n : n + new] = value_states
-            self.keys, self.values = room[0][:, :, : n + new], room[1][:, :, : n + new]
-            return self.keys, self.values
-
-    return ReservingLayer
-
-
-def reserve_cache(cache: Any, tokens: int) -> Any:
-    """Give each plain dynamic layer of a HF cache room for `tokens` more positions (see _reserving_layer).
-
-    Layers of other kinds (sliding window, static, quantized) stay as they are. Returns the cache. For decoding
-    under no_grad or inference mode only.
-    """
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:  # an older transformers without per-layer caches
-        return cache
-    layers = getattr(cache, "layers", None)
-    if not isinstance(layers, list):
-        return cache
-    layer_class = _reserving_layer()
-    for i, layer in enumerate(layers):
-        if type(layer) is DynamicLayer:
-            reserving = layer_class(tokens)
-            if layer.is_initialized:
-                reserving.lazy_initialization(layer.keys, layer.values)
-                reserving.keys, reserving.values = layer.keys, layer.values
-            layers[i] = reserving
-    return cache
 
 
 if __name__ == "__main__":

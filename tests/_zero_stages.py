@@ -27,7 +27,7 @@ def probe(run: str | Path, reward_device: str | None = None) -> dict:
 
     from rlhfchat.config import PPOConfig
     from rlhfchat.train.ppo import PPO
-    from rlhfchat.train.rollout import encode_prompt, left_pad
+    from rlhfchat.decoding import encode_prompt, left_pad
 
     run = Path(run)
     cfg = PPOConfig(chunk_size=2, reward_device=reward_device)

@@ -79,7 +79,7 @@ def perturbed(tiny_model_dir):
 
 
 def test_generate_is_deterministic_and_bounded(tiny):
-    from rlhfchat.eval.generate import generate_replies
+    from rlhfchat.eval.generate import replies_to as generate_replies
 
     model, tok = tiny
     greedy = [generate_replies(model, tok, PROMPTS, max_new_tokens=6, batch_size=2) for _ in range(2)]
@@ -94,13 +94,14 @@ def test_generate_is_deterministic_and_bounded(tiny):
     assert alone == [r.token_ids for r in greedy[0]]
 
 
-def test_tokens_within_counts_the_reply_before_its_stop(tiny):
-    from rlhfchat.eval.generate import _tokens_within
+def test_the_cut_keeps_the_reply_before_its_stop(tiny):
+    from rlhfchat.decoding import _kept_tokens, cut_at_stop
 
     _, tok = tiny
     reply = tok(" 3 + 4 = 7.", add_special_tokens=False)["input_ids"]
     stop = tok("\n### Human: next", add_special_tokens=False)["input_ids"]
-    assert _tokens_within(tok, reply + stop, len(tok.decode(reply))) == len(reply)
+    text, hit = cut_at_stop(tok.decode(reply + stop), ["### Human:"])
+    assert hit and _kept_tokens(reply + stop, tok, text) == len(reply)
 
 
 def test_sequence_logprobs_match_by_hand_and_ignore_padding(tiny):

@@ -59,7 +59,7 @@ def arena_session(store: FeedbackStore, models: list[Path], prompts: list[list[d
     """The user in the arena: each prompt answered by both models (sampled at the server's default temperature,
     0.7), one vote each. Writes through FeedbackStore (the HTTP feedback API will take its place); returns the
     number of votes."""
-    from rlhfchat.eval.generate import generate_replies, load_causal_lm
+    from rlhfchat.eval.generate import replies_to as generate_replies, load_causal_lm
 
     replies = {}
     for k, path in enumerate(models):
@@ -78,7 +78,7 @@ def arena_session(store: FeedbackStore, models: list[Path], prompts: list[list[d
 def thumbs_session(store: FeedbackStore, model_dir: Path, prompts: list[list[dict[str, str]]],
                    references: dict[str, str], seed: int) -> int:
     """The user in the single-model chat: a thumb up on each right reply, down on each wrong one."""
-    from rlhfchat.eval.generate import generate_replies, load_causal_lm
+    from rlhfchat.eval.generate import replies_to as generate_replies, load_causal_lm
 
     model, tokenizer = load_causal_lm(model_dir)
     replies = generate_replies(model, tokenizer, prompts, max_new_tokens=24, do_sample=True, temperature=0.7,

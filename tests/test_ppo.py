@@ -22,7 +22,8 @@ from rlhfchat.train import rollout as rollout_mod
 from rlhfchat.train.policy import response_logprobs
 from rlhfchat.train.ppo import PPO
 from rlhfchat.train.reward import RewardScorer
-from rlhfchat.train.rollout import check_backend, encode_prompt, finish_responses, left_pad
+from rlhfchat.decoding import Generated, encode_prompt, finish_responses, left_pad
+from rlhfchat.train.rollout import check_backend
 
 PROMPTS = [
     [message("user", "What is 2 + 3?")],
@@ -104,7 +105,7 @@ def test_score_lands_on_last_real_token_never_padding(run_dir, monkeypatch):
     # kl_coef 0: the per-token rewards are exactly the score at the last real token and 0 elsewhere
     ppo = make_ppo(run_dir, "ppo.init_kl_coef=0", "ppo.target=null", "ppo.cliprange_reward=0.05")
     raw = fake_responses(ppo.tokenizer)
-    monkeypatch.setattr(rollout_mod, "hf_generate", lambda *a, **k: rollout_mod.Generated(raw.clone()))
+    monkeypatch.setattr(rollout_mod, "hf_generate", lambda *a, **k: Generated(raw.clone()))
     exp, stats = ppo.make_experience(PROMPTS)
     lengths = exp.mask.sum(1).long()
     assert lengths.tolist() == finish_responses(raw, ppo.tokenizer, ["### Human:"])[1].sum(1).tolist()
@@ -157,7 +158,7 @@ def test_reward_scorer_truncates_the_left_of_long_prompts(tiny_reward_dir):
 
 def test_minibatch_of_4_equals_4_accumulated_micro_batches(run_dir, monkeypatch):
     raw = fake_responses(load_tokenizer(run_dir / "sft"))
-    monkeypatch.setattr(rollout_mod, "hf_generate", lambda *a, **k: rollout_mod.Generated(raw.clone()))
+    monkeypatch.setattr(rollout_mod, "hf_generate", lambda *a, **k: Generated(raw.clone()))
     whole = make_ppo(run_dir, "ppo.batch_size=4", "ppo.grad_accum=1")
     split = make_ppo(run_dir, "ppo.batch_size=1", "ppo.grad_accum=4")
     exp, _ = whole.make_experience(PROMPTS)
@@ -320,7 +321,8 @@ def test_frozen_bottom_keeps_the_reference_exact(tiny_model_dir, tmp_path, arch,
     from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
     from rlhfchat.train import trunk as trunk_mod
-    from rlhfchat.train.policy import Reference, build_policy, causal_parts
+    from rlhfchat.train.policy import Reference, build_policy
+    from rlhfchat.train.trunk import causal_parts
     from rlhfchat.train.trunk import MIN_SHARED_PREFIX, decoder_blocks, shared_prefix_length
 
     if arch == "gpt2":
@@ -370,7 +372,8 @@ def test_frozen_bottom_keeps_the_reference_exact(tiny_model_dir, tmp_path, arch,
 def test_frozen_bottom_stays_out_of_the_backward_under_gradient_checkpointing(tiny_model_dir):
     """transformers makes the embeddings' output require grad for checkpointing; with a frozen bottom the lower
     blocks must still stay out of the autograd graph, and the gradients must be those without checkpointing."""
-    from rlhfchat.train.policy import build_policy, causal_parts
+    from rlhfchat.train.policy import build_policy
+    from rlhfchat.train.trunk import causal_parts
     from rlhfchat.train.trunk import decoder_blocks
 
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20]])

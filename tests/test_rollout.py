@@ -7,12 +7,12 @@ import types
 import pytest
 import torch
 
+from rlhfchat import decoding
+from rlhfchat.decoding import GenerationSettings, SeededSampler, encode_prompt, reserve_cache, warp
 from rlhfchat.errors import RlhfchatError
-from rlhfchat.models import load_tokenizer, reserve_cache
-from rlhfchat.train import rollout
+from rlhfchat.models import load_tokenizer
 from rlhfchat.train.distributed import gathered_for_generation
-from rlhfchat.train.rollout import (GenerationSettings, SeededSampler, check_backend, encode_prompt, generate_rollout,
-                                    seeded_processors)
+from rlhfchat.train.rollout import check_backend, generate_rollout
 
 SHORT = [{"role": "user", "content": "What is 3 + 4?"}]
 LONG = [{"role": "user", "content": "Write a function that doubles a number, then fix the grammar: she go to school."}]
@@ -99,19 +99,29 @@ def test_seeded_sampler_refuses_rows_with_nothing_to_sample():
     assert SeededSampler(range(200))(None, only).argmax(-1).eq(1).all()
 
 
-def test_seeded_processors_warp_like_sampling():
+def test_the_seeded_sampler_warps_like_sampling():
     """Temperature, top-k and top-p come before the noise, in generate's order; top-k removes the rest for good."""
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
-    procs = seeded_processors(GenerationSettings(temperature=0.5, top_k=2), seeds=[0])
-    names = [type(p).__name__ for p in procs]
-    assert names == ["TemperatureLogitsWarper", "TopKLogitsWarper", "SeededSampler"]
     draws = set()
     for seed in range(200):
-        x = logits
-        for p in seeded_processors(GenerationSettings(temperature=0.5, top_k=2), seeds=[seed]):
-            x = p(None, x)
+        x = SeededSampler([seed], GenerationSettings(temperature=0.5, top_k=2))(None, logits)
         draws.add(int(x.argmax()))
     assert draws == {0, 1}
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.8), (0.5, 7, 0.6)])
+def test_warp_gives_the_distribution_transformers_warpers_give(temperature, top_k, top_p):
+    """decoding.warp (the engine's and the rollouts' one sampler) == transformers' Temperature -> TopK -> TopP."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    x, order = warp(logits, [temperature] * 4, [top_k] * 4, [top_p] * 4)
+    ours = torch.zeros_like(logits).scatter_(1, order, x.softmax(-1)) if order is not None else x.softmax(-1)
+    hf = logits.clone()
+    for p in ([TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else [])
+              + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])):
+        hf = p(None, hf)
+    torch.testing.assert_close(ours, hf.softmax(-1), rtol=1e-5, atol=1e-6)
 
 
 def test_unseeded_sampling_follows_the_global_rng(lm):
@@ -169,18 +179,18 @@ def test_generation_with_the_reserved_cache_matches_the_stock_cache(lm, monkeypa
     model, tok = lm
     system = {"role": "system", "content": "You are a careful assistant. Answer briefly and check the arithmetic."}
     ids = [encode_prompt(tok, [system, *p]) for p in (SHORT, LONG, SHORT)]
-    padded, mask = rollout.left_pad(ids, tok.pad_token_id)
+    padded, mask = decoding.left_pad(ids, tok.pad_token_id)
     assert shared_prefix_length(padded, mask, padded.shape[1] - 1) >= MIN_SHARED_PREFIX  # the prefix is shared
     settings = GenerationSettings(max_new_tokens=10, min_new_tokens=10, stop_sequences=[], share_prefix=share_prefix)
     caches = []
-    real = rollout.reserve_cache
-    monkeypatch.setattr(rollout, "reserve_cache", lambda c, n: caches.append(real(c, n)) or caches[-1])
+    real = decoding.reserve_cache
+    monkeypatch.setattr(decoding, "reserve_cache", lambda c, n: caches.append(real(c, n)) or caches[-1])
     fast = generate_rollout(model, tok, ids, settings, capture=True, seeds=[1, 2, 3])
     [cache] = caches
     for layer in cache.layers:  # one buffer from the prefill on: the 9 steps after it filled all but the last slot
         assert type(layer).__name__ == "ReservingLayer" and layer.keys.data_ptr() == layer.room[0].data_ptr()
         assert layer.room[0].shape[-2] - layer.keys.shape[-2] == 1
-    monkeypatch.setattr(rollout, "reserve_cache", lambda c, n: c)  # generate's own concatenating cache
+    monkeypatch.setattr(decoding, "reserve_cache", lambda c, n: c)  # generate's own concatenating cache
     stock = generate_rollout(model, tok, ids, settings, capture=True, seeds=[1, 2, 3])
     assert torch.equal(fast.response_ids, stock.response_ids)
     torch.testing.assert_close(fast.hidden, stock.hidden, rtol=0, atol=1e-5)

@@ -11,9 +11,10 @@ import torch
 
 from rlhfchat.data.schema import message
 from rlhfchat.models import load_tokenizer
-from rlhfchat.train.policy import Reference, build_policy, causal_parts
+from rlhfchat.train.policy import Reference, build_policy
+from rlhfchat.train.trunk import causal_parts
 from rlhfchat.train.reward import RewardScorer
-from rlhfchat.train.rollout import encode_prompt, left_pad
+from rlhfchat.decoding import encode_prompt, left_pad
 from rlhfchat.train.trunk import MIN_SHARED_PREFIX, hidden_from, shared_prefix_length
 
 SYSTEM = "You add numbers and write the sum."
@@ -132,7 +133,7 @@ def test_reward_scores_with_a_shared_prefix_equal_the_models_own_pooling(tiny_re
 def test_generation_prefills_the_shared_prefix_once_and_samples_the_same(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from rlhfchat.train.rollout import GenerationSettings, hf_generate
+    from rlhfchat.decoding import GenerationSettings, hf_generate
 
     tok = load_tokenizer(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -45,7 +45,7 @@ from rlhfchat.chat.request import (  # noqa: F401  (re-exported: callers import 
     DEFAULT_MAX_NEW_TOKENS, Completion, EngineBusy, EngineCalls, EngineClosed, GenerationFailed, PromptTooLong, Request,
     SamplingParams, check_messages, stop_sequences, stream_safe,
 )
-from rlhfchat.data.chat_format import cut_at_stop
+from rlhfchat.decoding import cut_at_stop
 from rlhfchat.errors import RlhfchatError
 
 log = logging.getLogger(__name__)
@@ -349,7 +349,7 @@ class ChatEngine(EngineCalls):
         temperature divides them: a tiny temperature then tends to greedy instead of overflowing to NaN."""
         import torch
 
-        from rlhfchat.models import inverse_cdf_sample
+        from rlhfchat.decoding import inverse_cdf_sample
 
         bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)  # (B,)
         if bool(bad.any()):
@@ -504,7 +504,7 @@ def _decode_cache(kv: list[tuple[Any, Any]]) -> Any:
     """The running batch's cache from each layer's (keys, values), written in place as tokens come."""
     from transformers import DynamicCache
 
-    from rlhfchat.models import reserve_cache
+    from rlhfchat.decoding import reserve_cache
 
     return reserve_cache(DynamicCache(ddp_cache_data=kv), DECODE_ROOM)
 

@@ -152,16 +152,6 @@ def render(messages: list[dict[str, str]], eos_token: str = "</s>", add_generati
     return "".join(out)
 
 
-def cut_at_stop(text: str, stops: list[str] | tuple[str, ...] = tuple(STOP_SEQUENCES)) -> tuple[str, bool]:
-    """Cut a generated reply at the first stop sequence; returns (reply, whether a stop was found)."""
-    cut = len(text)
-    for s in stops:
-        i = text.find(s)
-        if i != -1:
-            cut = min(cut, i)
-    return text[:cut], cut < len(text)
-
-
 def reward_text(tokenizer: Any, prompt: list[dict[str, str]], reply: str) -> str:
     """What the reward model scores: the prompt and the reply rendered as one conversation (ending in EOS).
 

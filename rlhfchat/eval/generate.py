@@ -1,15 +1,16 @@
 """What the eval stage asks of a model: replies to prompts and log-probs of replies.
 
-    replies = generate_replies(model, tokenizer, prompts, max_new_tokens=48)           # greedy, left-padded batches
+    replies = replies_to(model, tokenizer, prompts, max_new_tokens=48)     # greedy, through rlhfchat/decoding.py
     scores = RewardScorer(reward_dir).score(prompts, [r.text for r in replies])       # rlhfchat.train.reward
     kl = kl_to_reference(ppo_model, sft_model, tokenizer, prompts, max_new_tokens=48, seed=0)
 
 Prompts are canonical message lists rendered through the tokenizer's chat template with the generation prompt
-("### Assistant:"); replies are cut at the stop sequences and stripped, so `Reply.text` is what a user would see and
+("### Assistant:"); replies end at an end-of-turn token or are cut at the stop sequences (the template's too) and stripped, so `Reply.text` is what a user would see and
 what the reward model scores (through `chat_format.reward_text`, the same text reward training and PPO use).
 
 KL of the PPO model to its reference is estimated on the policy's own samples (replies sampled at temperature 1, no
-top-k/top-p truncation: the policy's own distribution, up to and including EOS or the stop sequence), by each
+top-k/top-p truncation: the policy's own distribution, up to and including the end token, or the EOS put in a stop
+sequence's place, as PPO's rollouts take them), by each
 estimator of eval/kl.py; `kl` is k1:
     KL(ppo || ref) ~= mean over prompts of  sum over sampled reply tokens of  (log p_ppo(y_t) - log p_ref(y_t))
 and `kl_trlx` is the quantity the PPO stage logs as `kl` (trlX's), for a like-for-like comparison with its log.
@@ -17,30 +18,16 @@ and `kl_trlx` is the quantity the PPO stage logs as `kl` (trlX's), for a like-fo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from rlhfchat.data.chat_format import STOP_SEQUENCES, cut_at_stop
+from rlhfchat.data.chat_format import STOP_SEQUENCES
+from rlhfchat.decoding import GenerationSettings, Reply, generate_replies
 from rlhfchat.errors import RlhfchatError
 
 Messages = list[dict[str, str]]
-
-
-@dataclass
-class Reply:
-    text: str
-    """The reply as a user sees it: cut at the first stop sequence, special tokens and outer spaces removed."""
-    n_tokens: int
-    """Generated tokens that make up the reply (before the stop sequence; EOS not counted)."""
-    stopped: bool
-    """Ended by EOS or a stop sequence (False: ran into max_new_tokens)."""
-    token_ids: list[int] = field(default_factory=list, repr=False)
-    """Generated token ids up to and including EOS (before the text cut; what the log-probs are taken over)."""
-    prompt_ids: list[int] = field(default_factory=list, repr=False)
-    """The prompt's token ids as the model saw them (left-truncated to max_prompt_length)."""
 
 
 def device_for(device: str | None = None) -> torch.device:
@@ -74,53 +61,18 @@ def last_user_text(prompt: Messages) -> str:
     return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
 
 
-def _tokens_within(tokenizer: Any, ids: list[int], n_chars: int) -> int:
-    """How many of the generated tokens `ids` decode to at most `n_chars` characters (the reply before its stop)."""
-    k = 0
-    while k < len(ids) and len(tokenizer.decode(ids[:k + 1], skip_special_tokens=True)) <= n_chars:
-        k += 1
-    return k
-
-
-@torch.no_grad()
-def generate_replies(model: Any, tokenizer: Any, prompts: Sequence[Messages], *, max_new_tokens: int,
-                     batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                     top_p: float = 1.0, seed: int = 0, stop_sequences: Sequence[str] = tuple(STOP_SEQUENCES),
-                     max_prompt_length: int | None = None, desc: str | None = None) -> list[Reply]:
-    """One reply per prompt, in order. Greedy by default; sampled replies are reproducible for the same seed.
-
-    Each batch is seeded with `seed + batch index`, so a reply does not depend on the batches before it.
-    """
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    sampling = ({"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample
-                else {"do_sample": False, "temperature": None, "top_k": None, "top_p": None})
-    side = (tokenizer.padding_side, tokenizer.truncation_side)
-    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"  # the prompt's end meets the reply
-    out: list[Reply] = []
-    try:
-        for b, start in enumerate(_batches(len(texts), batch_size, desc)):
-            enc = tokenizer(texts[start:start + batch_size], add_special_tokens=False, padding=True,
-                            truncation=max_prompt_length is not None, max_length=max_prompt_length,
-                            return_tensors="pt").to(model.device)
-            if do_sample:
-                torch.manual_seed(seed + b)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
-                                 stop_strings=list(stop_sequences) or None, tokenizer=tokenizer, **sampling)
-            width = enc["input_ids"].shape[1]  # (B, width) left-padded prompts; generated tokens follow
-            for row, mask, ids in zip(enc["input_ids"], enc["attention_mask"], gen[:, width:].tolist()):
-                if eos in ids:
-                    ids = ids[:ids.index(eos) + 1]
-                else:  # finished by a stop string or the length limit: the rest is padding
-                    while ids and ids[-1] == pad:
-                        ids.pop()
-                text, hit = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop_sequences)
-                n_tokens = _tokens_within(tokenizer, ids, len(text)) if hit else len(ids) - (eos in ids)
-                out.append(Reply(text=text.strip(), n_tokens=n_tokens, stopped=hit or eos in ids, token_ids=ids,
-                                 prompt_ids=row[mask.bool()].tolist()))
-    finally:
-        tokenizer.padding_side, tokenizer.truncation_side = side
-    return out
+def replies_to(model: Any, tokenizer: Any, prompts: Sequence[Messages], *, max_new_tokens: int, batch_size: int = 16,
+               do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+               stop_sequences: Sequence[str] = tuple(STOP_SEQUENCES), max_prompt_length: int | None = None,
+               desc: str | None = None) -> list[Reply]:
+    """One reply per prompt, in order, through the decoding core (decoding.generate_replies) with the chat
+    template's stops. Greedy by default; sampled replies are seeded one per prompt (seed x 1,000,003 + its index),
+    so a reply depends on its prompt and the seed alone, not on its batch."""
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, stop_sequences=list(stop_sequences)).for_template(tokenizer)
+    seeds = [seed * 1_000_003 + i for i in range(len(prompts))] if do_sample else None
+    return generate_replies(model, tokenizer, prompts, settings, batch_size=batch_size,
+                            max_prompt_length=max_prompt_length, seeds=seeds, desc=desc)
 
 
 @torch.no_grad()
@@ -171,10 +123,10 @@ def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, prompts: Sequen
     """
     from rlhfchat.eval import kl as estimators
 
-    replies = generate_replies(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               do_sample=True, temperature=1.0, top_k=0, top_p=1.0, seed=seed,
-                               stop_sequences=stop_sequences, max_prompt_length=max_prompt_length,
-                               desc=desc and f"{desc}: samples")
+    replies = replies_to(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         do_sample=True, temperature=1.0, top_k=0, top_p=1.0, seed=seed,
+                         stop_sequences=stop_sequences, max_prompt_length=max_prompt_length,
+                         desc=desc and f"{desc}: samples")
     p_ids, r_ids = [r.prompt_ids for r in replies], [r.token_ids for r in replies]
     pad = tokenizer.pad_token_id
     lp_policy = token_logprobs(policy, p_ids, r_ids, pad_id=pad, batch_size=batch_size,

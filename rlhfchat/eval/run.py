@@ -188,7 +188,7 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
         bs = batch_size()
         for name, path in models:
             model, tokenizer = generate.load_causal_lm(path, recipe.base.dtype)
-            replies[name] = generate.generate_replies(
+            replies[name] = generate.replies_to(
                 model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=bs,
                 seed=recipe.seed, max_prompt_length=recipe.ppo.generation.max_prompt_length, desc=f"[eval] {name}: replies")
             texts = [r.text for r in replies[name]]

@@ -37,7 +37,7 @@ from torch import nn
 from rlhfchat.config import LoraConfig
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.train.ppo_math import entropy_from_logits, logprobs_of_labels
-from rlhfchat.train.trunk import decoder_blocks, hidden_from, text_config
+from rlhfchat.train.trunk import causal_parts, decoder_blocks, hidden_from, text_config
 
 
 @dataclass
@@ -45,16 +45,6 @@ class PolicyOutput:
     logprobs: torch.Tensor  # (B, R) log p(response token | everything before it)
     values: torch.Tensor | None  # (B, R) value of the state before each response token
     entropy: torch.Tensor | None  # (B, R) entropy of the next-token distribution
-
-
-def causal_parts(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(trunk, output layer) of a HF causal LM, also when peft wraps it (the LoRA layers live inside the trunk)."""
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    trunk = getattr(base, base.base_model_prefix, None)
-    head = base.get_output_embeddings()
-    if trunk is None or head is None:
-        raise RlhfchatError(f"{type(base).__name__}: expected a causal LM with a trunk and an output layer")
-    return trunk, head
 
 
 def response_states(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int,

@@ -43,8 +43,8 @@ from rlhfchat.train.experience import Experience, merge
 from rlhfchat.train.policy import PolicyWithValueHead, Reference, build_policy
 from rlhfchat.train.ppo_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhfchat.train.reward import RewardScorer
-from rlhfchat.train.rollout import (GenerationSettings, check_backend, encode_prompt, generate_replies,
-                                    generate_rollout)
+from rlhfchat.decoding import GenerationSettings, encode_prompt, generate_replies
+from rlhfchat.train.rollout import check_backend, generate_rollout
 from rlhfchat.train.runtime import Runtime
 
 
@@ -57,7 +57,7 @@ class PPO:
         self.rt = runtime or Runtime.start()
         self.accelerator = self.rt.accelerator
         self.tokenizer = tokenizer
-        self.settings = GenerationSettings.from_ppo(cfg)
+        self.settings = GenerationSettings.from_ppo(cfg, tokenizer)  # with the chat template's end-of-turn tokens
         self.policy, self.optimizer = self.rt.prepare_training(policy, cfg)
         self.unwrapped: PolicyWithValueHead = self.rt.unwrap(self.policy)
         self.policy.eval()  # train() only inside update(); dropout is off either way
@@ -256,9 +256,9 @@ class PPO:
             share += [0] * (math.ceil(len(prompts) / rt.processes) - len(share))
         mine = [prompts[i] for i in share]
         with rt.generation(self.policy) as lm:
-            replies = generate_replies(lm, self.tokenizer, mine, self.settings, batch_size=self.cfg.chunk_size,
-                                       max_prompt_length=self.cfg.generation.max_prompt_length,
-                                       seeds=[seed * 1_000_003 + i for i in share])
+            replies = [r.text for r in generate_replies(
+                lm, self.tokenizer, mine, self.settings, batch_size=self.cfg.chunk_size,
+                max_prompt_length=self.cfg.generation.max_prompt_length, seeds=[seed * 1_000_003 + i for i in share])]
         with rt.autocast():
             scores = self.scorer.score(mine, replies).tolist() if mine else []
         rows = [(i, s, len(self.tokenizer(r).input_ids)) for i, s, r in zip(share, scores, replies)]

@@ -32,7 +32,8 @@ import torch
 
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.models import merged_lora_weight
-from rlhfchat.train.rollout import GenerationSettings, Rollout, check_backend, finish_responses, left_pad
+from rlhfchat.decoding import GenerationSettings, finish_responses, left_pad
+from rlhfchat.train.rollout import Rollout, check_backend
 
 
 def vllm_weights(lm: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

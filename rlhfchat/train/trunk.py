@@ -25,6 +25,16 @@ from torch import nn
 from rlhfchat.errors import RlhfchatError
 
 
+def causal_parts(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(trunk, output layer) of a HF causal LM, also when peft wraps it (the LoRA layers live inside the trunk)."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    trunk = getattr(base, base.base_model_prefix, None)
+    head = base.get_output_embeddings()
+    if trunk is None or head is None:
+        raise RlhfchatError(f"{type(base).__name__}: expected a causal LM with a trunk and an output layer")
+    return trunk, head
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions as HF generate counts them under left padding: 0 at the first real token. (B, T) -> (B, T)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
