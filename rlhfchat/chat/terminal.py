@@ -30,7 +30,9 @@ HELP = __doc__.split("Commands:\n", 1)[1].rstrip()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face causal-LM folder (or LoRA adapter)")
+    parser.add_argument("model_dir", metavar="MODEL",
+                        help="a Hugging Face causal-LM folder (or LoRA adapter folder), or a hub id (the cached copy "
+                             "when the hub cannot be reached)")
     parser.add_argument("--system", default=SYSTEM_PROMPT, help="system prompt (default: the Vicuna one)")
     add_sampling_arguments(parser)
 
