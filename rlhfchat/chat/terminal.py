@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class TerminalChat:
     """The chat loop, with input and output passed in (so tests can drive it)."""
 
-    def __init__(self, engine: Any, system: str, params: Any, out: TextIO = sys.stdout):
-        self.engine, self.system, self.params, self.out = engine, system, params, out
+    def __init__(self, engine: Any, system: str, params: Any, out: TextIO | None = None):
+        self.engine, self.system, self.params = engine, system, params
+        self.out = out or sys.stdout  # looked up now: sys.stdout may have been replaced since import
         self.messages: list[dict[str, str]] = []
 
     def say(self, text: str) -> None:
@@ -158,14 +159,19 @@ def read_message(read: Callable[[str], str]) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from rlhfchat.chat.engine import load_engine, server_threads
+    from rlhfchat.models import resolve_model
+
+    source = resolve_model(args.model_dir)  # a folder, or a hub id (its cached copy offline): one line if neither
 
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
     params = sampling_params(args)
-    engine = load_engine(args.model_dir, max_batch=1, max_queue=1, threads=server_threads())
+    engine = load_engine(source, name=Path(args.model_dir).name, max_batch=1, max_queue=1, threads=server_threads())
     try:
         TerminalChat(engine, args.system, params).run()
     finally:
