@@ -127,20 +127,22 @@ def build_ui(engines: dict[str, Any], store: Any = None, *, system_prompt: str =
     return demo
 
 
-def sampling_controls(system_prompt: str, max_tokens: int) -> list[Any]:
-    """System prompt and sampling settings; the max-tokens slider goes up to `max_tokens` (a context window)."""
-    with gr.Accordion("System prompt and sampling", open=False):
-        system = gr.Textbox(system_prompt, label="System prompt", lines=2, elem_id="system-prompt")
+def sampling_controls(system_prompt: str, max_tokens: int, ids: str = "") -> list[Any]:
+    """System prompt and sampling settings; the max-tokens slider goes up to `max_tokens` (a context window).
+    `ids` prefixes the elements' ids (each tab has its own)."""
+    with gr.Accordion("System prompt and sampling", open=False, elem_id=f"{ids}sampling"):
+        system = gr.Textbox(system_prompt, label="System prompt", lines=2, elem_id=f"{ids}system-prompt")
         with gr.Row():
-            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)",
+                                    elem_id=f"{ids}temperature")
             top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top p")
             top_k = gr.Slider(0, 200, value=0, step=1, label="Top k (0 = off)")
         with gr.Row():
             max_new = gr.Slider(1, max_tokens, value=min(DEFAULT_MAX_NEW, max_tokens // 2 or 1), step=1,
                                 label=f"Max new tokens (the context window is {max_tokens})",
-                                elem_id="max-new-tokens")
+                                elem_id=f"{ids}max-new-tokens")
             rep = gr.Slider(1, 2, value=1.0, step=0.05, label="Repetition penalty")
-            seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, elem_id="seed")
+            seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, elem_id=f"{ids}seed")
     return [system, temperature, top_p, top_k, max_new, rep, seed]
 
 

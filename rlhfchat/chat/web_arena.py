@@ -50,7 +50,7 @@ def arena_tab(engines: dict[str, Any], store: Any, names: list[str], system_prom
         regen = gr.Button("Regenerate", elem_id="arena-regen")
         new_round = gr.Button("New round", elem_id="new-round")
     window = min(int(engines[n].context_window) for n in names)
-    controls = sampling_controls(system_prompt, window)
+    controls = sampling_controls(system_prompt, window, ids="arena-")
     live: dict[str, list[Any]] = {}  # a round's running requests, for Stop
 
     def fresh() -> dict[str, Any]:
@@ -69,7 +69,7 @@ def arena_tab(engines: dict[str, Any], store: Any, names: list[str], system_prom
     async def answer(state: dict[str, Any], before: dict[str, Any], system: str, sampling: tuple[Any, ...],
                      told: str = "") -> Any:
         """Both models answer the conversation in `state` (each side ends with the same user message); yields
-        (box, bot A, bot B, state, *votes, note) as the replies stream. `before`: what to show when neither can."""
+        (box, bot A, bot B, state, *votes, note, reveal) as the replies stream. `before`: what to show when neither can."""
         prompts = [([{"role": "system", "content": system}] if system.strip() else []) + m
                    for m in state["messages"]]
         reqs: list[Any] = []
@@ -81,7 +81,8 @@ def arena_tab(engines: dict[str, Any], store: Any, names: list[str], system_prom
             for r in reqs:  # the other model's reply, if it had started
                 r.cancel()
             gr.Warning(str(e))
-            yield (gr.skip(), *sides(before), before, *(votes_on if before["last"] else votes_off), gr.skip())
+            yield (gr.skip(), *sides(before), before, *(votes_on if before["last"] else votes_off), gr.skip(),
+                   gr.skip())
             return
         notes = [dropped_note(prompts[i], reqs[i].messages, f"Model {SIDES[i]}",
                               engines[state["models"][i]].context_window) for i in (0, 1)]
@@ -106,7 +107,7 @@ def arena_tab(engines: dict[str, Any], store: Any, names: list[str], system_prom
         def snapshot() -> Any:
             for i in (0, 1):
                 state["messages"][i][-1] = {"role": "assistant", "content": texts[i]}
-            return ("", *sides(state), state, *votes_off, told)
+            return ("", *sides(state), state, *votes_off, told, "")
 
         yield snapshot()
         try:
@@ -126,7 +127,7 @@ def arena_tab(engines: dict[str, Any], store: Any, names: list[str], system_prom
         errors = [t.exception() for t in tasks if not t.cancelled() and t.exception() is not None]
         if errors:  # a failed reply cannot be voted on
             gr.Warning(str(errors[0]))
-            yield ("", *sides(state), state, *votes_off, told)
+            yield ("", *sides(state), state, *votes_off, told, "")
             return
         completions = [await asyncio.to_thread(r.result, 5) for r in reqs]
         for i in (0, 1):
@@ -135,9 +136,9 @@ def arena_tab(engines: dict[str, Any], store: Any, names: list[str], system_prom
         state["last"] = reply_ids
         if any(c.finish_reason == "cancelled" for c in completions):
             told = "\n\n".join(n for n in [told, "Stopped: vote on the replies as they are, or Regenerate."] if n)
-        yield ("", *sides(state), state, *votes_on, told)
+        yield ("", *sides(state), state, *votes_on, told, "")
 
-    nothing = (gr.skip(),) * (5 + len(vote_btns))  # every output as it is
+    nothing = (gr.skip(),) * (6 + len(vote_btns))  # every output as it is
 
     async def send_prompt(text: str, state: dict[str, Any], system: str, *sampling: Any) -> Any:
         if state["busy"]:
@@ -190,10 +191,13 @@ def arena_tab(engines: dict[str, Any], store: Any, names: list[str], system_prom
         s = fresh()
         return (s, "", *sides(s), "", "", *votes_off)
 
-    outputs = [box, *bots, state, *vote_btns.values(), note]
+    outputs = [box, *bots, state, *vote_btns.values(), note, reveal]
     inputs = [box, state, *controls]
-    events = [box.submit(send_prompt, inputs, outputs), send.click(send_prompt, inputs, outputs),
-              regen.click(regenerate, [state, *controls], outputs)]
+    # "multiple": a second Send while the models answer reaches send_prompt, which says why it does nothing
+    # (Gradio's default, "once", drops it without a word)
+    events = [box.submit(send_prompt, inputs, outputs, trigger_mode="multiple"),
+              send.click(send_prompt, inputs, outputs, trigger_mode="multiple"),
+              regen.click(regenerate, [state, *controls], outputs, trigger_mode="multiple")]
     stop.click(stop_round, [state], None)
     for w, btn in vote_btns.items():
         btn.click(vote(w), [state], [state, reveal, *vote_btns.values(), *bots])
