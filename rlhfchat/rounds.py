@@ -124,9 +124,28 @@ def serving(run_dir: str | Path) -> list[tuple[str, Path]]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RlhfchatError(f"--rounds: {run_dir}: no such run folder")
+    if read_round(run_dir, 1) is None and not (rounds_dir(run_dir) / "latest").exists():
+        return _pipeline_round(run_dir)
     k, info, before = _latest(run_dir)
     return [(f"round-{k}", run_dir / info["policy"]),
             (f"round-{k - 1}" if before else "sft", run_dir / (before["policy"] if before else info["start"]))]
+
+
+def _pipeline_round(run_dir: Path) -> list[tuple[str, Path]]:
+    """Before the first `iterate`: round 1 is the finished pipeline's policy (the recipe's method), beside its SFT
+    model, so that people can vote in the arena (and fill the feedback store iterate reads) straight after the
+    pipeline, under the names the rounds keep."""
+    import yaml
+
+    try:
+        method = (yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}).get("method", "ppo")
+    except (OSError, yaml.YAMLError):
+        method = None
+    policy = run_dir / str(method)
+    if method is None or (manifest.read(policy) or {}).get("status") != "complete":
+        raise RlhfchatError(f"{rounds_dir(run_dir) / 'latest'}: no finished round; run `rlhfchat iterate RECIPE.yaml` "
+                            "first (or finish `rlhfchat pipeline RECIPE.yaml`: its policy is round 1)")
+    return [("round-1", policy), ("sft", run_dir / "sft")]
 
 
 def _rel(run_dir: Path, path: Path) -> str:

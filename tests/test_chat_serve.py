@@ -14,6 +14,7 @@ from _chat_server import running_server
 
 from rlhfchat.chat.feedback import FeedbackStore
 from rlhfchat.cli import main as cli
+from rlhfchat.errors import RlhfchatError
 from tests.test_publish import OFFLINE, cache_model, hub_cache, tiny_delta  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("hub_cache")  # offline, with an empty hub cache of our own
@@ -79,6 +80,14 @@ def test_round_one_is_served_beside_the_sft_model_it_started_from(tiny_model_dir
 
     write_rounds(tmp_path, tiny_model_dir, latest=1)
     assert rounds.serving(tmp_path) == [("round-1", tmp_path / "dpo"), ("sft", tmp_path / "sft")]
+    # straight after the pipeline, before any `iterate`: its finished policy is round 1, under the same names
+    fresh = tmp_path / "fresh"
+    shutil.copytree(tmp_path, fresh, ignore=shutil.ignore_patterns("rounds"))
+    (fresh / "recipe.yaml").write_text("name: loop\nmethod: dpo\n")
+    with pytest.raises(RlhfchatError, match="no finished round"):
+        rounds.serving(fresh)  # dpo/ has no manifest saying it finished
+    (fresh / "dpo" / "manifest.json").write_text(json.dumps({"stage": "dpo", "status": "complete"}))
+    assert rounds.serving(fresh) == [("round-1", fresh / "dpo"), ("sft", fresh / "sft")]
 
 
 def test_what_cannot_be_served_is_one_line_before_anything_loads(tiny_model_dir, tiny_delta, tmp_path, capsys,

@@ -113,7 +113,8 @@ def test_replies_and_ratings_go_to_the_feedback_store(engine, tmp_path):
     thumbs = store.thumbs()
     first, second = (store.reply(t["reply_id"]) for t in thumbs)
     assert [(t["value"], t["comment"]) for t in thumbs] == [(-1, "It is 5."), (1, None)]
-    assert first["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"}]
+    assert first["prompt"] == [{"role": "system", "content": "Be brief."},
+                               {"role": "user", "content": "What is 2 + 3?"}]
     assert second["prompt"][-1]["content"] == "hello" and first["model"] == engine.name
     assert chat_with(engine, ["/good"])[1].count("no feedback store") == 1
     store.close()

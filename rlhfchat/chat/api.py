@@ -14,8 +14,9 @@ is complete: that id is what POST /v1/feedback rates (a stream the client leaves
 votes land in the same store as the web page's, the terminal's and the Discord bot's, for `rlhfchat iterate`.
 Errors are OpenAI-shaped JSON, `{"error": {"message", "type", "param", "code"}}`, and `param` names the field:
 400 for an invalid request (including a prompt the model cannot take: the API never drops turns or truncates),
-401 for a missing or wrong key, 404 for an unknown model or reply, or a route the API does not have, 413 for a body over the limit, 429 when the engine's queue
-is full (with Retry-After), 503 when the model cannot answer (shutting down, or its generation failed).
+401 for a missing or wrong key, 404 for an unknown model or reply, or a route the API does not have, 413 for a body
+over the limit, 429 when the engine's queue is full (with Retry-After), 503 when the model cannot answer (shutting
+down, or its generation failed).
 
 What keeps one caller from harming the others, in the order a request meets it:
 1. the guard (an ASGI layer in front of every route and the web page): the API key on every /v1 route but the

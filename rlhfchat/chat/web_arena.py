@@ -69,7 +69,8 @@ def arena_tab(engines: dict[str, Any], store: Any, names: list[str], system_prom
     async def answer(state: dict[str, Any], before: dict[str, Any], system: str, sampling: tuple[Any, ...],
                      told: str = "") -> Any:
         """Both models answer the conversation in `state` (each side ends with the same user message); yields
-        (box, bot A, bot B, state, *votes, note, reveal) as the replies stream. `before`: what to show when neither can."""
+        (box, bot A, bot B, state, *votes, note, reveal) as the replies stream. `before`: what to show when neither
+        can."""
         prompts = [([{"role": "system", "content": system}] if system.strip() else []) + m
                    for m in state["messages"]]
         reqs: list[Any] = []
@@ -221,9 +222,10 @@ def leaderboard_markdown(store: Any, bootstrap: int = LEADERBOARD_BOOTSTRAP, see
     if not rows:
         return "No arena votes between two different models yet: vote in the Arena tab, and the ratings appear here."
     votes = sum(r.battles for r in rows) // 2
-    lines = [f"Ratings from **{votes}** arena vote{'s' if votes != 1 else ''}: Bradley-Terry on the Elo scale (a 100-point lead is a 64% chance "
-             f"to win; mean 1000), with 95% intervals from {bootstrap} bootstrap resamples of the votes, as FastChat's "
-             "Chatbot Arena computes them. A tie or \"both bad\" counts half a win for each model.", "",
+    lines = [f"Ratings from **{votes}** arena vote{'s' if votes != 1 else ''}: Bradley-Terry on the Elo scale (a "
+             f"100-point lead is a 64% chance to win; mean 1000), with 95% intervals from {bootstrap} bootstrap "
+             "resamples of the votes, as FastChat's Chatbot Arena computes them. A tie or \"both bad\" counts half a "
+             "win for each model.", "",
              "| Rank | Model | Rating | 95% interval | Votes | Wins / ties / losses |",
              "|---:|---|---:|---|---:|---|"]
     for i, r in enumerate(rows, 1):
