@@ -84,16 +84,19 @@ def rate(url: str, body: dict) -> None:
 
 def arena_session(client: openai.OpenAI, url: str, prompts: list[list[dict[str, str]]], vote, seed: int) -> int:
     """The user in the arena, through the HTTP API: each prompt answered by the two served models, one vote on the
-    pair by the completions' ids; returns the number of votes."""
+    pair by the completions' ids; returns the number of votes. The replies are asked for concurrently; the votes
+    are given in the prompts' order, so that the round's data (and its figures) do not depend on which reply came
+    back first."""
     model_a, model_b = (m.id for m in client.models.list().data)
 
-    def one(i: int) -> None:
-        a, b = (ask(client, m, prompts[i], seed * 100_000 + 2 * i + k) for k, m in enumerate((model_a, model_b)))
-        winner = vote(prompts[i], a.choices[0].message.content, b.choices[0].message.content)
-        rate(url, {"arena": {"reply_a": a.id, "reply_b": b.id, "winner": winner}})
+    def answers(i: int) -> tuple:
+        return tuple(ask(client, m, prompts[i], seed * 100_000 + 2 * i + k) for k, m in enumerate((model_a, model_b)))
 
     with ThreadPoolExecutor(CLIENTS) as pool:
-        list(pool.map(one, range(len(prompts))))
+        pairs = list(pool.map(answers, range(len(prompts))))
+    for prompt, (a, b) in zip(prompts, pairs):
+        winner = vote(prompt, a.choices[0].message.content, b.choices[0].message.content)
+        rate(url, {"arena": {"reply_a": a.id, "reply_b": b.id, "winner": winner}})
     return len(prompts)
 
 
