@@ -4,7 +4,7 @@
     rlhfchat data|sft|reward|ppo|dpo|kto|eval|report RECIPE.yaml [key=value ...]
     rlhfchat iterate RECIPE.yaml --feedback DB_URL [key=value ...]
     rlhfchat delta make|apply|verify ...
-    rlhfchat chat MODEL_DIR | serve MODEL_DIR [MODEL_DIR ...] | discord MODEL_DIR
+    rlhfchat chat MODEL | serve MODEL [MODEL ...] [--name NAME=PATH] [--rounds RUN_DIR] | discord MODEL
     rlhfchat feedback export --db URL --out FILE | feedback stats --db URL
     rlhfchat bench data|ppo|generate|delta ...
 

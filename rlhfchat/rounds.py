@@ -1,7 +1,7 @@
 """`rlhfchat iterate RECIPE.yaml --feedback DB_URL`: the next round of the model, from the feedback on this one.
 
     rlhfchat pipeline recipes/tiny-cpu.yaml                                    # round 1
-    rlhfchat serve runs/tiny-cpu/ppo runs/tiny-cpu/sft                          # people chat, thumb and vote
+    rlhfchat serve --rounds runs/tiny-cpu                                       # people chat, thumb and vote
     rlhfchat iterate recipes/tiny-cpu.yaml --feedback runs/tiny-cpu/feedback.db  # round 2; again later: round 3 ...
 
 Round 1 is the pipeline's result as it is: the first `iterate` runs the pipeline (which skips what is finished)
@@ -32,8 +32,9 @@ next round), and so is the pipeline once round 1 is recorded.
                       2/data/ 2/sft/ 2/reward/ 2/dpo/ (or ppo/, kto/) 2/eval/
     runs/NAME/rounds/latest          the number of the latest finished round (a file)
 
-`latest(run_dir)` gives the latest round's policy folder and the one before it (round 1's start: the SFT model),
-for `rlhfchat serve` to put side by side in the arena.
+`latest(run_dir)` gives the latest round's policy folder and the one before it (round 1's start: the SFT model), and
+`serving(run_dir)` the same with the names they are served under (round-K, round-(K-1) or sft): `rlhfchat serve
+--rounds runs/NAME` puts them side by side in the arena.
 """
 
 from __future__ import annotations
@@ -96,19 +97,55 @@ def existing_rounds(run_dir: Path) -> list[int]:
     return sorted(k for k in found if read_round(run_dir, k) is not None)
 
 
-def latest(run_dir: str | Path) -> list[Path]:
-    """[the latest finished round's policy folder, the one before it] (`rounds/latest` names the round; the one
-    before round 1 is the SFT model it started from). What `rlhfchat serve` puts side by side in the arena."""
-    run_dir = Path(run_dir)
+def _latest(run_dir: Path) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
+    """(k, round k's record, round k-1's record or None) for the latest finished round k."""
     pointer = rounds_dir(run_dir) / "latest"
     try:
         k = int(pointer.read_text().strip())
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, NotADirectoryError, ValueError):
         raise RlhfchatError(f"{pointer}: no finished round; run `rlhfchat iterate RECIPE.yaml` first") from None
     info, before = read_round(run_dir, k), read_round(run_dir, k - 1)
     if info is None or info.get("status") != "complete":
         raise RlhfchatError(f"{pointer}: round {k} has no finished round.json")
-    return [run_dir / info["policy"], run_dir / (before["policy"] if before else info["start"])]
+    return k, info, before
+
+
+def latest(run_dir: str | Path) -> list[Path]:
+    """[the latest finished round's policy folder, the one before it] (`rounds/latest` names the round; the one
+    before round 1 is the SFT model it started from). What `rlhfchat serve` puts side by side in the arena."""
+    return [path for _, path in serving(run_dir)]
+
+
+def serving(run_dir: str | Path) -> list[tuple[str, Path]]:
+    """The two models `rlhfchat serve --rounds RUN_DIR` puts side by side, with the names they are served under:
+    [("round-K", round K's policy), ("round-(K-1)", the one before)], where the one before round 1 is "sft", the
+    model it started from. The names stay the same from round to round, so the arena's votes on round-K add up
+    across servings (the feedback store keeps each reply's model name)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RlhfchatError(f"--rounds: {run_dir}: no such run folder")
+    if read_round(run_dir, 1) is None and not (rounds_dir(run_dir) / "latest").exists():
+        return _pipeline_round(run_dir)
+    k, info, before = _latest(run_dir)
+    return [(f"round-{k}", run_dir / info["policy"]),
+            (f"round-{k - 1}" if before else "sft", run_dir / (before["policy"] if before else info["start"]))]
+
+
+def _pipeline_round(run_dir: Path) -> list[tuple[str, Path]]:
+    """Before the first `iterate`: round 1 is the finished pipeline's policy (the recipe's method), beside its SFT
+    model, so that people can vote in the arena (and fill the feedback store iterate reads) straight after the
+    pipeline, under the names the rounds keep."""
+    import yaml
+
+    try:
+        method = (yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}).get("method", "ppo")
+    except (OSError, yaml.YAMLError):
+        method = None
+    policy = run_dir / str(method)
+    if method is None or (manifest.read(policy) or {}).get("status") != "complete":
+        raise RlhfchatError(f"{rounds_dir(run_dir) / 'latest'}: no finished round; run `rlhfchat iterate RECIPE.yaml` "
+                            "first (or finish `rlhfchat pipeline RECIPE.yaml`: its policy is round 1)")
+    return [("round-1", policy), ("sft", run_dir / "sft")]
 
 
 def _rel(run_dir: Path, path: Path) -> str:
@@ -332,7 +369,7 @@ def iterate(recipe: Recipe, db: str | Path) -> Path | None:
                 f.write(f"{last}\n")
         if done is not None:
             print(f"\n[iterate] round {last} finished: report {done / 'eval' / 'report.md'}")
-            print(f"  serve it beside round {last - 1}: rlhfchat serve {' '.join(map(str, latest(run)))}")
+            print(f"  serve it beside round {last - 1} in the arena: rlhfchat serve --rounds {run}")
         return done
     finally:
         store.close()

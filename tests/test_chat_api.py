@@ -1,4 +1,6 @@
-"""The OpenAI-compatible API through the real `openai` client against a live `rlhfchat serve` on 127.0.0.1."""
+"""The OpenAI-compatible API through the real `openai` and `httpx` clients against a live `rlhfchat serve` on
+127.0.0.1: chat completions, the models, the feedback API (thumbs and arena votes on completions by their id),
+OpenAI-shaped errors for what it does not have."""
 
 from __future__ import annotations
 
@@ -8,22 +10,40 @@ import subprocess
 import sys
 import threading
 
+import shutil
+
 import httpx
 import openai
 import pytest
 from _chat_server import running_server
 
+from rlhfchat.chat.feedback import FeedbackStore
+
 KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 USER = [{"role": "user", "content": "What is 2 + 3?"}]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    work = tmp_path_factory.mktemp("api")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("api")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, work):
+    second = work / "copy"
+    shutil.copytree(tiny_model_dir, second)  # served under a name of our choosing
     # a small batch and queue, so that a burst finds the queue full
-    with running_server([tiny_model_dir], work, "--max-batch", "4", "--max-queue", "4", "--db",
-                        str(work / "feedback.db"), env={"RLHFCHAT_API_KEY": KEY}) as url:
+    with running_server([tiny_model_dir], work, "--name", f"tiny-2={second}", "--max-batch", "4", "--max-queue",
+                        "4", "--db", str(work / "feedback.db"), env={"RLHFCHAT_API_KEY": KEY}) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def store(server, work):
+    s = FeedbackStore(work / "feedback.db")  # the server's own store (SQLite in WAL mode: both may write)
+    yield s
+    s.close()
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +57,26 @@ def model(client):
 
 
 def test_models_and_health(server, client, tiny_model_dir):
-    assert [m.id for m in client.models.list().data] == [tiny_model_dir.name]
+    assert [m.id for m in client.models.list().data] == [tiny_model_dir.name, "tiny-2"]  # --name chose the second
+    one = client.models.retrieve("tiny-2")  # GET /v1/models/{id}
+    assert one.id == "tiny-2" and one.object == "model" and one.context_window == 256
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4o")
+    assert e.value.code == "model_not_found" and e.value.param == "model" and "tiny-2" in e.value.message
     health = httpx.get(f"{server}/health").json()  # no key needed
     assert health["status"] == "ok" and tiny_model_dir.name in health["models"]
+
+
+def test_routes_the_api_does_not_have_answer_in_openais_error_shape(client, model, server):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model=model, prompt="2 + 3 =")
+    assert e.value.code == "not_found" and "/v1/completions" in e.value.message and "/v1/chat/completions" in \
+        e.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model=model, input="hi")
+    r = httpx.get(f"{server}/v1/feedback", headers=AUTH)
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["code"] == \
+        "method_not_allowed"
 
 
 def test_completion_and_stream_give_the_same_reply(client, model):
@@ -152,3 +189,92 @@ def test_a_burst_gets_answers_or_429_and_never_a_5xx(server, model):
         t.join()
     assert len(statuses) == 32 and set(statuses) <= {200, 429}, statuses
     assert statuses.count(200) >= 4 and all(streamed_ok)
+
+
+def feedback(server: str, body: dict, key: str | None = KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{server}/v1/feedback", json=body, headers=headers, timeout=30)
+
+
+def test_a_completions_id_rates_its_reply_with_a_thumb(client, server, model, store):
+    full = client.chat.completions.create(model=model, messages=USER, max_tokens=8, seed=3)
+    assert len(full.id) == 32 and full.id.startswith("chatcmpl-")
+    reply = store.reply(full.id)  # stored as a reply before the answer came back
+    assert reply["model"] == model and reply["content"] == full.choices[0].message.content
+    assert reply["prompt"] == USER and reply["sampling"]["seed"] == 3 and reply["completion_tokens"] == \
+        full.usage.completion_tokens
+    r = feedback(server, {"reply_id": full.id, "thumb": "down", "comment": "It is 5.", "user": "ann"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"object": "feedback.thumb", "id": r.json()["id"], "reply_id": full.id, "model": model,
+                        "thumb": "down", "comment": "It is 5."}
+    [thumb] = store.thumbs(full.id)
+    assert (thumb["value"], thumb["comment"], thumb["user"]) == (-1, "It is 5.", "ann")
+
+    # a stream's id, rated through the openai client itself (a user's own app needs nothing else)
+    chunks = list(client.chat.completions.create(model=model, messages=USER, max_tokens=8, seed=4, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert store.reply(chunks[0].id)["content"] == text  # stored before the stream ended
+    out = client.post("/feedback", cast_to=object, body={"reply_id": chunks[0].id, "thumb": "up"})
+    assert out["thumb"] == "up" and out["comment"] is None
+    assert [t["value"] for t in store.thumbs(chunks[0].id)] == [1]
+
+
+def test_an_arena_vote_on_two_models_replies_to_the_same_question(client, server, model, store):
+    question = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    a = client.chat.completions.create(model=model, messages=question, max_tokens=6, seed=1)
+    b = client.chat.completions.create(model="tiny-2", messages=question, max_tokens=6, seed=2)
+    votes = len(store.arena_votes())
+    r = feedback(server, {"arena": {"reply_a": a.id, "reply_b": b.id, "winner": "b"}, "user": "bo"})
+    assert r.status_code == 200, r.text
+    assert {k: v for k, v in r.json().items() if k != "id"} == {
+        "object": "feedback.arena", "reply_a": a.id, "reply_b": b.id, "model_a": model, "model_b": "tiny-2",
+        "winner": "b"}
+    vote = store.arena_votes()[-1]
+    assert len(store.arena_votes()) == votes + 1 and vote["id"] == r.json()["id"]
+    assert (vote["reply_a_id"], vote["reply_b_id"], vote["winner"], vote["user"]) == (a.id, b.id, "b", "bo")
+    assert (model, "tiny-2", "b") in store.battles()  # what the leaderboard is computed from
+    # a follow-up turn: each side saw its own earlier reply, and the question is still the same
+    turn2 = [{"role": "user", "content": "Another?"}]
+    a2 = client.chat.completions.create(model=model, max_tokens=4, seed=1, messages=[
+        *question, {"role": "assistant", "content": a.choices[0].message.content}, *turn2])
+    b2 = client.chat.completions.create(model="tiny-2", max_tokens=4, seed=1, messages=[
+        *question, {"role": "assistant", "content": b.choices[0].message.content + "!"}, *turn2])
+    assert feedback(server, {"arena": {"reply_a": a2.id, "reply_b": b2.id, "winner": "tie"}}).status_code == 200
+
+
+@pytest.mark.parametrize("body, status, param, words", [
+    ({"reply_id": "chatcmpl-nosuchreply", "thumb": "up"}, 404, "reply_id", "no reply"),
+    ({"reply_id": "A", "thumb": "sideways"}, 400, "thumb", "'up' or 'down'"),
+    ({"reply_id": "A"}, 400, "thumb", "required"),
+    ({"reply_id": "A", "thumb": "up", "stars": 5}, 400, "stars", "unknown"),
+    ({"reply_id": "A", "thumb": True}, 400, "thumb", ""),
+    ({"reply_id": "", "thumb": "up"}, 400, "reply_id", ""),
+    ({"arena": {"reply_a": "A", "reply_b": "B", "winner": "c"}}, 400, "arena.winner", "'a', 'b', 'tie' or"),
+    ({"arena": {"reply_a": "A", "reply_b": "chatcmpl-nosuchreply", "winner": "a"}}, 404, "arena.reply_b",
+     "no reply"),
+    ({"arena": {"reply_a": "A", "reply_b": "A", "winner": "a"}}, 400, "arena.reply_b", "the same reply twice"),
+    ({"arena": {"reply_a": "A", "reply_b": "OTHER", "winner": "a"}}, 400, "arena.reply_b",
+     "a reply to another question"),
+    ({"arena": {"reply_a": "A", "winner": "a"}}, 400, "arena.reply_b", "required"),
+    ({"arena": {"reply_a": "A", "reply_b": "B", "winner": "a"}, "thumb": "up"}, 400, "thumb", "unknown"),
+])
+def test_bad_feedback_gets_a_4xx_naming_the_field(client, server, model, store, body, status, param, words):
+    ids = {}
+    for key, content in (("A", "What is 2 + 3?"), ("B", "What is 2 + 3?"), ("OTHER", "What is 4 + 4?")):
+        c = client.chat.completions.create(model=model, max_tokens=2, messages=[{"role": "user", "content": content}])
+        ids[key] = c.id
+    body = json.loads(json.dumps(body).replace('"A"', f'"{ids["A"]}"').replace('"B"', f'"{ids["B"]}"')
+                      .replace('"OTHER"', f'"{ids["OTHER"]}"'))
+    before = (len(store.thumbs()), len(store.arena_votes()))
+    r = feedback(server, body)
+    error = r.json()["error"]
+    assert r.status_code == status and error["param"] == param and words in error["message"], r.text
+    assert error["message"].startswith(f"{param}: ")
+    assert (len(store.thumbs()), len(store.arena_votes())) == before  # nothing stored
+
+
+def test_feedback_needs_the_key(server, client, model):
+    c = client.chat.completions.create(model=model, messages=USER, max_tokens=2)
+    for key in (None, "wrong"):
+        r = feedback(server, {"reply_id": c.id, "thumb": "up"}, key=key)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"

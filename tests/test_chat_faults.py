@@ -23,6 +23,8 @@ import httpx
 import pytest
 from _chat_server import long_context_copy, running_server
 
+from rlhfchat.chat.feedback import FeedbackStore
+
 KEY = "fault-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 USER = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -32,8 +34,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    work = tmp_path_factory.mktemp("faults")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, work):
     tiny = long_context_copy(tiny_model_dir, work / "tiny", 256)
     long = long_context_copy(tiny_model_dir, work / "long", 4096)
     with running_server([tiny, long], work, "--max-batch", "16", "--db", str(work / "feedback.db"),
@@ -243,10 +249,13 @@ def test_a_client_that_disconnects_cancels_its_request(server, stream):
         time.sleep(0.02)
 
 
-def test_schemathesis_finds_the_api_as_its_spec_says(server, tmp_path):
+def test_schemathesis_finds_the_api_as_its_spec_says(server, work, tmp_path):
     """schemathesis with every check (positive_data_acceptance made exact by the hooks module), bounded: a fixed
     number of examples per operation, deterministic generation, a wall-clock limit; against the live server."""
+    replies = [httpx.post(f"{server}/v1/chat/completions", headers=AUTH, timeout=60, json={
+        "model": "tiny", "messages": USER, "max_tokens": 2}).json()["id"] for _ in range(2)]  # what valid votes rate
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "_schemathesis_hooks", "RLHFCHAT_FUZZ_MODEL": "tiny",
+           "RLHFCHAT_FUZZ_REPLIES": ",".join(replies),
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{server}/v1/openapi.json", "-H",
            f"Authorization: Bearer {KEY}", "--checks", "all", "--exclude-checks", "positive_data_acceptance",
@@ -257,7 +266,15 @@ def test_schemathesis_finds_the_api_as_its_spec_says(server, tmp_path):
     summary = [line for line in r.stdout.splitlines() if "generated" in line]
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     print(f"\nschemathesis: {summary[-1].strip() if summary else r.stdout[-500:]}")
-    assert summary and int(summary[-1].split()[0]) >= 100
+    assert summary and int(summary[-1].split()[0]) >= 150
+    events = (tmp_path / "events.ndjson").read_text()
+    for operation in ("POST /v1/feedback", "GET /v1/models/{model_id}", "POST /v1/chat/completions"):
+        assert f'"label":"{operation}"' in events, operation
+    store = FeedbackStore(work / "feedback.db")
+    try:  # valid votes and thumbs went through to the store
+        assert store.arena_votes() and store.thumbs(replies[0])
+    finally:
+        store.close()
 
 
 def test_an_engine_failure_is_a_503_and_a_started_stream_ends_with_an_error_event(tiny_model_dir, monkeypatch):

@@ -150,18 +150,24 @@ class StubEngine:
     waits for the event before finishing (a long generation); `clock` advances 0.25 s per piece."""
 
     name, backend = "stub-model", "stub"
+    loop: asyncio.AbstractEventLoop | None = None  # the test's event loop (`run` sets it): submit runs off it
 
-    def __init__(self, text: str, pieces: int = 10, hold: asyncio.Event | None = None, clock=None):
-        self.text, self.pieces, self.hold, self.clock = text, pieces, hold, clock
+    def __init__(self, text: str, pieces: int = 10, hold: asyncio.Event | None = None, clock=None,
+                 submit_s: float = 0.0):
+        self.text, self.pieces, self.hold, self.clock, self.submit_s = text, pieces, hold, clock, submit_s
         self.prompts: list[list[dict]] = []
 
     def submit(self, messages, params=None):
+        time.sleep(self.submit_s)  # a real engine tokenizes here: seconds for a long prompt
         self.prompts.append(messages)
         req = Request(messages, params or SamplingParams(), [0] * 7, self.name, 64)
-        asyncio.get_running_loop().create_task(self._feed(req))
+        loop = StubEngine.loop
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._feed(req)))
         return req
 
     async def _feed(self, req):
+        while not req._wakers:  # the reply streams as the bot reads it (as the engine's does), not ahead of it
+            await asyncio.sleep(0)
         step = -(-len(self.text) // self.pieces)
         for i in range(0, len(self.text), step):
             req._push(self.text[i:i + step])
@@ -190,7 +196,11 @@ def make_bot(engine, tmp_path, **kw) -> DiscordBot:
 
 
 def run(coro):
-    return asyncio.run(coro)
+    async def main():
+        StubEngine.loop = asyncio.get_running_loop()
+        return await coro
+
+    return asyncio.run(main())
 
 
 @pytest.fixture(autouse=True)
@@ -439,7 +449,8 @@ def test_reactions_are_thumbs_in_the_store_and_export(engine, tmp_path):
     ids = bot.links.replies_for([m.id for m in replies])
     assert thumbs == [(ids[replies[0].id], 1, hash_user(ALICE.id, bot.salt)),
                       (ids[replies[1].id], -1, hash_user(BOB.id, bot.salt))]
-    assert all(str(u.id) not in t[2] for t in thumbs for u in (ALICE, BOB))
+    # hashed, never the id itself (a check for the id's digits in the hash failed by chance 1 run in 70)
+    assert all(t[2] not in (str(u.id), f"discord:{u.id}") and len(t[2]) == 40 for t in thumbs for u in (ALICE, BOB))
 
     out = tmp_path / "prefs.jsonl"
     assert bot.store.export(out) == 1
@@ -582,3 +593,26 @@ def test_a_message_too_long_for_the_model_is_said_in_the_thread(engine, tmp_path
     [said] = thread.sends
     assert "too long" in said["content"] and said["allowed_mentions"].everyone is False
     assert bot.store.counts()["replies"] == 0 and bot.gate.active == 0
+
+
+def test_the_engine_is_called_off_the_event_loop(tmp_path):
+    """submit tokenizes (seconds for a long prompt): the bot runs it in a thread, so the event loop (heartbeats,
+    other users' replies) keeps running meanwhile."""
+    async def scenario():
+        bot = make_bot(StubEngine("ok", submit_s=0.5), tmp_path)
+        ticks, done = [], asyncio.Event()
+
+        async def ticker():
+            while not done.is_set():
+                ticks.append(time.perf_counter())
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(ticker())
+        await bot.on_message(mention(Channel(), ALICE, "a long question"))
+        done.set()
+        await task
+        gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+        assert len(ticks) >= 20 and max(gaps) < 0.25, max(gaps)  # never stalled for the 0.5 s submit
+        assert bot.store.counts()["replies"] == 1
+
+    run(scenario())

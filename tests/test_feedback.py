@@ -174,3 +174,24 @@ def test_serve_keeps_feedback_in_the_run_folder_by_default(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     assert default_db([tmp_path / "some-model"]) == tmp_path / "feedback.db"  # not a run: the current folder
     assert db_url("fb.db") == f"sqlite:///{tmp_path / 'fb.db'}" and db_url("postgresql://h/db") == "postgresql://h/db"
+
+
+def test_thumb_comments_and_a_store_made_before_them(store):
+    from sqlalchemy import text
+
+    from rlhfchat.chat.feedback import format_stats
+
+    conv = store.new_conversation("api")
+    r = store.add_reply(conv, model="m", prompt=prompt("2 + 3?"), content="6", sampling={})
+    store.thumb(r, up=False, user="ann", comment="It is 5.")
+    assert [(t["value"], t["user"], t["comment"]) for t in store.thumbs(r)] == [(-1, "ann", "It is 5.")]
+    assert "thumbs: 0 up, 1 down (each user's latest thumb on a reply), 1 with a comment" in format_stats(store, 0)
+    # a store written before thumbs had comments: opened again, it gets the column and keeps its thumbs
+    with store.engine.begin() as c:
+        c.execute(text("ALTER TABLE thumbs DROP COLUMN comment"))
+    again = FeedbackStore(store.url)
+    try:
+        again.thumb(r, up=True, comment="Better now.")
+        assert [(t["value"], t["comment"]) for t in again.thumbs(r)] == [(-1, None), (1, "Better now.")]
+    finally:
+        again.close()

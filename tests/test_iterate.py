@@ -3,20 +3,26 @@
 The user's hidden preference: the reply whose final number is the right answer to the sum it was asked. The run:
 a tiny base model that has learnt sums (worked answers, built here in seconds), instruction-tuned on chat data whose
 replies mostly guess ("I think it is 7.") and sometimes refuse; its preference data only says that answering beats
-refusing, so round 1 (the pipeline, `method: dpo`) still mostly guesses. The user then votes in the arena between
-the two models `rounds.latest` names (round 1's policy and the SFT model) on training prompts, and `rlhfchat
-iterate` trains round 2 on the votes. On the held-out prompts (other prompts than the ones voted on) round 2 gives
-the right answer measurably more often than round 1: the test asserts the paired bootstrap 95% interval of the
-difference lies above 0, and prints the figures.
+refusing, so round 1 (the pipeline, `method: dpo`) still mostly guesses. The user then chats and votes in the arena
+of `rlhfchat serve --rounds RUN` (a real server process on 127.0.0.1: round 1's policy beside the SFT model), through
+the HTTP API as any client would: two chat completions per training prompt, one to each model, and a vote on the pair
+by the completions' ids (POST /v1/feedback). `rlhfchat iterate` trains round 2 on the votes. On the held-out prompts
+(other prompts than the ones voted on) round 2 gives the right answer measurably more often than round 1: the test
+asserts the paired bootstrap 95% interval of the difference lies above 0, and prints the figures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
+from _chat_server import running_server
 
 from rlhfchat import rounds
 from rlhfchat.chat.feedback import FeedbackStore
@@ -29,6 +35,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 NAMES = ["Ann", "Bob", "Cy", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lu"]
 SUMS = [(a, b) for a in range(10) for b in range(10)]
 REFUSAL = "No. Ask someone else."
+CLIENTS = 32
+"""The scripted user's requests in flight at once (the server decodes up to 64 together per model)."""
 
 
 def question(name: str, a: int, b: int) -> str:
@@ -54,39 +62,55 @@ def scripted_user(references: dict[str, str]):
     return vote
 
 
-def arena_session(store: FeedbackStore, models: list[Path], prompts: list[list[dict[str, str]]], vote,
-                  seed: int) -> int:
-    """The user in the arena: each prompt answered by both models (sampled at the server's default temperature,
-    0.7), one vote each. Writes through FeedbackStore (the HTTP feedback API will take its place); returns the
-    number of votes."""
-    from rlhfchat.eval.generate import replies_to as generate_replies, load_causal_lm
+@contextlib.contextmanager
+def served_rounds(run: Path, db: Path, workdir: Path):
+    """`rlhfchat serve --rounds RUN`: the latest round beside the one before, feedback into `db`; yields a client
+    of its API (the official openai client) and the base URL."""
+    with running_server([], workdir, "--rounds", str(run), "--db", str(db), "--max-batch", "64", "--max-queue",
+                        "1024", "--log-level", "error") as url:
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+            yield client, url
 
-    replies = {}
-    for k, path in enumerate(models):
-        model, tokenizer = load_causal_lm(path)
-        replies[path.name] = generate_replies(model, tokenizer, prompts, max_new_tokens=24, do_sample=True,
-                                              temperature=0.7, batch_size=64, seed=seed + 1000 * k)
-    a_name, b_name = (p.name for p in models)
-    for i, prompt in enumerate(prompts):
-        conv = store.new_conversation(source="arena")
-        a = store.add_reply(conv, model=a_name, prompt=prompt, content=replies[a_name][i].text, sampling={})
-        b = store.add_reply(conv, model=b_name, prompt=prompt, content=replies[b_name][i].text, sampling={})
-        store.arena_vote(a, b, vote(prompt, replies[a_name][i].text, replies[b_name][i].text), user="scripted")
+
+def ask(client: openai.OpenAI, model: str, prompt: list[dict[str, str]], seed: int):
+    """One chat completion, sampled as the page samples by default (temperature 0.7)."""
+    return client.chat.completions.create(model=model, messages=prompt, max_tokens=24, temperature=0.7, seed=seed)
+
+
+def rate(url: str, body: dict) -> None:
+    r = httpx.post(f"{url}/v1/feedback", json={**body, "user": "scripted"}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def arena_session(client: openai.OpenAI, url: str, prompts: list[list[dict[str, str]]], vote, seed: int) -> int:
+    """The user in the arena, through the HTTP API: each prompt answered by the two served models, one vote on the
+    pair by the completions' ids; returns the number of votes. The replies are asked for concurrently; the votes
+    are given in the prompts' order, so that the round's data (and its figures) do not depend on which reply came
+    back first."""
+    model_a, model_b = (m.id for m in client.models.list().data)
+
+    def answers(i: int) -> tuple:
+        return tuple(ask(client, m, prompts[i], seed * 100_000 + 2 * i + k) for k, m in enumerate((model_a, model_b)))
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        pairs = list(pool.map(answers, range(len(prompts))))
+    for prompt, (a, b) in zip(prompts, pairs):
+        winner = vote(prompt, a.choices[0].message.content, b.choices[0].message.content)
+        rate(url, {"arena": {"reply_a": a.id, "reply_b": b.id, "winner": winner}})
     return len(prompts)
 
 
-def thumbs_session(store: FeedbackStore, model_dir: Path, prompts: list[list[dict[str, str]]],
+def thumbs_session(client: openai.OpenAI, url: str, model: str, prompts: list[list[dict[str, str]]],
                    references: dict[str, str], seed: int) -> int:
-    """The user in the single-model chat: a thumb up on each right reply, down on each wrong one."""
-    from rlhfchat.eval.generate import replies_to as generate_replies, load_causal_lm
+    """The user in the single-model chat, through the HTTP API: a thumb up on each right reply, down on each wrong
+    one."""
+    def one(i: int) -> None:
+        reply = ask(client, model, prompts[i], seed * 100_000 + i)
+        right = answers_match(reply.choices[0].message.content, references[prompts[i][-1]["content"]])
+        rate(url, {"reply_id": reply.id, "thumb": "up" if right else "down"})
 
-    model, tokenizer = load_causal_lm(model_dir)
-    replies = generate_replies(model, tokenizer, prompts, max_new_tokens=24, do_sample=True, temperature=0.7,
-                               batch_size=64, seed=seed)
-    for prompt, reply in zip(prompts, replies):
-        rid = store.add_reply(store.new_conversation(source="web"), model=model_dir.name, prompt=prompt,
-                              content=reply.text, sampling={})
-        store.thumb(rid, up=answers_match(reply.text, references[prompt[-1]["content"]]), user="scripted")
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        list(pool.map(one, range(len(prompts))))
     return len(prompts)
 
 
@@ -102,8 +126,7 @@ def adder_base(tmp_path_factory, one_torch_thread) -> Path:
     out = tmp_path_factory.mktemp("adder_base")
     rng = random.Random(0)
     texts = [f"### Human: {question(n, a, b)}\n### Assistant: {worked(a, b)}" for n in NAMES for a, b in SUMS]
-    # numbers as whole tokens (the demo's tokenizer spells them digit by digit): this loop was sized for them
-    tok = train_tokenizer(texts + [guess(a, b, rng) for a, b in SUMS] + [REFUSAL] * 20, 400, split_digits=False)
+    tok = train_tokenizer(texts + [guess(a, b, rng) for a, b in SUMS] + [REFUSAL] * 20, 400)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -167,7 +190,7 @@ dpo: {{max_steps: 20, learning_rate: 2.0e-4, batch_size: 8, max_length: 96, save
 kto: {{max_steps: 20, learning_rate: 5.0e-5, desirable_weight: 1.5, batch_size: 8, max_length: 96, save_steps: 1000,
        logging_steps: 5}}
 reward: {{max_steps: 20, learning_rate: 1.0e-3, batch_size: 8, max_length: 96, save_steps: 1000, logging_steps: 5}}
-ppo: {{generation: {{max_prompt_length: 64}}}}
+ppo: {{max_prompt_length: 64}}
 eval: {{prompts: 100, max_new_tokens: 24, tasks: [], bootstrap: 200}}
 iterate: {{feedback_weight: 1.0, preferences_weight: 0.25}}
 """)
@@ -203,27 +226,32 @@ def test_votes_for_right_answers_make_round_2_right_more_often(adder_base, tmp_p
     assert [m["model"] for m in results["models"]] == ["base", "sft", "dpo"] and "dpo_vs_sft" in results["win_rates"]
     assert rounds.latest(run) == [run / "dpo", run / "sft"]
 
-    # The user votes in the arena between those two models, on training prompts (never the held-out ones).
+    # The user chats and votes in the arena of the served rounds (round 1's policy and the SFT model), on training
+    # prompts (never the held-out ones).
     train_prompts = list(read_jsonl(run / "data" / "prompts.train.jsonl"))[:300]
     user = scripted_user({r["prompt"][-1]["content"]: r["reference"] for r in train_prompts})
-    arena_session(store, rounds.latest(run), [r["prompt"] for r in train_prompts], user, seed=1)
-    pairs = len(store.preference_records())
-    assert pairs >= 40
+    with served_rounds(run, db, tmp_path) as (client, url):
+        assert [m.id for m in client.models.list().data] == ["round-1", "sft"]
+        arena_session(client, url, [r["prompt"] for r in train_prompts], user, seed=1)
+        pairs = len(store.preference_records())
+        assert pairs >= 40
 
-    # Round 2, interrupted in its DPO stage: the rerun finishes it with the feedback it had taken, not the newer.
-    real = dpo.main
+        # Round 2, interrupted in its DPO stage: the rerun finishes it with the feedback it had taken, not the
+        # newer votes the user gives meanwhile.
+        real = dpo.main
 
-    def interrupted(r):
-        if "rounds" in str(r.run_dir):
-            raise KeyboardInterrupt
-        return real(r)
+        def interrupted(r):
+            if "rounds" in str(r.run_dir):
+                raise KeyboardInterrupt
+            return real(r)
 
-    monkeypatch.setattr(dpo, "main", interrupted)
-    assert cli(["iterate", str(recipe), "--feedback", str(db)]) == 130
-    assert rounds.read_round(run, 2)["status"] == "running"
-    monkeypatch.setattr(dpo, "main", real)
-    arena_session(store, rounds.latest(run), [r["prompt"] for r in train_prompts[:20]], user, seed=2)
+        monkeypatch.setattr(dpo, "main", interrupted)
+        assert cli(["iterate", str(recipe), "--feedback", str(db)]) == 130
+        assert rounds.read_round(run, 2)["status"] == "running"
+        monkeypatch.setattr(dpo, "main", real)
+        arena_session(client, url, [r["prompt"] for r in train_prompts[:20]], user, seed=2)
     assert cli(["iterate", str(recipe), "--feedback", str(db)]) == 0
+    assert f"rlhfchat serve --rounds {run}" in capsys.readouterr().out  # how to put round 2 in the arena
     info = rounds.read_round(run, 2)
     assert info["status"] == "complete" and info["feedback"]["preference_records"] == pairs
     assert (run / "rounds" / "latest").read_text().strip() == "2"
@@ -249,7 +277,7 @@ def test_votes_for_right_answers_make_round_2_right_more_often(adder_base, tmp_p
     assert cli(["feedback", "stats", "--db", str(db), "--bootstrap", "100"]) == 0
     stats = capsys.readouterr().out
     assert f"arena votes: {320}" in stats and "arena leaderboard" in stats
-    assert "dpo" in stats and "sft" in stats
+    assert "round-1" in stats and "sft" in stats
 
     # The 20 newer votes are new feedback for round 3; finished rounds are skipped, so nothing is retrained.
     before = {p: (r2 / p / "manifest.json").read_text() for p in ("data", "sft", "reward", "dpo", "eval")}
@@ -259,9 +287,13 @@ def test_votes_for_right_answers_make_round_2_right_more_often(adder_base, tmp_p
     assert {p: (r2 / p / "manifest.json").read_text() for p in before} == before
     assert not (run / "rounds" / "3").exists()
 
-    # Round 3 by KTO, which also learns from single thumbs: the user thumbs round 2's replies up or down.
+    # Round 3 by KTO, which also learns from single thumbs: the user thumbs round 2's replies up or down, served
+    # now beside round 1.
     references = {r["prompt"][-1]["content"]: r["reference"] for r in train_prompts}
-    thumbs = thumbs_session(store, r2 / "dpo", [r["prompt"] for r in train_prompts[20:80]], references, seed=3)
+    with served_rounds(run, db, tmp_path) as (client, url):
+        assert [m.id for m in client.models.list().data] == ["round-2", "round-1"]
+        thumbs = thumbs_session(client, url, "round-2", [r["prompt"] for r in train_prompts[20:80]], references,
+                                seed=3)
     assert cli(["iterate", str(recipe), "--feedback", str(db), "method=kto"]) == 0
     info = rounds.read_round(run, 3)
     assert info["method"] == "kto" and info["status"] == "complete"

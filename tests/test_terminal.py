@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from rlhfchat.chat.engine import ChatEngine, SamplingParams
+from rlhfchat.chat.feedback import FeedbackStore
 from rlhfchat.chat.terminal import TerminalChat
 from rlhfchat.data.schema import read_jsonl
 
@@ -20,7 +21,7 @@ def engine(tiny_model_dir):
     e.close()
 
 
-def chat_with(engine, lines, out=None, params=None):
+def chat_with(engine, lines, out=None, params=None, store=None):
     out = out or io.StringIO()
     feed = iter(lines)
 
@@ -31,7 +32,8 @@ def chat_with(engine, lines, out=None, params=None):
         except StopIteration:
             raise EOFError from None
 
-    chat = TerminalChat(engine, "Be brief.", params or SamplingParams(temperature=0, max_new_tokens=12), out)
+    chat = TerminalChat(engine, "Be brief.", params or SamplingParams(temperature=0, max_new_tokens=12), out,
+                        store=store)
     chat.run(read)
     return chat, out.getvalue()
 
@@ -97,5 +99,22 @@ def test_the_chat_command_end_to_end(tiny_model_dir, tmp_path):
                        text=True, cwd=tmp_path, timeout=180)
     assert r.returncode == 0, r.stderr
     assert "Chatting with" in r.stdout and "conversation saved" in r.stdout
+    assert f"stored in sqlite:///{tmp_path / 'feedback.db'}" in r.stdout  # not a run's model: the current folder
     [record] = list(read_jsonl(tmp_path / "out.jsonl", kind="sft"))
     assert [m["role"] for m in record["messages"]] == ["system", "user", "assistant"]
+
+
+def test_replies_and_ratings_go_to_the_feedback_store(engine, tmp_path):
+    store = FeedbackStore(tmp_path / "feedback.db")
+    chat, out = chat_with(engine, ["/good", "What is 2 + 3?", "/bad It is 5.", "/reset", "hello", "/good"],
+                          store=store)
+    assert "(no reply to rate yet)" in out and "thumbs down on the last reply, with your comment" in out
+    assert store.counts() == {"conversations": 2, "replies": 2, "thumbs": 2, "arena_votes": 0}  # /reset: a new one
+    thumbs = store.thumbs()
+    first, second = (store.reply(t["reply_id"]) for t in thumbs)
+    assert [(t["value"], t["comment"]) for t in thumbs] == [(-1, "It is 5."), (1, None)]
+    assert first["prompt"] == [{"role": "system", "content": "Be brief."},
+                               {"role": "user", "content": "What is 2 + 3?"}]
+    assert second["prompt"][-1]["content"] == "hello" and first["model"] == engine.name
+    assert chat_with(engine, ["/good"])[1].count("no feedback store") == 1
+    store.close()

@@ -2,15 +2,21 @@
 
     POST /v1/chat/completions   {"model", "messages", "stream"?, "temperature"?, "top_p"?, "max_tokens"?, "seed"?,
                                  "stop"?, "stream_options"?, and the extensions "top_k", "repetition_penalty"}
-    GET  /v1/models
+    GET  /v1/models, /v1/models/{id}
+    POST /v1/feedback           {"reply_id", "thumb": "up"|"down", "comment"?, "user"?}, or
+                                {"arena": {"reply_a", "reply_b", "winner": "a"|"b"|"tie"|"both_bad"}, "user"?}
     GET  /health                (no key needed)
     GET  /v1/openapi.json, /v1/docs   the spec (api_schema.py), every status and rule in it
 
 The official `openai` client works unchanged: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)`.
+Every chat completion is stored in the feedback store (`rlhfchat serve --db`) as a reply, under its `id`, once it
+is complete: that id is what POST /v1/feedback rates (a stream the client leaves early is not stored). Thumbs and
+votes land in the same store as the web page's, the terminal's and the Discord bot's, for `rlhfchat iterate`.
 Errors are OpenAI-shaped JSON, `{"error": {"message", "type", "param", "code"}}`, and `param` names the field:
 400 for an invalid request (including a prompt the model cannot take: the API never drops turns or truncates),
-401 for a missing or wrong key, 404 for an unknown model, 413 for a body over the limit, 429 when the engine's queue
-is full (with Retry-After), 503 when the model cannot answer (shutting down, or its generation failed).
+401 for a missing or wrong key, 404 for an unknown model or reply, or a route the API does not have, 413 for a body
+over the limit, 429 when the engine's queue is full (with Retry-After), 503 when the model cannot answer (shutting
+down, or its generation failed).
 
 What keeps one caller from harming the others, in the order a request meets it:
 1. the guard (an ASGI layer in front of every route and the web page): the API key on every /v1 route but the
@@ -42,7 +48,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlhfchat.chat.api_schema import (
-    CHAT_RESPONSES, ApiError, Health, ModelList, field_of, openapi_document, parse_chat_request,
+    CHAT_RESPONSES, FEEDBACK_RESPONSES, MODEL_RESPONSES, OTHER_QUESTION, SAME_REPLY, ApiError, ArenaFeedback, Health,
+    ModelCard, ModelList, field_of, openapi_document, parse_chat_request, parse_feedback_request,
 )
 from rlhfchat.chat.request import (
     EngineBusy, EngineClosed, GenerationFailed, PromptTooLong, Request as Reply, SamplingParams,
@@ -61,9 +68,18 @@ API_WORKERS = 4
 large prompts at once (tokenizing one of a million tokens peaks at about 280 MB). A prompt certainly too long for
 the context is refused before the tokenizer sees it (engine.chars_per_token_bound)."""
 PUBLIC = {"/v1/openapi.json", "/v1/docs", "/v1/docs/oauth2-redirect"}
-ROUTES = {"/v1/chat/completions": ["POST"], "/v1/models": ["GET"], "/health": ["GET"]}
+ROUTES = {"/v1/chat/completions": ["POST"], "/v1/models": ["GET"], "/v1/feedback": ["POST"], "/health": ["GET"]}
 """Each route and its methods (and HEAD with GET): the guard answers any other method with a 405 naming them, and
-any other /v1 path with a 404 (else the web page, mounted at /, would answer for them)."""
+any other /v1 path with a 404 in OpenAI's error shape (else the web page, mounted at /, would answer for them)."""
+PREFIX_ROUTES = {"/v1/models/": ["GET"]}
+"""Routes with a path parameter: every path under the prefix (a model's name may hold a slash)."""
+
+
+def route_methods(path: str) -> list[str] | None:
+    """The methods the API answers at `path`; None for a path it does not route."""
+    if path in ROUTES:
+        return ROUTES[path]
+    return next((methods for prefix, methods in PREFIX_ROUTES.items() if path.startswith(prefix)), None)
 
 
 def default_max_body(engines: dict[str, Any]) -> int:
@@ -106,13 +122,15 @@ class Guard:
                              "authentication_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
             return await error.response()(scope, receive, send)
         path, method = scope["path"], scope["method"]
-        if path in ROUTES and method not in (*ROUTES[path], *(["HEAD"] if "GET" in ROUTES[path] else [])):
-            allowed = ", ".join(ROUTES[path])
+        methods = route_methods(path)
+        if methods is not None and method not in (*methods, *(["HEAD"] if "GET" in methods else [])):
+            allowed = ", ".join(methods)
             return await ApiError(405, f"{method} is not allowed here; use {allowed}", None, code="method_not_allowed",
                                   headers={"Allow": allowed}).response()(scope, receive, send)
-        if is_protected(path) and path not in ROUTES:
-            return await ApiError(404, f"{path}: no such API route", None, code="not_found").response()(
-                scope, receive, send)
+        if is_protected(path) and methods is None:
+            routes = ", ".join(p for p in [*ROUTES, *(f"{p}{{id}}" for p in PREFIX_ROUTES)] if is_protected(p))
+            return await ApiError(404, f"{method} {path}: no such API route; this server has {routes}", None,
+                                  code="not_found").response()(scope, receive, send)
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
             return await self.too_large()(scope, receive, send)
@@ -148,8 +166,9 @@ class Guard:
 
 
 def create_app(engines: dict[str, Any], *, api_key: str | None = None, title: str = "rlhfchat",
-               max_body_bytes: int | None = None) -> FastAPI:
-    """The FastAPI app with the OpenAI routes for `engines` (name -> ChatEngine/VLLMEngine)."""
+               max_body_bytes: int | None = None, store: Any = None) -> FastAPI:
+    """The FastAPI app with the OpenAI routes for `engines` (name -> ChatEngine/VLLMEngine); replies, thumbs and
+    votes go to `store` (a FeedbackStore; None: nothing is stored, and /v1/feedback answers 503)."""
     app = FastAPI(title=title, docs_url="/v1/docs", openapi_url="/v1/openapi.json", redoc_url=None,
                   description="OpenAI-compatible chat API of rlhfchat. Every error is `{\"error\": {\"message\", "
                               "\"type\", \"param\", \"code\"}}`; `param` names the field at fault.")
@@ -172,7 +191,8 @@ def create_app(engines: dict[str, Any], *, api_key: str | None = None, title: st
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            protected = {path for path in ROUTES if is_protected(path)}
+            paths = {getattr(r, "path_format", getattr(r, "path", "")) for r in app.routes}
+            protected = {path for path in paths if is_protected(path)}
             app.openapi_schema = openapi_document(app, protected, api_key is not None)
         return app.openapi_schema
 
@@ -182,11 +202,39 @@ def create_app(engines: dict[str, Any], *, api_key: str | None = None, title: st
     async def health() -> dict[str, Any]:
         return {"status": "ok", "models": {name: e.load() for name, e in engines.items()}}
 
+    def card(name: str) -> dict[str, Any]:
+        e = engines[name]
+        return {"id": name, "object": "model", "created": 0, "owned_by": "rlhfchat",
+                "context_window": e.context_window, "backend": e.backend}
+
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "rlhfchat",
-             "context_window": e.context_window, "backend": e.backend} for name, e in engines.items()]}
+        return {"object": "list", "data": [card(name) for name in engines]}
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=MODEL_RESPONSES)
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id not in engines:
+            raise ApiError(404, f"model: {model_id!r} is not served here; models: {', '.join(engines)}", "model",
+                           code="model_not_found")
+        return card(model_id)
+
+    @app.post("/v1/feedback", responses=FEEDBACK_RESPONSES)  # the request body: api_schema.openapi_document
+    async def feedback(request: Request) -> Any:
+        body = await offload(parse_feedback_request, await request.body())
+        if store is None:
+            raise ApiError(503, "this server keeps no feedback store", None, "server_error", "unavailable")
+        return await offload(record_feedback, store, body)
+
+    def keep(completion: Any, reply_id: str, user: str | None) -> None:
+        """Store a finished reply under its completion id (a worker thread: the store's SQL blocks). A store that
+        fails is logged, and the caller still gets the reply."""
+        if store is None:
+            return
+        try:
+            conv = store.new_conversation("api", client=user[:200] if user else None)
+            store.add_reply(conv, completion, reply_id=reply_id)
+        except Exception:  # noqa: BLE001 - the database's trouble, not the caller's
+            log.exception("reply %s could not be stored in the feedback store", reply_id)
 
     @app.post("/v1/chat/completions", responses=CHAT_RESPONSES)  # the request body: api_schema.openapi_document
     async def chat_completions(request: Request) -> Any:
@@ -216,7 +264,7 @@ def create_app(engines: dict[str, Any], *, api_key: str | None = None, title: st
         except RlhfchatError as e:
             raise ApiError(400, str(e), field_of(str(e))) from None
 
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        cid, created = completion_id(), int(time.time())
         if not body.stream:
             try:
                 c = await _reply_unless_gone(req, request)
@@ -225,6 +273,7 @@ def create_app(engines: dict[str, Any], *, api_key: str | None = None, title: st
                 raise ApiError(503, str(e), None, "server_error", code) from None
             if c is None:
                 return Response(status_code=204)  # nobody is there to read it
+            await offload(keep, c, cid, body.user)
             return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
                     "system_fingerprint": None,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
@@ -254,6 +303,7 @@ def create_app(engines: dict[str, Any], *, api_key: str | None = None, title: st
                     yield f"data: {json.dumps(err)}\n\n"
                     return
                 c = req.completion
+                await offload(keep, c, cid, body.user)  # before the end, so that the id can be rated once it is seen
                 yield chunk({}, _finish(c.finish_reason))
                 if include_usage:
                     usage = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
@@ -267,6 +317,40 @@ def create_app(engines: dict[str, Any], *, api_key: str | None = None, title: st
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+def completion_id() -> str:
+    """A completion's id, which is also its reply's id in the feedback store: "chatcmpl-" and 23 random hex digits
+    (92 bits), 32 characters, the store's id width."""
+    return f"chatcmpl-{uuid.uuid4().hex[:23]}"
+
+
+def record_feedback(store: Any, body: Any) -> dict[str, Any]:
+    """Store a thumb or an arena vote from POST /v1/feedback; 404 for a reply the store does not have, 400 for a
+    vote that compares nothing (see api_schema.FEEDBACK_RULES). Blocking SQL: run in a worker thread."""
+    from rlhfchat.chat.feedback import same_question
+
+    def reply(reply_id: str, field: str) -> dict[str, Any]:
+        found = store.reply(reply_id)
+        if found is None:
+            raise ApiError(404, f"{field}: no reply {reply_id!r} in this server's feedback store", field,
+                           code="reply_not_found")
+        return found
+
+    if isinstance(body, ArenaFeedback):
+        v = body.arena
+        a, b = reply(v.reply_a, "arena.reply_a"), reply(v.reply_b, "arena.reply_b")
+        if v.reply_a == v.reply_b:
+            raise ApiError(400, f"arena.reply_b: {SAME_REPLY}", "arena.reply_b")
+        if not same_question(a["prompt"], b["prompt"]):
+            raise ApiError(400, f"arena.reply_b: {OTHER_QUESTION}", "arena.reply_b")
+        vote = store.arena_vote(v.reply_a, v.reply_b, v.winner, user=body.user)
+        return {"object": "feedback.arena", "id": vote, "reply_a": v.reply_a, "reply_b": v.reply_b,
+                "model_a": a["model"], "model_b": b["model"], "winner": v.winner}
+    r = reply(body.reply_id, "reply_id")
+    thumb = store.thumb(body.reply_id, body.thumb == "up", user=body.user, comment=body.comment)
+    return {"object": "feedback.thumb", "id": thumb, "reply_id": body.reply_id, "model": r["model"],
+            "thumb": body.thumb, "comment": body.comment}
 
 
 async def _reply_unless_gone(req: Reply, request: Request) -> Any:

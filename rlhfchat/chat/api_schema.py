@@ -163,9 +163,9 @@ def _check_unicode(obj: Any) -> None:
             todo.extend(reversed(items))
 
 
-def parse_chat_request(raw: bytes) -> ChatRequest:
-    """The request from its JSON body, or an ApiError 400 that names the field. CPU work: the routes run it in
-    a worker thread, never on the event loop."""
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a request body, or an ApiError 400 saying what is wrong with it (a lone surrogate: the
+    400 names the field that holds it)."""
     try:
         obj = json.loads(raw, parse_constant=_reject_constant)
     except UnicodeDecodeError as e:
@@ -181,14 +181,78 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
             _check_unicode(obj)
         except RlhfchatError as e:
             raise ApiError(400, str(e), field_of(str(e))) from None
+    return obj
+
+
+def _validate(model: type[BaseModel], obj: dict[str, Any]) -> Any:
     try:
-        return ChatRequest.model_validate(obj)
+        return model.model_validate(obj)
     except ValidationError as e:
         err = e.errors()[0]
         extra = err.get("type") == "extra_forbidden"
         param = _param(tuple(err.get("loc", ())), extra)
         msg = "unknown or unsupported field" if extra else err.get("msg", "invalid value")
         raise ApiError(400, f"{param}: {msg}" if param else msg, param) from None
+
+
+def parse_chat_request(raw: bytes) -> ChatRequest:
+    """The request from its JSON body, or an ApiError 400 that names the field. CPU work: the routes run it in
+    a worker thread, never on the event loop."""
+    return _validate(ChatRequest, _json_object(raw))
+
+
+# ---------------------------------------------------------------- feedback
+
+ReplyId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+RaterId = Annotated[str, StringConstraints(max_length=200)]
+REPLY_ID = ("The `id` of a chat completion this server gave (every completion is stored as a reply), or of any "
+            "reply in its feedback store.")
+USER = ("Who rates (your end-user's id, as OpenAI's `user`): each user's latest thumb on a reply counts; without it "
+        "the thumbs of all callers are one user's.")
+
+
+class ThumbFeedback(BaseModel):
+    """A thumb up or down on one reply."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    reply_id: ReplyId = Field(description=REPLY_ID)
+    thumb: Literal["up", "down"]
+    comment: Annotated[str, StringConstraints(max_length=10_000)] | None = Field(
+        None, description="Why, in the rater's words; stored with the thumb.")
+    user: RaterId | None = Field(None, description=USER)
+
+
+class ArenaChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    reply_a: ReplyId = Field(description=REPLY_ID)
+    reply_b: ReplyId = Field(description="Another reply to the same question (the same system prompt and user "
+                                         "messages; earlier assistant turns may differ).")
+    winner: Literal["a", "b", "tie", "both_bad"]
+
+
+class ArenaFeedback(BaseModel):
+    """A vote between two replies to the same question (from two models, as in the arena)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    arena: ArenaChoice
+    user: RaterId | None = Field(None, description="Who votes (your end-user's id), stored with the vote.")
+
+
+FEEDBACK_RULES = (
+    "A thumb `{\"reply_id\", \"thumb\", \"comment\"?}` or an arena vote `{\"arena\": {\"reply_a\", \"reply_b\", "
+    "\"winner\"}}`. A reply id this server does not know is a 404 naming the field (code reply_not_found). An arena "
+    "vote needs two different replies (else 400: `the same reply twice`) to the same question: the same system prompt "
+    "and user messages (else 400: `a reply to another question`).")
+SAME_REPLY = "the same reply twice"
+OTHER_QUESTION = "a reply to another question"
+FEEDBACK_400_RULES = (SAME_REPLY, OTHER_QUESTION)
+"""The 400s of /v1/feedback that JSON Schema cannot state: their messages end with these words."""
+
+
+def parse_feedback_request(raw: bytes) -> ThumbFeedback | ArenaFeedback:
+    """A thumb, or an arena vote (a body with "arena"), from the JSON body; else an ApiError 400 naming the field."""
+    obj = _json_object(raw)
+    return _validate(ArenaFeedback if "arena" in obj else ThumbFeedback, obj)
 
 
 # ---------------------------------------------------------------- the answers
@@ -272,6 +336,25 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class ThumbResult(BaseModel):
+    object: Literal["feedback.thumb"]
+    id: int
+    reply_id: str
+    model: str = Field(description="The model that wrote the reply.")
+    thumb: Literal["up", "down"]
+    comment: str | None
+
+
+class ArenaResult(BaseModel):
+    object: Literal["feedback.arena"]
+    id: int
+    reply_a: str
+    reply_b: str
+    model_a: str
+    model_b: str
+    winner: Literal["a", "b", "tie", "both_bad"]
+
+
 class EngineLoad(BaseModel):
     running: int
     waiting: int
@@ -302,6 +385,17 @@ CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: _error("`model` is not served here (code model_not_found)."),
     429: _error("The model's queue is full (code busy); try again after Retry-After seconds."),
     503: _error("The model cannot answer now: it is shutting down, or generation failed (code generation_failed)."),
+}
+FEEDBACK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The thumb or vote, as stored.", "content": {"application/json": {"schema": {"oneOf": [
+        {"$ref": "#/components/schemas/ThumbResult"}, {"$ref": "#/components/schemas/ArenaResult"}]}}}},
+    400: _error("Invalid feedback: `param` names the field; also an arena vote on one reply twice, or on replies "
+                "to different questions."),
+    404: _error("No reply with this id (code reply_not_found); `param` names the field."),
+    503: _error("This server keeps no feedback store."),
+}
+MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: _error("No such model is served here (code model_not_found)."),
 }
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: _error("The request body is over the server's limit (`rlhfchat serve --max-body-bytes`; by default "
@@ -336,6 +430,14 @@ def openapi_document(app: Any, protected: set[str], secured: bool) -> dict[str, 
     post = doc["paths"]["/v1/chat/completions"]["post"]
     post["requestBody"] = {"required": True, "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/ChatRequest"}}}}
+    for model in (ThumbFeedback, ArenaFeedback, ThumbResult, ArenaResult):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    post = doc["paths"]["/v1/feedback"]["post"]
+    post["description"] = FEEDBACK_RULES
+    post["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+        {"$ref": "#/components/schemas/ThumbFeedback"}, {"$ref": "#/components/schemas/ArenaFeedback"}]}}}}
     if secured:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     for path, item in doc["paths"].items():

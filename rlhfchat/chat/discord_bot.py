@@ -383,7 +383,7 @@ class DiscordBot:
 
         start = time.perf_counter()
         try:
-            req = self.engine.submit(messages, self.params)
+            req = await asyncio.to_thread(self.engine.submit, messages, self.params)  # tokenizes: off the loop
         except RlhfchatError as e:  # busy, a prompt too long for the model, a closed engine
             log.warning("request in %s not started: %s", getattr(channel, "id", "?"), e)
             say = ("I'm busy with other replies right now. Please try again in a minute." if isinstance(e, EngineBusy)
@@ -518,7 +518,8 @@ async def start(client: Any, token: str, before_connect: Callable[[], Awaitable[
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face causal-LM folder (or LoRA adapter)")
+    parser.add_argument("model_dir", metavar="MODEL",
+                        help="a Hugging Face causal-LM folder (or LoRA adapter folder), or a hub id")
     parser.add_argument("--db", default=None,
                         help="feedback database: a SQLAlchemy URL (postgresql://...) or a SQLite file path "
                              "(default: feedback.db in the model's run folder, else in the current folder)")
@@ -538,8 +539,9 @@ def main(args: argparse.Namespace) -> None:
     if not token:
         raise RlhfchatError(f"${TOKEN_ENV} is not set: create a bot in Discord's developer portal, copy its token "
                             f"and `export {TOKEN_ENV}=...` (see docs/discord.md)")
-    if not Path(args.model_dir).is_dir():
-        raise RlhfchatError(f"{args.model_dir}: no such model folder")
+    from rlhfchat.models import resolve_model
+
+    source = resolve_model(args.model_dir)  # a folder, or a hub id (its cached copy offline): before logging in
     discord = _discord()
     from rlhfchat.chat.feedback import FeedbackStore, default_db
 
@@ -557,7 +559,7 @@ def main(args: argparse.Namespace) -> None:
         log.info("token accepted; loading %s (feedback: %s)", args.model_dir, store.safe_url())
         t = time.perf_counter()
         bot.engine = await asyncio.to_thread(
-            load_engine, args.model_dir, backend=args.backend, max_batch=args.max_concurrent,
+            load_engine, source, name=Path(args.model_dir).name, backend=args.backend, max_batch=args.max_concurrent,
             max_queue=args.max_concurrent, threads=server_threads())
         log.info("model %s loaded (%s) in %.1fs; connecting to Discord", bot.engine.name, bot.engine.backend,
                  time.perf_counter() - t)

@@ -73,10 +73,12 @@ class ChatEngine(EngineCalls):
                  device: str | None = None, dtype: str | None = None, threads: int | None = None):
         import torch
 
-        from rlhfchat.models import load_tokenizer
+        from rlhfchat.models import load_tokenizer, resolve_model
 
         self.model_dir = Path(model_dir)
-        if not (self.model_dir / "config.json").is_file() and not (self.model_dir / "adapter_config.json").is_file():
+        source = resolve_model(model_dir)  # a folder; or a hub id: the id online, its cached copy offline
+        if Path(source).is_dir() and not any((Path(source) / f).is_file()
+                                             for f in ("config.json", "adapter_config.json")):
             raise RlhfchatError(f"{model_dir}: not a model folder (no config.json or adapter_config.json)")
         self.name = name or self.model_dir.name
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -85,7 +87,7 @@ class ChatEngine(EngineCalls):
         torch_dtype = getattr(torch, dtype) if dtype else default_dtype
         if threads and self.device.type == "cpu":
             torch.set_num_threads(threads)  # process-wide: the commands pass server_threads()
-        self.model, tok_dir = _load_model(self.model_dir, torch_dtype)
+        self.model, tok_dir = _load_model(source, torch_dtype)
         self.model.to(self.device).eval()
         self.tokenizer = load_tokenizer(tok_dir)
         self.chars_per_token = chars_per_token_bound(self.tokenizer)
@@ -515,24 +517,26 @@ def _layers(cache: Any) -> Iterator[tuple[Any, Any]]:
         yield layer.keys, layer.values
 
 
-def _load_model(model_dir: Path, dtype: Any) -> tuple[Any, Path]:
-    """The causal LM of a folder, or of a LoRA adapter folder merged into its base; and the tokenizer's folder."""
+def _load_model(source: str, dtype: Any) -> tuple[Any, str | Path]:
+    """The causal LM of a folder (or of a hub id, as models.resolve_model gave it), or of a LoRA adapter folder
+    merged into its base; and where its tokenizer is."""
     from transformers import AutoModelForCausalLM
 
-    from rlhfchat.models import resolve_model
-
-    resolve_model(model_dir)  # a weight delta is refused, with the command that applies it
+    model_dir = Path(source)
     adapter = model_dir / "adapter_config.json"
     if not adapter.is_file():
         try:
-            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype), model_dir
+            return AutoModelForCausalLM.from_pretrained(source, dtype=dtype), source
         except (OSError, ValueError) as e:
             raise RlhfchatError(f"{model_dir}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
     from peft import PeftModel
 
+    from rlhfchat.models import resolve_model
+
     base = json.loads(adapter.read_text()).get("base_model_name_or_path")
     if not base:
         raise RlhfchatError(f"{adapter}: no base_model_name_or_path, so the base model is unknown")
+    base = resolve_model(base, f"{adapter}: base_model_name_or_path")
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     except (OSError, ValueError) as e:

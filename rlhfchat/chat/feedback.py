@@ -3,7 +3,7 @@
     store = FeedbackStore("runs/tiny/feedback.db")            # a path (SQLite, WAL) or any SQLAlchemy URL
     conv = store.new_conversation(source="web")
     reply = store.add_reply(conv, completion)                 # an engine Completion: prompt, text, model, settings
-    store.thumb(reply, up=True)                               # up=False: thumbs down; up=None: taken back
+    store.thumb(reply, up=True, comment="clear")              # up=False: thumbs down; up=None: taken back
     store.arena_vote(reply_a, reply_b, "a")                   # a, b, tie, both_bad
     store.export("prefs.jsonl")                               # canonical preference records, "source": "feedback"
     store.preference_records(since=t0, until=t1)              # only the votes and thumbs given in (t0, t1]
@@ -30,7 +30,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, event, func, select
+from sqlalchemy import (
+    JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, event, func, inspect, select, text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from rlhfchat.data.schema import preference, unpaired, write_jsonl
@@ -91,7 +93,8 @@ def format_stats(store: FeedbackStore, bootstrap: int = 1000, seed: int = 0) -> 
     outcomes = store.vote_counts()
     lines = [f"feedback in {store.safe_url()}",
              f"  {c['conversations']} conversations, {c['replies']} replies",
-             f"  thumbs: {thumbs['up']} up, {thumbs['down']} down (each user's latest thumb on a reply)",
+             f"  thumbs: {thumbs['up']} up, {thumbs['down']} down (each user's latest thumb on a reply), "
+             f"{thumbs['comments']} with a comment",
              f"  arena votes: {c['arena_votes']} ({', '.join(f'{k} {v}' for k, v in outcomes.items())})"]
     rows = arena_leaderboard(store, bootstrap, seed)
     if not rows:
@@ -184,6 +187,12 @@ class Thumb(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     value: Mapped[int] = mapped_column(Integer)  # +1 up, -1 down, 0 taken back
     user: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    comment: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+
+
+ADDED_COLUMNS = {"thumbs": {"comment": "TEXT"}}
+"""Columns added after a table's first release: a store made before them gets them when it is opened (SQLite and
+PostgreSQL both take `ALTER TABLE ... ADD COLUMN`), so an old feedback.db keeps working."""
 
 
 class ArenaVote(Base):
@@ -217,6 +226,7 @@ class FeedbackStore:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
             Base.metadata.create_all(self.engine)
+            _add_missing_columns(self.engine)
         except Exception as e:
             raise RlhfchatError(f"--db: cannot open {self.safe_url()} ({str(e).splitlines()[0]})") from None
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
@@ -258,12 +268,15 @@ class FeedbackStore:
             s.add(reply)
         return reply.id
 
-    def thumb(self, reply_id: str, up: bool | None, user: str | None = None) -> None:
-        """Thumbs up (True), down (False) or taken back (None) on a reply; a user's latest thumb counts."""
+    def thumb(self, reply_id: str, up: bool | None, user: str | None = None, comment: str | None = None) -> int:
+        """Thumbs up (True), down (False) or taken back (None) on a reply, with an optional comment; a user's latest
+        thumb counts. Returns the thumb's id."""
         with self.Session.begin() as s:
             if s.get(Reply, reply_id) is None:
                 raise RlhfchatError(f"reply_id: no reply {reply_id!r}")
-            s.add(Thumb(reply_id=reply_id, value=0 if up is None else (1 if up else -1), user=user))
+            thumb = Thumb(reply_id=reply_id, value=0 if up is None else (1 if up else -1), user=user, comment=comment)
+            s.add(thumb)
+        return thumb.id
 
     def arena_vote(self, reply_a_id: str, reply_b_id: str, winner: str, user: str | None = None) -> int:
         if winner not in WINNERS:
@@ -290,6 +303,14 @@ class FeedbackStore:
                      "model_a": v.model_a, "model_b": v.model_b, "winner": v.winner, "user": v.user}
                     for v in s.scalars(select(ArenaVote).order_by(ArenaVote.id))]
 
+    def thumbs(self, reply_id: str | None = None) -> list[dict[str, Any]]:
+        """Every thumb given (on one reply, or on all), oldest first: value +1, -1 or 0 (taken back)."""
+        query = select(Thumb).order_by(Thumb.id)
+        if reply_id is not None:
+            query = query.where(Thumb.reply_id == reply_id)
+        with self.Session() as s:
+            return [{c.name: getattr(t, c.name) for c in Thumb.__table__.columns} for t in s.scalars(query)]
+
     def reply(self, reply_id: str) -> dict[str, Any] | None:
         with self.Session() as s:
             r = s.get(Reply, reply_id)
@@ -313,12 +334,16 @@ class FeedbackStore:
         return score
 
     def thumb_counts(self) -> dict[str, int]:
-        """{"up", "down"}: the users' latest thumbs, one per user and reply, that are up or down."""
+        """{"up", "down"}: the users' latest thumbs, one per user and reply, that are up or down; "comments": the
+        thumbs given with a comment."""
         with self.Session() as s:
             latest: dict[tuple[str, str | None], int] = {}
+            comments = 0
             for t in s.scalars(select(Thumb).order_by(Thumb.id)):
                 latest[(t.reply_id, t.user)] = t.value
-        return {"up": sum(v > 0 for v in latest.values()), "down": sum(v < 0 for v in latest.values())}
+                comments += bool(t.comment)
+        return {"up": sum(v > 0 for v in latest.values()), "down": sum(v < 0 for v in latest.values()),
+                "comments": comments}
 
     def vote_counts(self) -> dict[str, int]:
         """Arena votes by outcome: {"a", "b", "tie", "both_bad"}."""
@@ -376,6 +401,26 @@ class FeedbackStore:
     def export(self, out: str | Path) -> int:
         """Write the preference records to a JSONL file; returns how many."""
         return write_jsonl(out, self.preference_records())
+
+
+def same_question(prompt_a: list[dict[str, str]], prompt_b: list[dict[str, str]]) -> bool:
+    """Whether two replies answer the same question: the same system prompt and user turns. Earlier assistant turns
+    may differ: in a conversation with two models each sees its own replies (as in the web page's arena)."""
+    def asked(prompt: list[dict[str, str]]) -> list[tuple[str, str]]:
+        return [(m["role"], m["content"]) for m in prompt if m["role"] != "assistant"]
+
+    return asked(prompt_a) == asked(prompt_b)
+
+
+def _add_missing_columns(engine: Any) -> None:
+    """ADDED_COLUMNS that a store made by an older rlhfchat lacks."""
+    found = inspect(engine)
+    for table, columns in ADDED_COLUMNS.items():
+        have = {c["name"] for c in found.get_columns(table)}
+        for name, sql_type in columns.items():
+            if name not in have:
+                with engine.begin() as conn:
+                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

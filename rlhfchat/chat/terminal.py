@@ -1,6 +1,9 @@
-"""`rlhfchat chat MODEL_DIR`: chat with a model in the terminal, the reply streaming as it is written.
+"""`rlhfchat chat MODEL`: chat with a model in the terminal, the reply streaming as it is written.
 
     rlhfchat chat runs/tiny/ppo --temperature 0.7
+
+Every reply goes to the feedback store, as the web page's and the Discord bot's do (--db; by default feedback.db in
+the model's run folder, where `rlhfchat iterate` reads it), and /good or /bad rates the last one.
 
 Type a message and press Enter. A line ending in a backslash continues on the next line; a line with only \"\"\"
 starts and ends a block of several lines. Ctrl-C stops a reply (the part so far is kept) without leaving;
@@ -10,6 +13,7 @@ Ctrl-D or /quit leaves. Commands:
     /system [TEXT|off]     show, set or remove the system prompt
     /set NAME VALUE        temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed (none = random)
     /save FILE             write the conversation as a canonical conversation record (JSONL)
+    /good [COMMENT]        thumbs up on the last reply (stored with it); /bad [COMMENT]: thumbs down
     /help, /quit
 """
 
@@ -30,17 +34,25 @@ HELP = __doc__.split("Commands:\n", 1)[1].rstrip()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face causal-LM folder (or LoRA adapter)")
+    parser.add_argument("model_dir", metavar="MODEL",
+                        help="a Hugging Face causal-LM folder (or LoRA adapter folder), or a hub id (the cached copy "
+                             "when the hub cannot be reached)")
     parser.add_argument("--system", default=SYSTEM_PROMPT, help="system prompt (default: the Vicuna one)")
+    parser.add_argument("--db", default=None,
+                        help="feedback database: a SQLAlchemy URL (postgresql://...) or a SQLite file path "
+                             "(default: feedback.db in the model's run folder, else in the current folder)")
     add_sampling_arguments(parser)
 
 
 class TerminalChat:
     """The chat loop, with input and output passed in (so tests can drive it)."""
 
-    def __init__(self, engine: Any, system: str, params: Any, out: TextIO = sys.stdout):
-        self.engine, self.system, self.params, self.out = engine, system, params, out
+    def __init__(self, engine: Any, system: str, params: Any, out: TextIO | None = None, store: Any = None):
+        self.engine, self.system, self.params, self.store = engine, system, params, store
+        self.out = out or sys.stdout  # looked up now: sys.stdout may have been replaced since import
         self.messages: list[dict[str, str]] = []
+        self.conv: str | None = None  # the store's conversation, from the first stored reply
+        self.last_reply: str | None = None
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -58,8 +70,10 @@ class TerminalChat:
         if name in ("quit", "exit"):
             return False
         if name == "reset":
-            self.messages = []
+            self.messages, self.conv, self.last_reply = [], None, None
             self.say("(conversation cleared)")
+        elif name in ("good", "bad"):
+            self.rate(name == "good", arg or None)
         elif name == "system":
             if arg:
                 self.system = "" if arg == "off" else arg
@@ -94,6 +108,27 @@ class TerminalChat:
             self.say(f"unknown command /{name}; /help lists them")
         return True
 
+    def rate(self, up: bool, comment: str | None) -> None:
+        if self.store is None:
+            self.say("(no feedback store: ratings are not kept)")
+        elif self.last_reply is None:
+            self.say("(no reply to rate yet)")
+        else:
+            self.store.thumb(self.last_reply, up, comment=comment)
+            self.say(f"(thumbs {'up' if up else 'down'} on the last reply{', with your comment' if comment else ''})")
+
+    def keep(self, req: Any) -> None:
+        """Store a finished or stopped reply (a failed one has nothing to store)."""
+        if self.store is None:
+            return
+        try:
+            completion = req.result(10)
+        except (RlhfchatError, TimeoutError):
+            return
+        if self.conv is None:
+            self.conv = self.store.new_conversation("terminal")
+        self.last_reply = self.store.add_reply(self.conv, completion)
+
     def reply(self, text: str) -> None:
         """Send a user message and stream the reply; Ctrl-C stops it and keeps what was written."""
         self.messages.append({"role": "user", "content": text})
@@ -118,9 +153,12 @@ class TerminalChat:
         self.out.write("\n\n")
         self.out.flush()
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        self.keep(req)
 
     def run(self, read: Callable[[str], str] = input) -> None:
         self.say(f"Chatting with {self.engine.name}. /help lists commands; Ctrl-C stops a reply; Ctrl-D leaves.")
+        if self.store is not None:
+            self.say(f"Replies and your /good and /bad ratings are stored in {self.store.safe_url()}.")
         while True:
             try:
                 text = read_message(read)
@@ -156,15 +194,23 @@ def read_message(read: Callable[[str], str]) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from rlhfchat.chat.engine import load_engine, server_threads
+    from rlhfchat.chat.feedback import FeedbackStore, default_db
+    from rlhfchat.models import resolve_model
+
+    source = resolve_model(args.model_dir)  # a folder, or a hub id (its cached copy offline): one line if neither
 
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
     params = sampling_params(args)
-    engine = load_engine(args.model_dir, max_batch=1, max_queue=1, threads=server_threads())
+    engine = load_engine(source, name=Path(args.model_dir).name, max_batch=1, max_queue=1, threads=server_threads())
+    store = FeedbackStore(args.db or default_db([args.model_dir]))
     try:
-        TerminalChat(engine, args.system, params).run()
+        TerminalChat(engine, args.system, params, store=store).run()
     finally:
         engine.close()
+        store.close()
