@@ -190,7 +190,7 @@ dpo: {{max_steps: 20, learning_rate: 2.0e-4, batch_size: 8, max_length: 96, save
 kto: {{max_steps: 20, learning_rate: 5.0e-5, desirable_weight: 1.5, batch_size: 8, max_length: 96, save_steps: 1000,
        logging_steps: 5}}
 reward: {{max_steps: 20, learning_rate: 1.0e-3, batch_size: 8, max_length: 96, save_steps: 1000, logging_steps: 5}}
-ppo: {{max_prompt_length: 64}}
+ppo: {{generation: {{max_prompt_length: 64}}}}
 eval: {{prompts: 100, max_new_tokens: 24, tasks: [], bootstrap: 200}}
 iterate: {{feedback_weight: 1.0, preferences_weight: 0.25}}
 """)
