@@ -51,7 +51,7 @@ def test_pipeline_writes_the_contract_and_skips_when_rerun(tmp_path, monkeypatch
     assert "ppo_vs_sft" in results["win_rates"]
     assert list((out / "eval").glob("*.png"))
     printed = capsys.readouterr().out
-    assert f"serve {out / 'ppo'}" in printed and "report.md" in printed
+    assert f"serve --rounds {out}" in printed and "report.md" in printed
 
     # A second run skips every stage: no manifest is rewritten.
     before = {s: (out / s / "manifest.json").read_text() for s in ("data", "sft", "reward", "ppo", "eval")}
