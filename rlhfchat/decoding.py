@@ -20,28 +20,27 @@ chat engine alike.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
+from rlhfchat.config import GenerationConfig
 from rlhfchat.data.chat_format import STOP_SEQUENCES, Prompt
 from rlhfchat.errors import RlhfchatError
 
 
 @dataclass
-class GenerationSettings:
-    """How replies are drawn (one setting for every row of a batch; the chat engine's requests carry their own)."""
+class GenerationSettings(GenerationConfig):
+    """How replies are drawn: the recipe's generation fields (config.GenerationConfig: max_new_tokens, min_new_tokens,
+    top_k, top_p, temperature, stop_sequences, max_prompt_length) and what the code sets at run time. One setting for
+    every row of a batch; the chat engine's requests carry their own."""
 
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
-    top_k: int = 0
-    top_p: float = 1.0
-    temperature: float = 1.0
-    do_sample: bool = True
     stop_sequences: list[str] = field(default_factory=list)
-    """Texts that end a reply (cut there; an EOS takes their place)."""
+    """Texts that end a reply (cut there; an EOS takes their place). None by default here, unlike a recipe's."""
+    do_sample: bool = True
     stop_token_ids: list[int] = field(default_factory=list)
     """End-of-turn tokens besides EOS (ChatML's <|im_end|>): a reply ends at one, which it keeps."""
     share_prefix: bool = True  # the prompt tokens every row shares are prefilled once (trunk.split_shared_prefix)
@@ -49,17 +48,13 @@ class GenerationSettings:
     @classmethod
     def from_ppo(cls, cfg: Any, tokenizer: Any = None) -> "GenerationSettings":
         gen = cfg.generation
-        settings = cls(max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens, top_k=gen.top_k,
-                       top_p=gen.top_p, temperature=gen.temperature, stop_sequences=list(gen.stop_sequences),
-                       share_prefix=cfg.share_prompt_prefix)
+        settings = cls(**dataclasses.asdict(gen), share_prefix=cfg.share_prompt_prefix)
         # a recipe's `stop_sequences: []` asks for no stop texts at all (the fixed-length benchmark does)
         return settings.for_template(tokenizer, texts=bool(gen.stop_sequences)) if tokenizer is not None else settings
 
     def for_template(self, tokenizer: Any, texts: bool = True) -> "GenerationSettings":
         """These settings with the chat template's end-of-turn tokens added to the stops, and with `texts` its stop
         texts too (data/chat_format.template_stops: EOS, <|im_end|>, Vicuna's "### Human:")."""
-        from dataclasses import replace
-
         from rlhfchat.data.chat_format import template_stops
 
         try:
@@ -69,7 +64,7 @@ class GenerationSettings:
         eos = tokenizer.eos_token_id
         ids = list(dict.fromkeys([*self.stop_token_ids, *(t for t in stops.token_ids if t != eos)]))
         strings = list(dict.fromkeys([*self.stop_sequences, *(stops.strings if texts else [])]))
-        return replace(self, stop_token_ids=ids, stop_sequences=strings)
+        return dataclasses.replace(self, stop_token_ids=ids, stop_sequences=strings)
 
 
 def warp(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int], top_p: Sequence[float],
