@@ -239,11 +239,16 @@ def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tens
 
 
 def sequence_kls(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each estimator of eval/kl.py (k1, k3, trlx) summed over each response's tokens. (B, R) -> {name: (B,)}."""
+    """Each estimator of eval/kl.py (k1, k3, trlx) summed over each response's tokens. (B, R) -> {name: (B,)}.
+
+    trlx is sequence_kl itself (in the tensors' dtype), so the default run's adaptive controller reads exactly what
+    it read before the other two were logged; k1 and k3 are summed in float64."""
     from rlhfchat.eval.kl import token_estimates
 
     log_ratio = (logprobs - ref_logprobs) * mask
-    return {name: (values * mask).sum(dim=1).to(logprobs.dtype) for name, values in token_estimates(log_ratio).items()}
+    out = {name: (values * mask).sum(dim=1).to(logprobs.dtype) for name, values in token_estimates(log_ratio).items()
+           if name != "trlx"}
+    return {**out, "trlx": sequence_kl(logprobs, ref_logprobs, mask)}
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
