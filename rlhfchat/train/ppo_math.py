@@ -215,11 +215,13 @@ def critic_free_advantages(estimator: str, scores: torch.Tensor, logprobs: torch
 
     grpo, dr_grpo, rloo: each sample's score becomes its group's advantage (group_advantages; rows g*G .. g*G + G - 1
     share a prompt), placed on its last token with the per-token KL penalty -kl_coef * (logp - ref) (kl_coef 0 when the
-    KL is a loss term instead), and the advantage of token t is the return from t on (returns_to_go): with the KL in
-    the loss, the group advantage on every token, as GRPO; with it in the reward, the group advantage plus the
-    penalties still to come, as OpenRLHF's group estimators.
-    reinforce_pp: the returns-to-go of the KL-penalised rewards (score on the last token), whitened over the batch (over
-    every process with `all_reduce`), as REINFORCE++.
+    KL is a loss term instead), and the advantage of token t is the return from t on (returns_to_go). With the KL in
+    the loss this is the group advantage on every token of the reply (GRPO's outcome supervision, Shao et al. 2024
+    section 4.1.2); with it in the reward, the group advantage plus the penalties still to come (OpenRLHF does the
+    same for its group estimators: openrlhf/trainer/ppo_utils/experience_maker.py at commit 01359b4 baselines the
+    scores, then adds the per-token KL and takes cumulative returns).
+    reinforce_pp: the returns-to-go of the KL-penalised rewards (score on the last token), whitened over the batch's
+    tokens (over every process with `all_reduce`): REINFORCE++, Hu et al. 2025.
     """
     if estimator in ("grpo", "dr_grpo", "rloo"):
         shaped = group_advantages(scores, group_size, estimator)
