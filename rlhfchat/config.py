@@ -475,6 +475,11 @@ class PPOConfig:
                                 f"prompt; expected 2 or more, got {g}")
         if not self.rewards:
             raise RlhfchatError("ppo.rewards: expected at least one component (reward_model, math or function)")
+        for i, c in enumerate(self.rewards):  # the path's form here; the import when the PPO stage starts
+            module, sep, name = (c.function or "").partition(":")
+            if c.kind == "function" and not (sep and module and name):
+                raise RlhfchatError(f"ppo.rewards[{i}].function: expected module:function (e.g. "
+                                    f"mypkg.rewards:brevity), got {c.function!r}")
         if self.num_layers_unfrozen < -1:
             raise RlhfchatError(f"ppo.num_layers_unfrozen: expected -1 (all layers) or a number of top layers >= 0, "
                                 f"got {self.num_layers_unfrozen}")

@@ -44,7 +44,7 @@ from rlhfchat.train.policy import PolicyWithValueHead, Reference, build_policy
 from rlhfchat.train.ppo_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhfchat.train.reward import RewardScorer
 from rlhfchat.decoding import GenerationSettings, encode_prompt, generate_replies
-from rlhfchat.train.rewards import Rewards, needs_reward_model
+from rlhfchat.train.rewards import Rewards, check_functions, needs_reward_model
 from rlhfchat.train.rollout import check_backend, generate_rollout
 from rlhfchat.train.runtime import Runtime
 
@@ -419,6 +419,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     eval_prompts = _read_prompts(eval_path)[: cfg.eval_prompts] if eval_path.is_file() else []
     if not train_prompts:
         raise RlhfchatError(f"{run / 'data' / 'prompts.train.jsonl'}: no prompts")
+    check_functions(cfg.rewards)  # a bad module:function fails here, before any model is loaded
 
     # the policy in the dtype the SFT folder holds; the reward model reads texts as it was trained to (scoring.json)
     ppo = PPO.from_folders(run / "sft", run / "reward" if needs_reward_model(cfg.rewards) else None, cfg, rt,
