@@ -171,3 +171,41 @@ def test_configuration_errors_are_one_line_naming_the_field(toy_run, tmp_path, c
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # not the progress bars
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (toy_run / "ppo" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator, kl_penalty", [("grpo", "loss"), ("reinforce_pp", "reward")])
+def test_critic_free_on_two_processes_matches_one(tmp_path, trained, estimator, kl_penalty):
+    """4 prompts x 2 replies an iteration: on one process, or 2 prompts' groups on each of two (a group never
+    straddles processes; REINFORCE++ whitens over both processes' tokens), the same replies, figures and final
+    weights, up to float rounding."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tests.test_scale import ONE_PROC, PPO_PARITY, TWO_PROCS, _run
+
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("name: t\n")
+    grpo = [*PPO_PARITY, f"ppo.advantage_estimator={estimator}", "ppo.samples_per_prompt=2",
+            f"ppo.kl_penalty={kl_penalty}"]
+    runs = {}
+    for name, cmd, per_process in (("one", ONE_PROC, 8), ("two", TWO_PROCS, 4)):
+        run = runs[name] = tmp_path / name
+        shutil.copytree(trained, run)
+        _run([*cmd, "ppo"], run, recipe_file, *grpo, f"ppo.num_rollouts={per_process}",
+             f"ppo.batch_size={per_process}")
+    logs = {n: _lines(r) for n, r in runs.items()}
+    assert [x["step"] for x in logs["one"]] == [x["step"] for x in logs["two"]] == [1, 2, 3]
+    for key in ("response_len", "score", "rewards/reward_model", "kl", "kl_k3", "entropy", "policy_loss", "clipfrac",
+                "groups_without_signal", "grad_norm", *(["kl_loss"] if kl_penalty == "loss" else [])):
+        a, b = [x[key] for x in logs["one"]], [x[key] for x in logs["two"]]
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-5), key
+    assert "value_loss" not in logs["two"][-1]
+    m1, m2 = (json.loads((r / "ppo" / "metrics.json").read_text()) for r in runs.values())
+    assert m1["eval_reward_after"] == pytest.approx(m2["eval_reward_after"], abs=1e-4)
+    w1, w2 = (load_file(r / "ppo" / "model.safetensors") for r in runs.values())
+    base = load_file(trained / "sft" / "model.safetensors")
+    assert all((w1[k] - w2[k]).abs().max() < 1e-5 for k in w1)
+    assert sum(int(not torch.equal(w1[k], base[k])) for k in w1) > len(w1) // 2, "the runs trained"
+    assert not any((r / "ppo" / "value_head.safetensors").exists() for r in runs.values())
