@@ -80,6 +80,8 @@ def test_critic_free_builds_no_value_head_and_no_critic(run_dir, kl_penalty):
     assert [n for n, _ in ppo.unwrapped.named_parameters()] == lm_names  # no head, no critic: nothing else
     assert ppo.unwrapped.value_state_dict() == {}
     records = [prompt_record(f"p{i}", "t", [message("user", f"What is {i} + 1?")]) for i in range(4)]
+    with pytest.raises(ValueError, match="4 seeds for 4 prompts x 2 samples"):  # one seed per reply, not per prompt
+        ppo.make_experience(records, seeds=list(range(4)))
     exp, stats = ppo.make_experience(records, seeds=list(range(8)))
     assert exp.values is None and exp.returns is None and exp.input_ids.shape[0] == 8  # 4 prompts x 2 replies
     assert "values" not in stats and "rewards/says_answer" in stats and "groups_without_signal" in stats

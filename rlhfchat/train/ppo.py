@@ -126,6 +126,8 @@ class PPO:
         cfg, device, policy = self.cfg, self.rt.device, self.unwrapped
         g = cfg.samples_per_prompt
         records = [rec for p in prompts for rec in [p if isinstance(p, dict) else {"prompt": p}] * g]
+        if seeds is not None and len(seeds) != len(records):
+            raise ValueError(f"make_experience: {len(seeds)} seeds for {len(prompts)} prompts x {g} samples")
         chunks, parts, times = [], [], {"gen_s": 0.0, "score_s": 0.0, "forward_s": 0.0}
         for start in range(0, len(records), cfg.chunk_size):
             batch_records = records[start : start + cfg.chunk_size]
