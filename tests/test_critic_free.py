@@ -176,27 +176,32 @@ def test_configuration_errors_are_one_line_naming_the_field(toy_run, tmp_path, c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator, kl_penalty", [("grpo", "loss"), ("reinforce_pp", "reward")])
-def test_critic_free_on_two_processes_matches_one(tmp_path, trained, estimator, kl_penalty):
+@pytest.mark.parametrize("estimator, kl_penalty, layout", [("grpo", "loss", "ddp"), ("reinforce_pp", "reward", "ddp"),
+                                                            ("grpo", "loss", "zero3")])
+def test_critic_free_on_two_processes_matches_one(tmp_path, trained, estimator, kl_penalty, layout):
     """4 prompts x 2 replies an iteration: on one process, or 2 prompts' groups on each of two (a group never
     straddles processes; REINFORCE++ whitens over both processes' tokens), the same replies, figures and final
-    weights, up to float rounding."""
+    weights, up to float rounding. zero3: DeepSpeed ZeRO-3 (configs/accelerate/cpu-zero3.yaml), each process's
+    minibatch of 4 in 2 accumulated micro-batches of 2."""
     import shutil
 
     from safetensors.torch import load_file
 
     from tests.test_scale import ONE_PROC, PPO_PARITY, TWO_PROCS, _run
+    from tests.test_zero import launcher
 
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text("name: t\n")
     grpo = [*PPO_PARITY, f"ppo.advantage_estimator={estimator}", "ppo.samples_per_prompt=2",
             f"ppo.kl_penalty={kl_penalty}"]
     runs = {}
-    for name, cmd, per_process in (("one", ONE_PROC, 8), ("two", TWO_PROCS, 4)):
+    two = TWO_PROCS if layout == "ddp" else [*launcher(3), "-m", "rlhfchat.cli"]
+    micro = ["ppo.batch_size=2", "ppo.grad_accum=2"] if layout == "zero3" else []
+    for name, cmd, per_process in (("one", ONE_PROC, 8), ("two", two, 4)):
         run = runs[name] = tmp_path / name
         shutil.copytree(trained, run)
         _run([*cmd, "ppo"], run, recipe_file, *grpo, f"ppo.num_rollouts={per_process}",
-             f"ppo.batch_size={per_process}")
+             f"ppo.batch_size={per_process}", *(micro if name == "two" else []))
     logs = {n: _lines(r) for n, r in runs.items()}
     assert [x["step"] for x in logs["one"]] == [x["step"] for x in logs["two"]] == [1, 2, 3]
     for key in ("response_len", "score", "rewards/reward_model", "kl", "kl_k3", "entropy", "policy_loss", "clipfrac",
