@@ -329,7 +329,8 @@ class RewardComponentConfig:
     weight: float = 1.0
     """The component's weight in the sum."""
     function: str | None = None
-    """kind function: `module:function` (importable), called as f(prompt messages, reply text, prompt record) -> float."""
+    """kind function: `module:function` (importable), called as f(prompt messages, reply text, prompt record) ->
+    float."""
     name: str | None = None
     """The name the component is logged and reported under (default: its kind, or the function's name)."""
 

@@ -14,7 +14,7 @@ tensor is `(B, R)` and comes with a `mask` of the same shape: 1 on real response
 The critic-free estimators (GRPO, Dr. GRPO, RLOO, REINFORCE++) replace the value head and GAE:
 
     rewards, adv = critic_free_advantages("grpo", scores, logprobs, ref_logprobs, mask, kl_coef, group_size=4)
-    loss         = pg + kl_coef * kl_loss(new_logprobs, ref_logprobs, mask)   # ppo.kl_penalty: loss (then kl_coef 0 above)
+    loss         = pg + kl_coef * kl_loss(new_logprobs, ref_logprobs, mask)   # ppo.kl_penalty: loss (kl_coef 0 above)
 
 The losses take an optional `n_tokens` denominator so that a minibatch split into micro-batches for gradient
 accumulation gives the same gradient as the whole minibatch in one go (each micro-batch divides by the token

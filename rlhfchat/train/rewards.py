@@ -112,8 +112,8 @@ class Rewards:
             if hasattr(fn, "score"):  # the reward model, batched
                 values = fn.score(prompts, replies).float().cpu()
             else:
-                values = torch.tensor([self._call(self.where[name], name, fn, p, r, rec) for p, r, rec in zip(prompts, replies, records)],
-                                      dtype=torch.float32)
+                values = torch.tensor([self._call(self.where[name], name, fn, p, r, rec)
+                                       for p, r, rec in zip(prompts, replies, records)], dtype=torch.float32)
             parts[name] = values
             total += weight * values
         return total, parts
@@ -123,6 +123,6 @@ class Rewards:
         value = fn(prompt, reply, record)
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             rid = record.get("id") if isinstance(record, dict) else None
-            raise RlhfchatError(f"{where}: reward {name!r} returned {type(value).__name__} {value!r} for prompt {rid!r}, "
-                                "expected a float")
+            raise RlhfchatError(f"{where}: reward {name!r} returned {type(value).__name__} {value!r} for prompt "
+                                f"{rid!r}, expected a float")
         return float(value)
