@@ -13,3 +13,8 @@ def says_answer(prompt: list, reply: str, record: dict) -> float:
 def not_a_float(prompt: list, reply: str, record: dict) -> str:
     """A broken reward: returns text."""
     return "yes"
+
+
+def chars(prompt: list, reply: str, record: dict) -> float:
+    """The reply's length in characters (eval's `mean_chars` is its mean)."""
+    return float(len(reply))

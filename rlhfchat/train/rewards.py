@@ -74,9 +74,11 @@ def needs_reward_model(components: Sequence[Any]) -> bool:
 class Rewards:
     """The recipe's reward components; `score` gives the weighted total and each component's values."""
 
-    def __init__(self, components: Sequence[Any], scorer: Any = None, key: str = "ppo.rewards"):
+    def __init__(self, components: Sequence[Any], scorer: Any = None, key: str = "ppo.rewards",
+                 checks_only: bool = False):
         """components: objects with `kind`, `weight` and (for `function`) `function`; scorer: the reward model
-        (rollout.RewardScorer), needed when a component is `reward_model`."""
+        (rollout.RewardScorer), needed when a component is `reward_model`; `checks_only`: leave the reward_model
+        components out (eval scores the replies with the reward model itself)."""
         if not components:
             raise RlhfchatError(f"{key}: expected at least one reward component ({', '.join(KINDS)})")
         self.components: list[tuple[str, float, Any]] = []  # (name, weight, the scorer or a per-reply function)
@@ -86,6 +88,8 @@ class Rewards:
             where = f"{key}[{i}]"
             if c.kind not in KINDS:
                 raise RlhfchatError(f"{where}.kind: expected one of {', '.join(KINDS)}, got {c.kind!r}")
+            if c.kind == "reward_model" and checks_only:
+                continue
             if c.kind == "reward_model":
                 if scorer is None:
                     raise RlhfchatError(f"{where}: a reward_model component needs the run's reward model")
