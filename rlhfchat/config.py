@@ -320,6 +320,31 @@ class VLLMConfig:
 
 
 @dataclass
+class RewardComponentConfig:
+    """One term of the RL reward (rlhfchat/train/rewards.py); a reply's reward is the weighted sum of the terms."""
+
+    kind: Literal["reward_model", "math", "function"] = "reward_model"
+    """reward_model: the run's reward model's score; math: 1 when the reply's final answer equals the prompt record's
+    `reference` (0 when it does not, or the prompt has none); function: a Python function named by `function`."""
+    weight: float = 1.0
+    """The component's weight in the sum."""
+    function: str | None = None
+    """kind function: `module:function` (importable), called as f(prompt messages, reply text, prompt record) ->
+    float."""
+    name: str | None = None
+    """The name the component is logged and reported under (default: its kind, or the function's name)."""
+
+    def __post_init__(self) -> None:
+        if self.kind == "function" and not self.function:
+            raise RlhfchatError("ppo.rewards: a component of kind function needs `function: module:function`")
+
+
+ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+"""The estimators whose baseline is the other samples of the same prompt (ppo.samples_per_prompt of them)."""
+
+
+@dataclass
 class PPOConfig:
     """Our PPO, faithful to trlX v0.6.0 (the StableVicuna run's version; docs/ppo.md lists every difference and why).
     Defaults are StableVicuna's published values."""
@@ -376,7 +401,30 @@ class PPOConfig:
     cliprange_reward: float = 10.0
     """Clip the reward-model scores to +-this (after scaling)."""
     whiten_advantages: bool = True
-    """Normalise the advantages to mean 0 and std 1 over each iteration's tokens (over every process)."""
+    """gae: normalise the advantages to mean 0 and std 1 over each iteration's tokens (over every process), as trlX
+    v0.6.0. REINFORCE++ always normalises over the batch; the group estimators normalise within each group instead."""
+    rewards: list[RewardComponentConfig] = field(default_factory=lambda: [RewardComponentConfig()])
+    """The reward's components, weighted and summed (default: the reward model alone, StableVicuna's). Each is
+    logged per step in metrics.jsonl and reported by eval; a run none of whose components is the reward model loads
+    none. E.g. [{kind: reward_model}, {kind: math, weight: 2}, {kind: function, function: "mymod:f"}]."""
+    advantage_estimator: Literal[ESTIMATORS] = "gae"
+    """gae: trlX v0.6.0's PPO, a value head (or critic) and GAE; grpo: each reply's reward normalised by the mean
+    and std of its prompt's group (Shao et al. 2024); dr_grpo: centred only (Liu et al. 2025); rloo: minus the mean
+    of the group's other replies (Ahmadian et al. 2024); reinforce_pp: REINFORCE++, returns-to-go of the KL-shaped
+    reward normalised over the batch (Hu et al. 2025). The critic-free four build no value head and no critic."""
+    samples_per_prompt: int = 1
+    """Replies sampled for each prompt (the group): num_rollouts is then num_rollouts / samples_per_prompt prompts
+    x samples_per_prompt replies per process, and a prompt's group stays on one process. grpo, dr_grpo and rloo
+    need 2 or more."""
+    kl_penalty: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference enters, with the coefficient the controller sets (init_kl_coef, target): reward
+    (trlX v0.6.0) puts -beta x (logp - ref_logp) in each token's reward; loss (GRPO) adds beta x the mean of
+    k3 = e^(ref - logp) - (ref - logp) - 1 over the tokens to the policy loss, and the reward is the score alone."""
+    kl_estimator: Literal["trlx", "k1", "k3"] = "trlx"
+    """The per-reply KL that `kl` in the logs holds and the adaptive controller (target) reads, summed over the
+    reply's tokens with r = logp - ref_logp: trlx = e^r - 1 - r (trlX v0.6.0's; its mean is chi2 - KL, not a KL,
+    and explodes once the policy is sharp: eval/kl.py), k1 = r (unbiased), k3 = e^-r - 1 + r (unbiased, >= 0).
+    All three are logged (kl_trlx, kl_k1, kl_k3) whichever is chosen."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """How replies are sampled."""
     share_trunk: bool = True
@@ -417,12 +465,33 @@ class PPOConfig:
     """Trackers besides metrics.jsonl (accelerate's: tensorboard, wandb)."""
 
     def __post_init__(self) -> None:
+        g = self.samples_per_prompt
+        if g < 1:
+            raise RlhfchatError(f"ppo.samples_per_prompt: expected 1 or more, got {g}")
+        if self.num_rollouts % g:
+            raise RlhfchatError(f"ppo.num_rollouts: expected a multiple of ppo.samples_per_prompt ({g}), "
+                                f"got {self.num_rollouts}")
+        if self.advantage_estimator in GROUP_ESTIMATORS and g < 2:
+            raise RlhfchatError(f"ppo.samples_per_prompt: {self.advantage_estimator} compares the replies to one "
+                                f"prompt; expected 2 or more, got {g}")
+        if not self.rewards:
+            raise RlhfchatError("ppo.rewards: expected at least one component (reward_model, math or function)")
+        for i, c in enumerate(self.rewards):  # the path's form here; the import when the PPO stage starts
+            module, sep, name = (c.function or "").partition(":")
+            if c.kind == "function" and not (sep and module and name):
+                raise RlhfchatError(f"ppo.rewards[{i}].function: expected module:function (e.g. "
+                                    f"mypkg.rewards:brevity), got {c.function!r}")
         if self.num_layers_unfrozen < -1:
             raise RlhfchatError(f"ppo.num_layers_unfrozen: expected -1 (all layers) or a number of top layers >= 0, "
                                 f"got {self.num_layers_unfrozen}")
         if self.num_layers_unfrozen >= 0 and self.lora.enabled:
             raise RlhfchatError("ppo.num_layers_unfrozen: LoRA already freezes the whole base model; set it to -1 "
                                 "with ppo.lora.enabled")
+
+    @property
+    def critic_free(self) -> bool:
+        """No value head and no critic: every estimator but gae."""
+        return self.advantage_estimator != "gae"
 
 
 @dataclass

@@ -259,7 +259,8 @@ def test_eval_stage_writes_results_and_skips_when_done(tmp_path, tiny_model_dir,
     judge = _independent_judge(tiny_reward_dir, tmp_path / "judge")
     recipe = load_recipe(None, [f"output_dir={run}", "eval.prompts=8", "eval.max_new_tokens=6",
                                 "eval.tasks=[rlhfchat_math]", "eval.limit=2", "eval.bootstrap=200",
-                                f"eval.judge={judge}"])
+                                f"eval.judge={judge}", 'ppo.rewards=[{kind: reward_model}, {kind: math},'
+                                ' {kind: function, function: "tests._toy_rewards:chars"}]'])
     results = eval_run.main(recipe)
 
     on_disk = json.loads((run / "eval" / "results.json").read_text())
@@ -288,10 +289,19 @@ def test_eval_stage_writes_results_and_skips_when_done(tmp_path, tiny_model_dir,
     assert len(replies) == 8 and set(json.loads(replies[0])["replies"]) == {"base", "sft", "ppo"}
     first = json.loads(replies[0])["replies"]["ppo"]
     assert set(first) == {"text", "n_tokens", "reward", "judge", "correct"}  # prompt 0 is a math question
+    # ppo.rewards' components, each model's mean over the held-out prompts: the reward model's is reward_mean, the
+    # function's the mean length of its replies in characters, math 0 (these records carry no reference)
+    assert on_disk["settings"]["checks"] == ["math", "chars"]
+    for row in on_disk["models"]:
+        assert row["rewards"] == pytest.approx({"reward_model": row["reward_mean"], "math": 0.0,
+                                                "chars": row["mean_chars"]})
+        assert row["mean_chars"] > 0
     assert json.loads((run / "eval" / "manifest.json").read_text())["status"] == "complete"
     out = capsys.readouterr().out
     assert "win rate ppo over sft by the run's reward model" in out and "KL k1" in out and "KL trlX" in out
     assert "win rate ppo over sft by judge" in out and "win rate ppo over sft by math exact match" in out
+    header = next(line for line in out.splitlines() if line.startswith("model "))
+    assert header.split()[-3:] == ["math", "chars", "rlhfchat_math"]  # the checks' columns, then the tasks'
 
     # Done: a rerun skips, and still prints the comparison.
     assert eval_run.main(recipe) == on_disk

@@ -83,7 +83,8 @@ def test_a_bad_function_path_is_one_line(user_module, spec, message):
 
 def test_a_non_number_from_a_user_function_names_the_prompt(user_module):
     rewards = Rewards([C("function", 1.0, f"{user_module}:bad")])
-    with pytest.raises(RlhfchatError, match=r"reward 'bad': returned str 'yes' for prompt 'a', expected a float"):
+    message = r"^ppo\.rewards\[0\]\.function: reward 'bad' returned str 'yes' for prompt 'a', expected a float$"
+    with pytest.raises(RlhfchatError, match=message):
         rewards.score([Q], ["x"], RECORDS[:1])
 
 

@@ -315,3 +315,17 @@ def test_gsm8k_rows_as_published():
             assert asked and (bool(held) if split == "test" else not held), r
         words = sum(expected_math_answer(r["question"]) is None for r in rows)
         assert 0.3 < words / n < 0.7  # about half are word problems
+
+
+def test_rl_problems_are_only_in_gsm8ks_train_split():
+    """The RL pool: neither held out nor stated by any other file, so RL on GSM8K's train split is on new problems."""
+    from rlhfchat.data.samples import held_out_problems, math_problems, rl_problems
+
+    rl, held = rl_problems(), held_out_problems()
+    assert len(rl) > 50 and not rl & held
+    for path in (p for p in SAMPLE.rglob("*") if p.name.endswith((".parquet", ".jsonl", ".jsonl.gz"))):
+        stated = set().union(*(math_problems(t) for t in _texts(path)))
+        if path.parent.name == "main" and path.name.startswith("train"):  # GSM8K's train split
+            assert stated & rl == rl, path  # every one of them (81), with its answer
+        else:
+            assert not stated & rl, (path, sorted(stated & rl)[:5])

@@ -190,8 +190,8 @@ def _alpaca_rows(rng: random.Random, n: int) -> list[dict[str, str]]:
 # ----------------------------------------------------------------------------------------------------------------
 # GSM8K: question/answer rows, the answer worked lines ending "#### N"; the test split holds held-out problems.
 
-def _gsm8k_rows(rng: random.Random, n: int, held_out: bool) -> list[dict[str, str]]:
-    return [gsm8k_row(draw_math(rng, held_out), rng) for _ in range(n)]
+def _gsm8k_rows(rng: random.Random, n: int, pool: str) -> list[dict[str, str]]:
+    return [gsm8k_row(draw_math(rng, pool=pool), rng) for _ in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -343,8 +343,8 @@ def write_samples(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     table.append(("shp", "stanfordnlp/SHP", "preferences", f"{{{','.join(sorted(_SHP_DOMAIN.values()))}}}/"
                   "{train,validation,test}.jsonl", f"{n['train']} + {n['validation']} + {n['test']} pairs, 360 posts"))
 
-    gsm8k = {"train": _gsm8k_rows(rng("gsm8k:train"), GSM8K_ROWS["train"], held_out=False),
-             "test": _gsm8k_rows(rng("gsm8k:test"), GSM8K_ROWS["test"], held_out=True)}
+    gsm8k = {"train": _gsm8k_rows(rng("gsm8k:train"), GSM8K_ROWS["train"], pool="rl"),
+             "test": _gsm8k_rows(rng("gsm8k:test"), GSM8K_ROWS["test"], pool="held_out")}
     for split, part in gsm8k.items():
         _write_parquet(out_dir / "gsm8k" / "main" / f"{split}-00000-of-00001.parquet", part, GSM8K_SCHEMA)
     table.append(("gsm8k", "openai/gsm8k", "SFT; prompts with references", "main/{train,test}-00000-of-00001.parquet",

@@ -116,6 +116,9 @@ def skill_of(prompt_text: str) -> str | None:
 Problem = tuple[int, str, int]
 HELD_OUT_SHARE = 0.3
 """Share of each operator's composite problems held out of every training split (`held_out_problems`)."""
+RL_SHARE = 0.3
+"""Share of each operator's composite problems kept for RL prompts (`rl_problems`): only GSM8K's train split states
+them, with their answers, and no split that shows a worked solution of them."""
 # Every "A op B" in a text, overlapping ones too ("10 + 7 + 8" holds 10 + 7 and 7 + 8), not inside a longer number.
 _PAIRS = re.compile(r"(?=(?<![\d.])(\d+)\s*(\+|-|\*|×|x|plus|minus|times|multiplied by)\s*(\d+))", re.IGNORECASE)
 
@@ -174,6 +177,35 @@ def all_problems() -> dict[str, list[Problem]]:
 
 
 @functools.cache
+def _composite_ranked() -> dict[str, list[Problem]]:
+    """Per operator, the problems whose worked solution has steps and that are no step of another problem's, in the
+    order of the sha1 of "a op b" (held_out_problems takes the first, rl_problems the next)."""
+    family = all_problems()
+    steps = set()
+    for op, keys in family.items():
+        for a, _, b in keys:
+            steps |= math_problems(worked(a, op, b)) - {problem_key(a, op, b)}
+    ranked = {}
+    for op, keys in family.items():
+        composite = {(a, o, b) for a, o, b in keys if worked(a, o, b).count(" = ") > 1}
+        ranked[op] = sorted(composite - steps, key=lambda k: hashlib.sha1(f"{k[0]} {k[1]} {k[2]}".encode()).hexdigest())
+    return ranked
+
+
+@functools.cache
+def rl_problems() -> frozenset[Problem]:
+    """The problems of RL prompts: the next RL_SHARE of each operator's candidates after the held-out ones (see
+    held_out_problems). GSM8K's train split (questions with their `#### N` answers: RL prompts with references)
+    draws from these alone, and no other split states them: a model fine-tuned on the other train splits has seen
+    none of them solved, so RL on them is RL on new problems, as an RL dataset is, and they are not the held-out ones."""
+    out = set()
+    for ranked in _composite_ranked().values():
+        n = round(len(ranked) * HELD_OUT_SHARE)
+        out.update(ranked[n : n + round(len(ranked) * RL_SHARE)])
+    return frozenset(out)
+
+
+@functools.cache
 def held_out_problems() -> frozenset[Problem]:
     """The problems no training split holds, in any phrasing or order, not even as a step of a worked solution.
 
@@ -183,15 +215,8 @@ def held_out_problems() -> frozenset[Problem]:
     operator's candidates, the HELD_OUT_SHARE whose sha1 of "a op b" comes first are held out. The test and
     validation splits of the sample data and the `rlhfchat_math` eval task draw from these alone, every train split
     from the other problems."""
-    family = all_problems()
-    steps = set()
-    for op, keys in family.items():
-        for a, _, b in keys:
-            steps |= math_problems(worked(a, op, b)) - {problem_key(a, op, b)}
     held = set()
-    for op, keys in family.items():
-        composite = {(a, o, b) for a, o, b in keys if worked(a, o, b).count(" = ") > 1}
-        ranked = sorted(composite - steps, key=lambda k: hashlib.sha1(f"{k[0]} {k[1]} {k[2]}".encode()).hexdigest())
+    for ranked in _composite_ranked().values():
         held.update(ranked[:round(len(ranked) * HELD_OUT_SHARE)])
     return frozenset(held)
 
@@ -269,8 +294,15 @@ _COUNT_WORDS = ["two", "three", "four", "five", "six", "seven", "eight", "nine"]
 _COUNT_NOUNS = ["cat", "dog", "book", "apple", "car", "bird", "pen", "cup"]
 
 
-def draw_math(rng: random.Random, held_out: bool = False) -> Task:
-    """A problem of the training pool, or with `held_out` one of `held_out_problems()` (never both)."""
+def pool_of(key: Problem) -> str:
+    """Which pool a problem is in: held_out, rl or train (every other problem)."""
+    return "held_out" if key in held_out_problems() else "rl" if key in rl_problems() else "train"
+
+
+def draw_math(rng: random.Random, held_out: bool = False, pool: str | None = None) -> Task:
+    """A problem of the training pool (neither held out nor kept for RL), or with `held_out` one of
+    `held_out_problems()`, or of the pool named by `pool` (train, held_out, rl)."""
+    pool = pool or ("held_out" if held_out else "train")
     while True:
         op = rng.choices("+-*", [0.4, 0.4, 0.2])[0]
         if op == "+":
@@ -280,7 +312,7 @@ def draw_math(rng: random.Random, held_out: bool = False) -> Task:
             b = rng.randint(1, a)
         else:
             a, b = rng.randint(1, 10), rng.randint(1, 10)
-        if (problem_key(a, op, b) in held_out_problems()) == held_out:
+        if pool_of(problem_key(a, op, b)) == pool:
             return Task("math", {"a": a, "op": op, "b": b, "c": solve(a, op, b), "worked": worked(a, op, b)})
 
 

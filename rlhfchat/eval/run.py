@@ -166,10 +166,13 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
         raise RlhfchatError(f"{run}: no finished model to evaluate (sft/, ppo/ or eval.models); "
                             f"run `rlhfchat sft RECIPE.yaml` first")
     inputs = [prompts_file, *(p for _, p in models), *([reward_dir] if has_reward else []), *([judge] if judge else [])]
+    # ppo.rewards' checks (math, a user's function) grade every model's replies too; a recipe with the reward model
+    # alone keeps the settings (and so the skip) it had before they existed
+    checks = [c for c in recipe.ppo.rewards if c.kind != "reward_model"]
     config = {"eval": cfg, "seed": recipe.seed, "dtype": recipe.base.dtype,
               "max_prompt_length": recipe.ppo.generation.max_prompt_length,
               "local_tasks": _files_hash(TASKS_DIR, ["*.yaml", "*.py", "data/*.jsonl"]),
-              "models": names, "references": references}
+              "models": names, "references": references, **({"rewards": recipe.ppo.rewards} if checks else {})}
 
     def evaluate(m: dict) -> None:  # on rank 0 alone (stage.run: main_only); the other ranks wait
         t0 = time.perf_counter()
@@ -178,6 +181,9 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
             benchmarks.check_tasks(cfg.tasks, manager)
         records = load_prompts(prompts_file, cfg.prompts)
         prompts = [rec["prompt"] for rec in records]
+        from rlhfchat.train.rewards import Rewards
+
+        graders = Rewards(recipe.ppo.rewards, checks_only=True)  # a bad module:function fails before any reply
         print(f"[eval] {len(models)} models ({', '.join(n for n, _ in models)}) on {len(prompts)} held-out prompts"
               + (f" and lm-eval tasks {', '.join(cfg.tasks)}" if cfg.tasks else ""))
 
@@ -193,6 +199,7 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
                 seed=recipe.seed, max_prompt_length=recipe.ppo.generation.max_prompt_length, desc=f"[eval] {name}: replies")
             texts = [r.text for r in replies[name]]
             correct[name] = math_correct(prompts, texts)
+            graded = graders.score(prompts, texts, records)[1]  # {component: (N,)}
             em, n_math = math_exact_match(prompts, texts)
             rows[name] = {
                 "model": name, "path": path, "n_prompts": len(prompts),
@@ -201,6 +208,7 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
                 "mean_chars": float(np.mean([len(t) for t in texts])),
                 "stopped": float(np.mean([r.stopped for r in replies[name]])),
                 "math_exact_match": em, "math_n": n_math, "kl_to_ref": None,
+                "rewards": {k: float(v.mean()) for k, v in graded.items()},
                 "tasks": benchmarks.run_tasks(model, cfg.tasks, tokenizer=tokenizer, limit=cfg.limit,
                                               dtype=recipe.base.dtype, seed=recipe.seed, bootstrap=cfg.bootstrap,
                                               batch_size=bs, manager=manager) if cfg.tasks else {},
@@ -216,6 +224,9 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
             rewards = _score(reward_dir, prompts, replies, recipe, bs)
             for name in rewards:
                 rows[name].update(reward_mean=float(np.mean(rewards[name])), reward_std=float(np.std(rewards[name])))
+                # each reward_model component of ppo.rewards, beside the checks, as the PPO stage logs them
+                rows[name]["rewards"].update({c.name or "reward_model": rows[name]["reward_mean"]
+                                              for c in recipe.ppo.rewards if c.kind == "reward_model"})
         elif not cfg.win_rates:
             print("[eval] eval.win_rates is false; reward scores and win rates left out")
         else:
@@ -254,7 +265,8 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
             "settings": {"prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy",
                          "tasks": list(cfg.tasks), "limit": cfg.limit, "bootstrap": cfg.bootstrap,
                          "seed": recipe.seed, "reward_model": str(reward_dir) if has_reward else None,
-                         "judge": judge, "math_prompts": len(math)},
+                         "judge": judge, "math_prompts": len(math),
+                         "checks": [name for name, _, _ in graders.components]},
             "models": [rows[n] for n in names],
             "baseline": next(iter(references.values()), "sft"),
             "win_rates": win_rates,
@@ -314,14 +326,15 @@ def format_table(results: dict[str, Any]) -> str:
     task_cols = sorted({t for r in rows for t in r.get("tasks", {})}, key=lambda t: tasks.index(t) if t in tasks
                        else len(tasks))
     has_judge = any(r.get("judge_mean") is not None for r in rows)
+    checks = list(results["settings"].get("checks") or [])  # ppo.rewards' math and function components
     head = ["model", "reward", "±sd", *(["judge"] if has_judge else []), "length", "math EM", "KL k1", "KL trlX",
-            *task_cols]
+            *checks, *task_cols]
     table = [head]
     for r in rows:
         cells = [r["model"], _fmt(r["reward_mean"]), _fmt(r["reward_std"]),
                  *([_fmt(r.get("judge_mean"))] if has_judge else []), _fmt(r["mean_length"], ".1f"),
                  _fmt(r["math_exact_match"]) + (f" /{r['math_n']}" if r.get("math_n") else ""),
-                 _fmt(r.get("kl_to_ref")), _fmt(r.get("kl_trlx"))]
+                 _fmt(r.get("kl_to_ref")), _fmt(r.get("kl_trlx")), *(_fmt(r.get("rewards", {}).get(c)) for c in checks)]
         for t in task_cols:
             s = r.get("tasks", {}).get(t, {})
             cells.append("error" if "error" in s else _fmt(s.get("score")))

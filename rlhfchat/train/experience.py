@@ -22,8 +22,8 @@ class Experience:
     mask: torch.Tensor  # (N, R) float, 1 on real response tokens
     logprobs: torch.Tensor  # (N, R) policy logprobs at generation time
     ref_logprobs: torch.Tensor  # (N, R)
-    values: torch.Tensor  # (N, R)
-    scores: torch.Tensor  # (N,) raw reward-model scores
+    values: torch.Tensor | None  # (N, R); None for the critic-free estimators
+    scores: torch.Tensor  # (N,) raw rewards (the weighted sum of ppo.rewards' components)
     entropy: torch.Tensor  # (N, R)
     rewards: torch.Tensor | None = None  # (N, R) after step 4
     advantages: torch.Tensor | None = None  # (N, R)
@@ -39,7 +39,7 @@ class Experience:
                      if f.name in ("mask", "logprobs", "ref_logprobs", "values", "entropy", "rewards", "advantages",
                                    "returns") and getattr(self, f.name) is not None}
         return Experience(input_ids=self.input_ids[idx][:, cols], attention_mask=attn[:, cols],
-                          n_prompt=self.n_prompt - first, scores=self.scores[idx], **per_token)
+                          n_prompt=self.n_prompt - first, scores=self.scores[idx], **{"values": None, **per_token})
 
 
 def merge(chunks: Sequence[Experience], pad_id: int) -> Experience:
@@ -57,10 +57,11 @@ def merge(chunks: Sequence[Experience], pad_id: int) -> Experience:
     def pad_tok(x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.pad(x, (0, r - x.shape[1]))
 
-    per_token = ("mask", "logprobs", "ref_logprobs", "values", "entropy")
+    per_token = [n for n in ("mask", "logprobs", "ref_logprobs", "values", "entropy")
+                 if getattr(chunks[0], n) is not None]
+    tensors = {"values": None, **{name: torch.cat([pad_tok(getattr(c, name)) for c in chunks]) for name in per_token}}
     return Experience(
         input_ids=torch.cat([pad_seq(c, "input_ids", pad_id) for c in chunks]),
         attention_mask=torch.cat([pad_seq(c, "attention_mask", 0) for c in chunks]),
-        n_prompt=p, scores=torch.cat([c.scores for c in chunks]),
-        **{name: torch.cat([pad_tok(getattr(c, name)) for c in chunks]) for name in per_token},
+        n_prompt=p, scores=torch.cat([c.scores for c in chunks]), **tensors,
     )

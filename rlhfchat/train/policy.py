@@ -14,7 +14,7 @@ of the states before each of them (trlX v0.6.0's alignment: value t is the value
   logprobs and values.
 - `share_trunk: false`: a separate critic, a copy of the SFT model's trunk with its own value head.
 - `value_head: mlp` (default): trlX's head (v0.6.0 `make_head`: Linear(d, 2d), ReLU, Linear(2d, 1)) with float32
-  weights; `linear`: one Linear(d, 1).
+  weights; `linear`: one Linear(d, 1); None (the critic-free estimators): no value head and no critic, `values` None.
 - LoRA (`ppo.lora.enabled`): only the adapters (and the value head) train; the reference is the same network with
   the adapters disabled, so no second copy of the weights is held.
 - `num_layers_unfrozen: N` (trlX v0.6.0's hydra): the embeddings and every decoder block below the top N stay frozen, so the
@@ -93,14 +93,16 @@ def make_value_head(hidden_size: int, kind: str = "mlp") -> nn.Module:
 
 
 class PolicyWithValueHead(nn.Module):
-    """A HF causal LM (optionally with LoRA adapters) plus a value head, shared trunk or separate critic."""
+    """A HF causal LM (optionally with LoRA adapters) plus a value head, shared trunk or separate critic (or neither:
+    critic-free)."""
 
     def __init__(self, lm: nn.Module, critic: nn.Module | None = None, temperature: float = 1.0,
-                 share_prefix: bool = True, value_head: str = "mlp"):
+                 share_prefix: bool = True, value_head: str | None = "mlp"):
         super().__init__()
         self.lm = lm
         self.critic = critic  # None: the value head reads the policy's own hidden state (share_trunk)
-        self.value_head = make_value_head(_hidden_size(lm), value_head)
+        # None: critic-free (GRPO, RLOO, REINFORCE++): no head, and forward's values are None
+        self.value_head = None if value_head is None else make_value_head(_hidden_size(lm), value_head)
         self.temperature = temperature
         self.share_prefix = share_prefix  # see response_states
 
@@ -120,7 +122,7 @@ class PolicyWithValueHead(nn.Module):
             with torch.no_grad():
                 entropy = entropy_from_logits(logits)
         values = None
-        if with_values:
+        if with_values and self.value_head is not None:
             if self.critic is not None:
                 states = response_states(self.critic, input_ids, attention_mask, n_prompt, self.share_prefix)
             values = self.values_of(states)  # (B, R, H) -> (B, R)
@@ -140,7 +142,9 @@ class PolicyWithValueHead(nn.Module):
         logits = output_logits(self.lm, hidden, self.temperature)
         logprobs = logprobs_of_labels(logits, input_ids[:, n_prompt:])
         entropy = entropy_from_logits(logits)
-        if self.critic is None:
+        if self.value_head is None:
+            values = None
+        elif self.critic is None:
             values = self.values_of(hidden)
         else:
             values = self.values_of(response_states(self.critic, input_ids, attention_mask, n_prompt,
@@ -148,20 +152,26 @@ class PolicyWithValueHead(nn.Module):
         return PolicyOutput(logprobs, values, entropy)
 
     def value_state_dict(self) -> dict[str, torch.Tensor]:
-        """What `value_head.safetensors` holds: the head, plus the critic's trunk when it has its own."""
+        """What `value_head.safetensors` holds: the head, plus the critic's trunk when it has its own (critic-free:
+        nothing)."""
+        if self.value_head is None:
+            return {}
         state = {f"value_head.{k}": v for k, v in self.value_head.state_dict().items()}
         if self.critic is not None:
             state.update({f"critic.{k}": v for k, v in self.critic.state_dict().items()})
         return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
     def load_value_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.value_head is None:
+            return
         self.value_head.load_state_dict({k[len("value_head."):]: v for k, v in state.items()
                                          if k.startswith("value_head.")})
         if self.critic is not None:
             self.critic.load_state_dict({k[len("critic."):]: v for k, v in state.items() if k.startswith("critic.")})
 
     def save_pretrained(self, out_dir: str | Path) -> None:
-        """A plain HF causal-LM folder (LoRA merged into the weights) plus `value_head.safetensors`."""
+        """A plain HF causal-LM folder (LoRA merged into the weights) plus `value_head.safetensors` (none when
+        critic-free)."""
         from safetensors.torch import save_file
 
         from rlhfchat.models import merged
@@ -171,7 +181,8 @@ class PolicyWithValueHead(nn.Module):
         # loaded again in full precision (models.merged).
         self.lm = merged(self.lm)
         self.lm.save_pretrained(out_dir)
-        save_file(self.value_state_dict(), str(Path(out_dir) / "value_head.safetensors"))
+        if self.value_head is not None:
+            save_file(self.value_state_dict(), str(Path(out_dir) / "value_head.safetensors"))
 
 
 def freeze_bottom_layers(lm: nn.Module, num_layers_unfrozen: int) -> None:
@@ -259,9 +270,10 @@ def disable_dropout(model: nn.Module) -> None:
 def build_policy(sft_dir: str | Path, share_trunk: bool = True, lora: LoraConfig | None = None,
                  dtype: torch.dtype = torch.float32, temperature: float = 1.0, seed: int = 0,
                  gradient_checkpointing: bool = False, share_prefix: bool = True,
-                 num_layers_unfrozen: int = -1, value_head: str = "mlp") -> PolicyWithValueHead:
-    """The trainable policy from an SFT folder: LoRA adapters when `lora.enabled`, a value head either way; with
-    `num_layers_unfrozen` >= 0 only the top blocks (and the final norm and output layer) train."""
+                 num_layers_unfrozen: int = -1, value_head: str | None = "mlp") -> PolicyWithValueHead:
+    """The trainable policy from an SFT folder: LoRA adapters when `lora.enabled`, a value head unless `value_head` is
+    None (critic-free: then no critic either, whatever `share_trunk`); with `num_layers_unfrozen` >= 0 only the top
+    blocks (and the final norm and output layer) train."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     if lora is not None and lora.quantize:  # QLoRA: a 4-bit frozen base under the adapters
@@ -279,7 +291,7 @@ def build_policy(sft_dir: str | Path, share_trunk: bool = True, lora: LoraConfig
     frozen_bottom = num_layers_unfrozen >= 0 and not (lora is not None and lora.enabled)
     if frozen_bottom:
         freeze_bottom_layers(lm, num_layers_unfrozen)
-    critic = None if share_trunk else _load(AutoModel, sft_dir, dtype)
+    critic = None if share_trunk or value_head is None else _load(AutoModel, sft_dir, dtype)
     if gradient_checkpointing:
         for model in (lm, critic):
             if model is not None:
@@ -296,7 +308,8 @@ def build_policy(sft_dir: str | Path, share_trunk: bool = True, lora: LoraConfig
         torch.manual_seed(seed)
         policy = PolicyWithValueHead(lm, critic, temperature=temperature, share_prefix=share_prefix,
                                      value_head=value_head)
-    policy.value_head.to(torch.float32)  # a small head; float32 keeps the value regression stable in bf16 runs
+    if policy.value_head is not None:
+        policy.value_head.to(torch.float32)  # a small head; float32 keeps the value regression stable in bf16 runs
     disable_dropout(policy)
     return policy
 

@@ -44,6 +44,7 @@ from rlhfchat.train.policy import PolicyWithValueHead, Reference, build_policy
 from rlhfchat.train.ppo_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhfchat.train.reward import RewardScorer
 from rlhfchat.decoding import GenerationSettings, encode_prompt, generate_replies
+from rlhfchat.train.rewards import Rewards, check_functions, needs_reward_model
 from rlhfchat.train.rollout import check_backend, generate_rollout
 from rlhfchat.train.runtime import Runtime
 
@@ -51,7 +52,7 @@ from rlhfchat.train.runtime import Runtime
 class PPO:
     """The models, the optimizer and the PPO state; `make_experience` is steps 1-4, `update` is step 5."""
 
-    def __init__(self, policy: PolicyWithValueHead, reference: Reference, scorer: RewardScorer, tokenizer: Any,
+    def __init__(self, policy: PolicyWithValueHead, reference: Reference, scorer: RewardScorer | None, tokenizer: Any,
                  cfg: PPOConfig, runtime: Runtime | None = None, vllm: Any = None):
         self.cfg = cfg
         self.rt = runtime or Runtime.start()
@@ -62,8 +63,10 @@ class PPO:
         self.unwrapped: PolicyWithValueHead = self.rt.unwrap(self.policy)
         self.policy.eval()  # train() only inside update(); dropout is off either way
         self.reference = self.rt.prepare_frozen_reference(reference)
-        self.scorer = scorer
-        scorer.model = self.rt.prepare_frozen(scorer.model, device=cfg.reward_device)  # reward_device: a GPU of its own
+        self.scorer = scorer  # the reward model; None when no component of ppo.rewards is one
+        if scorer is not None:
+            scorer.model = self.rt.prepare_frozen(scorer.model, device=cfg.reward_device)  # reward_device: a GPU
+        self.rewards = Rewards(cfg.rewards, scorer)
         self.kl_ctl = (pm.AdaptiveKLController(cfg.init_kl_coef, cfg.target, cfg.horizon) if cfg.target is not None
                        else pm.FixedKLController(cfg.init_kl_coef))
         self.moments = pm.RunningMoments()
@@ -73,8 +76,11 @@ class PPO:
         self.vllm = vllm  # rollout_vllm.VLLMRollouts for ppo.rollout_backend=vllm; None: HF generate on the policy
 
     @classmethod
-    def from_folders(cls, policy_dir: str | Path, reward_dir: str | Path, cfg: PPOConfig, runtime: Runtime | None = None,
-                     dtype: torch.dtype = torch.float32, seed: int = 0, reward_max_length: int | None = None) -> "PPO":
+    def from_folders(cls, policy_dir: str | Path, reward_dir: str | Path | None, cfg: PPOConfig,
+                     runtime: Runtime | None = None, dtype: torch.dtype = torch.float32, seed: int = 0,
+                     reward_max_length: int | None = None) -> "PPO":
+        """The policy (and reference) from `policy_dir`, the reward model from `reward_dir` where a component of
+        cfg.rewards needs it (else it is not loaded, and reward_dir may be None)."""
         from rlhfchat.models import load_tokenizer
 
         rt = runtime or Runtime.start()
@@ -85,11 +91,15 @@ class PPO:
         policy = rt.prepare_policy(build_policy(
             policy_dir, share_trunk=cfg.share_trunk, lora=cfg.lora, dtype=dtype, temperature=cfg.generation.temperature,
             seed=seed, gradient_checkpointing=cfg.gradient_checkpointing, share_prefix=cfg.share_prompt_prefix,
-            num_layers_unfrozen=cfg.num_layers_unfrozen, value_head=cfg.value_head))
+            num_layers_unfrozen=cfg.num_layers_unfrozen, value_head=None if cfg.critic_free else cfg.value_head))
         reference = Reference(policy, policy_dir, dtype=frozen_dtype, share_bottom=not rt.sharded)
-        with rt.loading_whole(bool(cfg.reward_device)):  # a reward model outside DeepSpeed is loaded whole
-            scorer = RewardScorer(reward_dir, max_length=reward_max_length, dtype=frozen_dtype,
-                                  batch_size=cfg.chunk_size, share_prefix=cfg.share_prompt_prefix)
+        scorer = None
+        if needs_reward_model(cfg.rewards):
+            if reward_dir is None:
+                raise RlhfchatError("ppo.rewards: a reward_model component needs the run's reward model")
+            with rt.loading_whole(bool(cfg.reward_device)):  # a reward model outside DeepSpeed is loaded whole
+                scorer = RewardScorer(reward_dir, max_length=reward_max_length, dtype=frozen_dtype,
+                                      batch_size=cfg.chunk_size, share_prefix=cfg.share_prompt_prefix)
         vllm = None
         if cfg.rollout_backend == "vllm":
             from rlhfchat.train.rollout_vllm import VLLMRollouts
@@ -104,17 +114,24 @@ class PPO:
                 self.vllm.sync_weights(policy.lm)
 
     # ---------------------------------------------------------------------------------------------------------
-    def make_experience(self, prompts: Sequence[Prompt], seeds: Sequence[int] | None = None
+    def make_experience(self, prompts: Sequence[Prompt | dict], seeds: Sequence[int] | None = None
                         ) -> tuple[Experience, dict[str, float]]:
-        """Steps 1-4 for one iteration's prompts (this process's share).
+        """Steps 1-4 for one iteration's prompts (this process's share): samples_per_prompt replies to each.
 
-        `seeds` (one per prompt) make each reply depend only on its prompt and its seed, not on which process or
-        batch it is generated in: n processes then sample what one process samples.
+        `prompts`: canonical prompt records (dicts with a `prompt`; the reward components read the whole record, e.g.
+        its `reference`) or bare prompts. The samples are the prompts in order, each repeated samples_per_prompt
+        times in a row (a group). `seeds` (one per sample) make each reply depend only on its prompt and its seed, not
+        on which process or batch it is generated in: n processes then sample what one process samples.
         """
         cfg, device, policy = self.cfg, self.rt.device, self.unwrapped
-        chunks, times = [], {"gen_s": 0.0, "score_s": 0.0, "forward_s": 0.0}
-        for start in range(0, len(prompts), cfg.chunk_size):
-            batch = list(prompts[start : start + cfg.chunk_size])
+        g = cfg.samples_per_prompt
+        records = [rec for p in prompts for rec in [p if isinstance(p, dict) else {"prompt": p}] * g]
+        if seeds is not None and len(seeds) != len(records):
+            raise ValueError(f"make_experience: {len(seeds)} seeds for {len(prompts)} prompts x {g} samples")
+        chunks, parts, times = [], [], {"gen_s": 0.0, "score_s": 0.0, "forward_s": 0.0}
+        for start in range(0, len(records), cfg.chunk_size):
+            batch_records = records[start : start + cfg.chunk_size]
+            batch = [rec["prompt"] for rec in batch_records]
             batch_seeds = None if seeds is None else list(seeds[start : start + cfg.chunk_size])
             # 1. generate: left-padded prompts, sampled replies cut at stop sequences
             t0 = time.perf_counter()
@@ -126,11 +143,14 @@ class PPO:
                     rollout = generate_rollout(lm, self.tokenizer, ids, self.settings, cfg.rollout_backend, device,
                                                capture=True, seeds=batch_seeds)
             t1 = time.perf_counter()
-            # 2. score: the reward model reads the rendered conversation, not our token ids
+            # 2. score: each component of ppo.rewards (the reward model reads the rendered conversation, the checks
+            #    the reply's text and the prompt record)
             with self.rt.autocast():
-                scores = self.scorer.score(batch, rollout.texts).to(device)
+                scores, chunk_parts = self.rewards.score(batch, rollout.texts, batch_records)
+            scores = scores.to(device)
+            parts.append(chunk_parts)
             t2 = time.perf_counter()
-            # 3. forward: old logprobs, values, entropy from the hidden states generation computed (no second
+            # 3. forward: old logprobs, values (gae), entropy from the hidden states generation computed (no second
             #    pass through the trunk); the reference's logprobs (a frozen copy, the policy with LoRA disabled,
             #    or its frozen bottom under copies of the trained top)
             input_ids, attention_mask, n_prompt = rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1]
@@ -142,13 +162,14 @@ class PPO:
                 ref_logprobs = self.reference.logprobs(input_ids, attention_mask, n_prompt)
             mask = rollout.response_mask.float()
             # inference tensors cannot enter autograd later: clone them out of inference mode
+            values = None if out.values is None else out.values.clone() * mask
             chunks.append(Experience(input_ids.clone(), attention_mask.clone(), n_prompt, mask, out.logprobs.clone(),
-                                     ref_logprobs.clone(), out.values.clone() * mask, scores,
-                                     out.entropy.clone()))
+                                     ref_logprobs.clone(), values, scores, out.entropy.clone()))
             times["gen_s"] += t1 - t0
             times["score_s"] += t2 - t1
             times["forward_s"] += time.perf_counter() - t2
         exp = merge(chunks, self.tokenizer.pad_token_id)
+        components = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
         # 2b. scale and clip the scores (trlX v0.6.0: running moments over every score seen, then the clip)
         all_scores = self.rt.gather(exp.scores)
@@ -158,23 +179,36 @@ class PPO:
         scores = pm.scale_scores(exp.scores, self.cfg.scale_reward, self.moments.std, self.ref_std)
         scores = pm.clip_scores(scores, cfg.cliprange_reward)
 
-        # 4. rewards and advantages over the whole rollout (whitened once, over every process's tokens)
-        seq_kl = pm.sequence_kl(exp.logprobs, exp.ref_logprobs, exp.mask)  # (N,)
-        self.mean_kl = float(self.rt.gather(seq_kl).mean())
-        exp.rewards = pm.kl_penalty_rewards(exp.logprobs, exp.ref_logprobs, scores, exp.mask, self.kl_ctl.value)
-        exp.advantages, exp.returns = pm.gae(exp.values, exp.rewards, exp.mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            exp.advantages = pm.whiten(exp.advantages, exp.mask, all_reduce=self.rt.all_reduce)
+        # 4. rewards and advantages over the whole rollout (normalised over every process's tokens, or per group:
+        #    a group is on one process)
+        kls = {name: self.rt.gather(v).mean() for name, v in pm.sequence_kls(exp.logprobs, exp.ref_logprobs,
+                                                                              exp.mask).items()}
+        self.mean_kl = float(kls[cfg.kl_estimator])
+        beta = self.kl_ctl.value if cfg.kl_penalty == "reward" else 0.0  # else a loss term (minibatch_gradients)
+        if cfg.critic_free:
+            exp.rewards, exp.advantages = pm.critic_free_advantages(
+                cfg.advantage_estimator, scores, exp.logprobs, exp.ref_logprobs, exp.mask, beta, g, cfg.gamma,
+                all_reduce=self.rt.all_reduce)
+        else:
+            exp.rewards = pm.kl_penalty_rewards(exp.logprobs, exp.ref_logprobs, scores, exp.mask, beta)
+            exp.advantages, exp.returns = pm.gae(exp.values, exp.rewards, exp.mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                exp.advantages = pm.whiten(exp.advantages, exp.mask, all_reduce=self.rt.all_reduce)
         # logged means over every process's samples and tokens
+        flat = exp.scores.reshape(-1, g)
         sums = self.rt.all_reduce(torch.stack([
             exp.mask.sum(), torch.tensor(float(exp.mask.shape[0]), device=exp.mask.device),
-            pm.masked_sum(exp.entropy, exp.mask), pm.masked_sum(exp.returns, exp.mask),
-            pm.masked_sum(exp.values, exp.mask)]).double()).tolist()
+            pm.masked_sum(exp.entropy, exp.mask), (flat == flat[:, :1]).all(dim=1).sum().to(exp.mask.dtype),
+            *([pm.masked_sum(exp.returns, exp.mask), pm.masked_sum(exp.values, exp.mask)] if exp.values is not None
+              else [])]).double()).tolist()
         n_tok = max(sums[0], 1.0)
         stats = {
             "score": float(all_scores.mean()), "score_std": float(all_scores.std()) if all_scores.numel() > 1 else 0.0,
-            "kl": self.mean_kl, "kl_coef": self.kl_ctl.value, "response_len": sums[0] / sums[1],
-            "entropy": sums[2] / n_tok, "returns": sums[3] / n_tok, "values": sums[4] / n_tok, **times,
+            **{f"rewards/{name}": float(self.rt.gather(v.to(device)).mean()) for name, v in components.items()},
+            "kl": self.mean_kl, **{f"kl_{name}": float(v) for name, v in kls.items()}, "kl_coef": self.kl_ctl.value,
+            "response_len": sums[0] / sums[1], "entropy": sums[2] / n_tok,
+            **({"returns": sums[4] / n_tok, "values": sums[5] / n_tok} if exp.values is not None else {}),
+            **({"groups_without_signal": sums[3] / (sums[1] / g)} if g > 1 else {}), **times,
         }
         return exp, stats
 
@@ -190,18 +224,26 @@ class PPO:
         cfg = self.cfg
         n_tokens = (self.rt.all_reduce(exp.mask[idx].sum()) / self.rt.processes).clamp(min=1)
         micro = list(idx.split(cfg.batch_size))
-        sums = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "value_clipfrac": 0.0, "approx_kl": 0.0}
+        sums: dict[str, float] = {}
         for i, rows in enumerate(micro):
             mb = exp.select(rows)
             with self.rt.micro_batch(self.policy, self.optimizer, last=i == len(micro) - 1):
-                out = self.policy(mb.input_ids, mb.attention_mask, mb.n_prompt)
+                out = self.policy(mb.input_ids, mb.attention_mask, mb.n_prompt, with_values=not cfg.critic_free)
                 pg, clipfrac, approx_kl = pm.policy_loss(out.logprobs, mb.logprobs, mb.advantages, mb.mask,
                                                          cfg.cliprange, n_tokens)
-                vf, vf_clipfrac = pm.value_loss(out.values, mb.values, mb.returns, mb.mask, cfg.cliprange_value,
-                                                n_tokens)
-                self.rt.backward(pg + cfg.vf_coef * vf)
-            for key, value in zip(sums, (pg, vf, clipfrac, vf_clipfrac, approx_kl)):
-                sums[key] += float(value.detach())
+                loss, terms = pg, {"policy_loss": pg, "clipfrac": clipfrac, "approx_kl": approx_kl}
+                if not cfg.critic_free:
+                    vf, vf_clipfrac = pm.value_loss(out.values, mb.values, mb.returns, mb.mask, cfg.cliprange_value,
+                                                    n_tokens)
+                    loss = loss + cfg.vf_coef * vf
+                    terms.update(value_loss=vf, value_clipfrac=vf_clipfrac)
+                if cfg.kl_penalty == "loss":  # GRPO: beta x k3 against the reference, in the loss
+                    kl = pm.kl_loss(out.logprobs, mb.ref_logprobs, mb.mask, n_tokens)
+                    loss = loss + self.kl_ctl.value * kl
+                    terms["kl_loss"] = kl
+                self.rt.backward(loss)
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
         return sums
 
     def update(self, exp: Experience) -> dict[str, float]:
@@ -240,34 +282,38 @@ class PPO:
         return means
 
     # ---------------------------------------------------------------------------------------------------------
-    def evaluate(self, prompts: Sequence[Prompt], seed: int) -> dict[str, float]:
-        """Mean and std of the reward of sampled replies to held-out prompts; every process calls it.
+    def evaluate(self, prompts: Sequence[Prompt | dict], seed: int) -> dict[str, Any]:
+        """Mean and std of the reward (ppo.rewards' weighted sum) of sampled replies to held-out prompts (records or
+        bare prompts), and each component's mean (`rewards`); every process calls it.
 
         The processes share the prompts; each reply has its own seed (the global RNG, and so training, is not
         touched), so the figures do not depend on the number of processes.
         """
         if not prompts:
-            return {"reward": None, "reward_std": None, "response_len": None}
+            return {"reward": None, "reward_std": None, "response_len": None, "rewards": {}}
+        records = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
         from accelerate.utils import gather_object
 
         rt = self.rt
         share = list(range(rt.rank, len(prompts), rt.processes))
         if rt.zero == 3:  # every rank runs the same forwards of the partitioned networks; the extra rows drop out
             share += [0] * (math.ceil(len(prompts) / rt.processes) - len(share))
-        mine = [prompts[i] for i in share]
+        mine = [records[i]["prompt"] for i in share]
         with rt.generation(self.policy) as lm:
             replies = [r.text for r in generate_replies(
                 lm, self.tokenizer, mine, self.settings, batch_size=self.cfg.chunk_size,
                 max_prompt_length=self.cfg.generation.max_prompt_length, seeds=[seed * 1_000_003 + i for i in share])]
         with rt.autocast():
-            scores = self.scorer.score(mine, replies).tolist() if mine else []
-        rows = [(i, s, len(self.tokenizer(r).input_ids)) for i, s, r in zip(share, scores, replies)]
+            total, parts = self.rewards.score(mine, replies, [records[i] for i in share])
+        rows = [(i, s, len(self.tokenizer(r).input_ids), {k: float(v[j]) for k, v in parts.items()})
+                for j, (i, s, r) in enumerate(zip(share, total.tolist(), replies))]
         rows = rows[: len(range(rt.rank, len(prompts), rt.processes))]
-        rows = sorted(gather_object(rows) if rt.processes > 1 else rows)
-        all_scores = torch.tensor([s for _, s, _ in rows], dtype=torch.float64)
+        rows = sorted(gather_object(rows) if rt.processes > 1 else rows, key=lambda row: row[0])
+        all_scores = torch.tensor([s for _, s, _, _ in rows], dtype=torch.float64)
         return {"reward": float(all_scores.mean()),
                 "reward_std": float(all_scores.std()) if len(all_scores) > 1 else 0.0,
-                "response_len": float(np.mean([n for _, _, n in rows]))}
+                "response_len": float(np.mean([n for _, _, n, _ in rows])),
+                "rewards": {k: float(np.mean([c[k] for _, _, _, c in rows])) for k in rows[0][3]}}
 
     def state_dict(self) -> dict[str, Any]:
         return {"kl_ctl": self.kl_ctl.state_dict(), "moments": self.moments.state_dict(), "ref_std": self.ref_std,
@@ -321,31 +367,36 @@ class PromptSampler:
 
 def plan_iterations(cfg: PPOConfig, n_prompts: int, n_processes: int = 1) -> tuple[int, int]:
     """(iterations, optimizer steps per iteration): as many whole iterations as fit in total_steps, at most
-    `epochs` passes over the prompts (an iteration reads num_rollouts x n_processes of them), at least one.
+    `epochs` passes over the prompts (an iteration reads num_rollouts x n_processes / samples_per_prompt of them), at
+    least one.
 
     Every process generates num_rollouts samples and takes the same optimizer steps (trlX v0.6.0), so the steps per
     iteration do not depend on the number of processes."""
     steps_per_iter = cfg.ppo_epochs * math.ceil(cfg.num_rollouts / (cfg.batch_size * cfg.grad_accum))
     iterations = max(1, cfg.total_steps // steps_per_iter)
-    iterations = min(iterations, max(1, cfg.epochs * n_prompts // (cfg.num_rollouts * n_processes)))
+    prompts_per_iter = cfg.num_rollouts * n_processes // cfg.samples_per_prompt
+    iterations = min(iterations, max(1, cfg.epochs * n_prompts // prompts_per_iter))
     return iterations, steps_per_iter
 
 
-def _read_prompts(path: Path) -> list[Prompt]:
+def _read_prompts(path: Path) -> list[dict[str, Any]]:
+    """The prompt records (id, source, prompt and, where the data has one, reference): the rewards read them whole."""
     from rlhfchat.data.schema import read_jsonl
 
-    return [rec["prompt"] for rec in read_jsonl(path, "prompts")]
+    return list(read_jsonl(path, "prompts"))
 
 
 # -------------------------------------------------------------------------------------------------------------
 
 
 def main(recipe: Recipe) -> dict[str, Any]:
-    """The PPO stage (rlhfchat/stage.py: skipped when done, resumed from its last checkpoint); returns its metrics."""
+    """The PPO stage (rlhfchat/stage.py: skipped when done, resumed from its last checkpoint); returns its metrics.
+    The reward model is an input only where a component of ppo.rewards is one."""
     from rlhfchat import stage
 
     run, data = recipe.run_dir, recipe.run_dir / "data"
-    return stage.run(recipe, "ppo", inputs=[run / "sft", run / "reward", data / "prompts.train.jsonl",
+    reward = [run / "reward"] if needs_reward_model(recipe.ppo.rewards) else []
+    return stage.run(recipe, "ppo", inputs=[run / "sft", *reward, data / "prompts.train.jsonl",
                                             data / "prompts.eval.jsonl"], optional=[data / "prompts.eval.jsonl"],
                      config={"ppo": recipe.ppo, "seed": recipe.seed},
                      body=lambda m: m.update(resumed_from_step=train(recipe).get("resumed_from_step")))
@@ -370,15 +421,18 @@ def train(recipe: Recipe) -> dict[str, Any]:
     eval_prompts = _read_prompts(eval_path)[: cfg.eval_prompts] if eval_path.is_file() else []
     if not train_prompts:
         raise RlhfchatError(f"{run / 'data' / 'prompts.train.jsonl'}: no prompts")
+    check_functions(cfg.rewards)  # a bad module:function fails here, before any model is loaded
 
     # the policy in the dtype the SFT folder holds; the reward model reads texts as it was trained to (scoring.json)
-    ppo = PPO.from_folders(run / "sft", run / "reward", cfg, rt, dtype=torch_dtype(folder_dtype(run / "sft")),
-                           seed=recipe.seed)
+    ppo = PPO.from_folders(run / "sft", run / "reward" if needs_reward_model(cfg.rewards) else None, cfg, rt,
+                           dtype=torch_dtype(folder_dtype(run / "sft")), seed=recipe.seed)
     # Iterations (num_rollouts samples on each rank, as trlX v0.6.0) are the unit of progress: every rank takes the
     # same optimizer steps in each, so a checkpoint resumes on any number of ranks (an iteration then reads
     # num_rollouts x ranks prompts).
     iterations, steps_per_iter = plan_iterations(cfg, len(train_prompts), accelerator.num_processes)
     n_samples = cfg.num_rollouts * accelerator.num_processes  # per iteration, over every rank
+    group = cfg.samples_per_prompt
+    n_iter_prompts = n_samples // group  # each answered `group` times, the group on one rank
     sampler = PromptSampler(len(train_prompts), recipe.seed)
     metrics_path = out_dir / "metrics.jsonl"
 
@@ -412,11 +466,11 @@ def train(recipe: Recipe) -> dict[str, Any]:
     with rt.loop():
         for step in bar:
             t0 = time.perf_counter()
-            # this process's share of the iteration's prompts; each sample's seed depends only on its place in the
-            # iteration, so any number of processes samples the same replies
-            share = range(accelerator.process_index, n_samples, accelerator.num_processes)
-            order = sampler.next(n_samples)
-            seeds = [(recipe.seed * 1_000_003 + step) * n_samples + j for j in share]
+            # this process's share of the iteration's prompts (whole groups); each sample's seed depends only on its
+            # place in the iteration, so any number of processes samples the same replies
+            share = range(accelerator.process_index, n_iter_prompts, accelerator.num_processes)
+            order = sampler.next(n_iter_prompts)
+            seeds = [(recipe.seed * 1_000_003 + step) * n_samples + j * group + k for j in share for k in range(group)]
             exp, rollout_stats = ppo.make_experience([train_prompts[order[j]] for j in share], seeds)  # steps 1-4
             t1 = time.perf_counter()
             update_stats = ppo.update(exp)  # step 5
@@ -431,7 +485,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
             if cfg.report_to:
                 accelerator.log(stats, step=step + 1)
             bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", pg=f"{stats['policy_loss']:.3f}",
-                            vf=f"{stats['value_loss']:.3f}")
+                            **({"vf": f"{stats['value_loss']:.3f}"} if "value_loss" in stats else {}))
             if (step + 1) % cfg.save_steps == 0 or step + 1 == iterations:
                 ppo.save_checkpoint(ckpt_root, step + 1, {
                     "sampler": sampler.state_dict(), "eval_before": before,
@@ -448,7 +502,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
             "eval_reward_before": before["reward"], "eval_reward_after": after["reward"],
             "eval_reward_std_before": before["reward_std"], "eval_reward_std_after": after["reward_std"],
             "eval_response_len_before": before["response_len"], "eval_response_len_after": after["response_len"],
-            "eval_prompts": len(eval_prompts), "kl": last.get("kl"), "kl_coef": ppo.kl_ctl.value,
+            "eval_rewards_before": before.get("rewards"), "eval_rewards_after": after.get("rewards"),
+            "eval_prompts": len(eval_prompts), "kl": last.get("kl"), "kl_estimator": cfg.kl_estimator,
+            "kl_k1": last.get("kl_k1"), "kl_coef": ppo.kl_ctl.value, "advantage_estimator": cfg.advantage_estimator,
             "steps": iterations, "optimizer_steps": ppo.optimizer_steps, "steps_per_iteration": steps_per_iter,
             "samples": iterations * n_samples, "resumed_from_step": start or None,
             "wall_time_s": round(elapsed + time.perf_counter() - t_start, 2),

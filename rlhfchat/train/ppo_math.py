@@ -11,6 +11,11 @@ tensor is `(B, R)` and comes with a `mask` of the same shape: 1 on real response
     vf, vclip    = value_loss(new_values, values, ret, mask, cliprange_value)
     loss         = pg + vf_coef * vf
 
+The critic-free estimators (GRPO, Dr. GRPO, RLOO, REINFORCE++) replace the value head and GAE:
+
+    rewards, adv = critic_free_advantages("grpo", scores, logprobs, ref_logprobs, mask, kl_coef, group_size=4)
+    loss         = pg + kl_coef * kl_loss(new_logprobs, ref_logprobs, mask)   # ppo.kl_penalty: loss (kl_coef 0 above)
+
 The losses take an optional `n_tokens` denominator so that a minibatch split into micro-batches for gradient
 accumulation gives the same gradient as the whole minibatch in one go (each micro-batch divides by the token
 count of the whole minibatch; the micro-batch gradients then sum to the minibatch gradient).
@@ -200,6 +205,52 @@ def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0)
         running = rewards[:, t] + gamma * running
         out[:, t] = running
     return out * mask
+
+
+def critic_free_advantages(estimator: str, scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                           mask: torch.Tensor, kl_coef: float, group_size: int = 1, gamma: float = 1.0,
+                           all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token rewards, advantages) without a critic. scores: (N,); logprobs, ref_logprobs, mask: (B, R).
+
+    grpo, dr_grpo, rloo: each sample's score becomes its group's advantage (group_advantages; rows g*G .. g*G + G - 1
+    share a prompt), placed on its last token with the per-token KL penalty -kl_coef * (logp - ref) (kl_coef 0 when the
+    KL is a loss term instead), and the advantage of token t is the return from t on (returns_to_go). With the KL in
+    the loss this is the group advantage on every token of the reply (GRPO's outcome supervision, Shao et al. 2024
+    section 4.1.2); with it in the reward, the group advantage plus the penalties still to come (OpenRLHF does the
+    same for its group estimators: openrlhf/trainer/ppo_utils/experience_maker.py at commit 01359b4 baselines the
+    scores, then adds the per-token KL and takes cumulative returns).
+    reinforce_pp: the returns-to-go of the KL-penalised rewards (score on the last token), whitened over the batch's
+    tokens (over every process with `all_reduce`): REINFORCE++, Hu et al. 2025.
+    """
+    if estimator in ("grpo", "dr_grpo", "rloo"):
+        shaped = group_advantages(scores, group_size, estimator)
+        rewards = kl_penalty_rewards(logprobs, ref_logprobs, shaped, mask, kl_coef)
+        return rewards, returns_to_go(rewards, mask, gamma)
+    if estimator == "reinforce_pp":
+        rewards = kl_penalty_rewards(logprobs, ref_logprobs, scores, mask, kl_coef)
+        return rewards, whiten(returns_to_go(rewards, mask, gamma), mask, all_reduce=all_reduce)
+    raise ValueError(f"critic_free_advantages: expected grpo, dr_grpo, rloo or reinforce_pp, got {estimator!r}")
+
+
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+            n_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
+    """GRPO's KL term: the mean over tokens of k3_kl (with grad through logprobs). (B, R) -> scalar; `n_tokens` as in
+    masked_mean."""
+    return masked_mean(k3_kl(logprobs, ref_logprobs), mask, n_tokens)
+
+
+def sequence_kls(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each estimator of eval/kl.py (k1, k3, trlx) summed over each response's tokens. (B, R) -> {name: (B,)}.
+
+    trlx is sequence_kl itself (in the tensors' dtype), so the default run's adaptive controller reads exactly what
+    it read before the other two were logged; k1 and k3 are summed in float64."""
+    from rlhfchat.eval.kl import token_estimates
+
+    log_ratio = (logprobs - ref_logprobs) * mask
+    out = {name: (values * mask).sum(dim=1).to(logprobs.dtype) for name, values in token_estimates(log_ratio).items()
+           if name != "trlx"}
+    return {**out, "trlx": sequence_kl(logprobs, ref_logprobs, mask)}
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,13 @@ def math_reward(prompt: list, reply: str, record: dict) -> float:
     return float(reference is not None and answers_match(reply, reference))
 
 
+def check_functions(components: Sequence[Any], key: str = "ppo.rewards") -> None:
+    """Import every function component's `module:function` (a bad one is load_function's one-line error)."""
+    for i, c in enumerate(components):
+        if c.kind == "function":
+            load_function(c.function, f"{key}[{i}].function")
+
+
 def needs_reward_model(components: Sequence[Any]) -> bool:
     """Whether any component is the reward model (else RL can run without loading it)."""
     return any(c.kind == "reward_model" for c in components)
@@ -67,17 +74,22 @@ def needs_reward_model(components: Sequence[Any]) -> bool:
 class Rewards:
     """The recipe's reward components; `score` gives the weighted total and each component's values."""
 
-    def __init__(self, components: Sequence[Any], scorer: Any = None, key: str = "ppo.rewards"):
+    def __init__(self, components: Sequence[Any], scorer: Any = None, key: str = "ppo.rewards",
+                 checks_only: bool = False):
         """components: objects with `kind`, `weight` and (for `function`) `function`; scorer: the reward model
-        (rollout.RewardScorer), needed when a component is `reward_model`."""
+        (rollout.RewardScorer), needed when a component is `reward_model`; `checks_only`: leave the reward_model
+        components out (eval scores the replies with the reward model itself)."""
         if not components:
             raise RlhfchatError(f"{key}: expected at least one reward component ({', '.join(KINDS)})")
         self.components: list[tuple[str, float, Any]] = []  # (name, weight, the scorer or a per-reply function)
+        self.where: dict[str, str] = {}  # name -> the recipe key, for errors
         names: set[str] = set()
         for i, c in enumerate(components):
             where = f"{key}[{i}]"
             if c.kind not in KINDS:
                 raise RlhfchatError(f"{where}.kind: expected one of {', '.join(KINDS)}, got {c.kind!r}")
+            if c.kind == "reward_model" and checks_only:
+                continue
             if c.kind == "reward_model":
                 if scorer is None:
                     raise RlhfchatError(f"{where}: a reward_model component needs the run's reward model")
@@ -92,6 +104,7 @@ class Rewards:
             if name in names:
                 raise RlhfchatError(f"{where}: two components are named {name!r}; give one a `name`")
             names.add(name)
+            self.where[name] = f"{where}.function"
             self.components.append((name, float(c.weight), fn))
 
     def score(self, prompts: Sequence[Any], replies: Sequence[str], records: Sequence[dict]
@@ -103,17 +116,17 @@ class Rewards:
             if hasattr(fn, "score"):  # the reward model, batched
                 values = fn.score(prompts, replies).float().cpu()
             else:
-                values = torch.tensor([self._call(name, fn, p, r, rec) for p, r, rec in zip(prompts, replies, records)],
-                                      dtype=torch.float32)
+                values = torch.tensor([self._call(self.where[name], name, fn, p, r, rec)
+                                       for p, r, rec in zip(prompts, replies, records)], dtype=torch.float32)
             parts[name] = values
             total += weight * values
         return total, parts
 
     @staticmethod
-    def _call(name: str, fn: RewardFunction, prompt: Any, reply: str, record: dict) -> float:
+    def _call(where: str, name: str, fn: RewardFunction, prompt: Any, reply: str, record: dict) -> float:
         value = fn(prompt, reply, record)
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             rid = record.get("id") if isinstance(record, dict) else None
-            raise RlhfchatError(f"reward {name!r}: returned {type(value).__name__} {value!r} for prompt {rid!r}, "
-                                "expected a float")
+            raise RlhfchatError(f"{where}: reward {name!r} returned {type(value).__name__} {value!r} for prompt "
+                                f"{rid!r}, expected a float")
         return float(value)
