@@ -51,7 +51,7 @@ SECTIONS = {"pipeline": (), "data": ("data",), "sft": ("base", "sft"), "reward":
 
 
 def _fields_help(name: str) -> str:
-    """Every recipe field the stage reads, with its type, default and documentation (from rlhfchat/config.py)."""
+    """Every recipe field the stage reads, with its type, default and documentation (from rlhfchat/config.py and config_inputs.py)."""
     from rlhfchat.config import Recipe
     from rlhfchat.typed import describe
 
