@@ -20,7 +20,9 @@ Isolation: every per-request setting is checked, and the request's random genera
 request can join a batch; a failure that belongs to one request (its prefill, NaN scores in its row) fails that
 request alone, and only a failed decoding step of the whole batch fails every running request.
 
-Stop handling: a reply ends at EOS or at a stop sequence of the chat template ("### Human:"); while streaming, text
+Sampling is the decoding core's (rlhfchat/decoding.py: `penalize_repeats`, `warp`, `draw`), as in PPO's rollouts
+and evaluation. Stop handling: a reply ends at EOS, at the chat template's end-of-turn token (decoding.end_token_ids:
+ChatML's <|im_end|>) or at a stop sequence ("### Human:"); while streaming, text
 that could be the start of a stop sequence (and trailing whitespace) is held back, so no part of it ever leaks.
 
 With vLLM installed and a CUDA GPU present, `load_engine` returns the vLLM backend (engine_vllm.py) instead, with
@@ -45,7 +47,7 @@ from rlhfchat.chat.request import (  # noqa: F401  (re-exported: callers import 
     DEFAULT_MAX_NEW_TOKENS, Completion, EngineBusy, EngineCalls, EngineClosed, GenerationFailed, PromptTooLong, Request,
     SamplingParams, check_messages, stop_sequences, stream_safe,
 )
-from rlhfchat.decoding import cut_at_stop
+from rlhfchat.decoding import cut_at_stop, draw, end_token_ids, penalize_repeats, warp
 from rlhfchat.errors import RlhfchatError
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,8 @@ class ChatEngine(EngineCalls):
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = {int(e) for e in [*eos, self.tokenizer.eos_token_id] if e is not None}
+        # EOS (the model's and the tokenizer's) and the chat template's end-of-turn token (ChatML's <|im_end|>)
+        self.eos_ids = {int(e) for e in [*eos, *end_token_ids(self.tokenizer)] if e is not None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -170,7 +173,7 @@ class ChatEngine(EngineCalls):
         params = (params or SamplingParams()).check()
         used, ids, budget = self.fit(messages, params.max_new_tokens, truncate)
         req = Request(used, params, ids, self.name, budget)
-        gen = torch.Generator(device=self.device)
+        gen = torch.Generator()  # on the CPU (decoding.draw): a seed draws the same numbers on every device
         try:  # here, not in the batched step: a seed torch refuses fails this request alone
             gen.manual_seed(params.seed if params.seed is not None else random.randrange(2**63))
         except (RuntimeError, ValueError, TypeError, OverflowError) as e:
@@ -345,13 +348,11 @@ class ChatEngine(EngineCalls):
         """One token per row from (B, V) float logits, each row with its own settings and random generator; None
         for a row whose scores are NaN or +inf (or all -inf): that row fails alone (`_settle`).
 
-        The HF order: repetition penalty, temperature, top-k, then top-p on what top-k left. Vectorised over
-        rows; each row draws one uniform number from its own generator and inverts its CDF, so a seeded request
-        samples the same way alone or in a batch. Scores are shifted so that each row's best is 0 before the
-        temperature divides them: a tiny temperature then tends to greedy instead of overflowing to NaN."""
+        The decoding core's sampler (rlhfchat/decoding.py), as PPO's rollouts and evaluation use it: the repetition
+        penalty (`penalize_repeats`), then `warp` (temperature, top-k, top-p, in transformers' order, one setting
+        per row) and `draw` (one uniform number from the row's own CPU generator, inverted through the row's CDF),
+        so a seeded request samples the same way alone or in a batch. Temperature 0 takes the penalized argmax."""
         import torch
-
-        from rlhfchat.decoding import inverse_cdf_sample
 
         bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)  # (B,)
         if bool(bad.any()):
@@ -362,35 +363,23 @@ class ChatEngine(EngineCalls):
                     out[i] = t
             return out
         params = [r.req.params for r in rows]
-        b, v = logits.shape
-        dev = logits.device
-        x = logits
-        if any(p.repetition_penalty != 1.0 for p in params):
-            pen = torch.tensor([p.repetition_penalty for p in params], device=dev).unsqueeze(1)  # (B, 1)
-            seen = torch.stack([r.seen for r in rows])  # (B, V)
-            x = torch.where(seen, torch.where(x > 0, x / pen, x * pen), x)
+        x = self._penalized(logits, rows)
         greedy = x.argmax(dim=-1)  # (B,)
         if all(p.temperature == 0 for p in params):
             return greedy.tolist()
-        temp = torch.tensor([p.temperature or 1.0 for p in params], device=dev).clamp(min=1e-30).unsqueeze(1)
-        x = (x - x.max(dim=-1, keepdim=True).values) / temp  # (B, V), each row's best token at 0
-        use_k = any(0 < p.top_k < v for p in params)
-        use_p = any(p.top_p < 1.0 for p in params)
-        order = None
-        if use_k or use_p:
-            x, order = torch.sort(x, dim=-1, descending=True)  # (B, V), order maps sorted -> token id
-            if use_k:
-                k = torch.tensor([p.top_k if 0 < p.top_k < v else v for p in params], device=dev).unsqueeze(1)
-                x = x.masked_fill(torch.arange(v, device=dev).unsqueeze(0) >= k, float("-inf"))
-            if use_p:
-                top_p = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
-                probs = x.softmax(dim=-1)
-                x = x.masked_fill(probs.cumsum(dim=-1) - probs > top_p, float("-inf"))  # keeps >= 1 token
-        u = torch.stack([torch.rand((), generator=r.generator, device=dev) for r in rows])
-        idx = inverse_cdf_sample(x, u).unsqueeze(1)  # (B, 1)
-        sampled = (order.gather(1, idx) if order is not None else idx).squeeze(1)
-        is_greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
-        return torch.where(is_greedy, greedy, sampled).tolist()
+        scores, order = warp(x, [p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params])
+        sampled = draw(scores, order, [r.generator for r in rows])
+        is_greedy = torch.tensor([p.temperature == 0 for p in params], device=logits.device)
+        return torch.where(is_greedy, greedy, sampled.to(logits.device)).tolist()
+
+    def _penalized(self, logits: Any, rows: list[_Row]) -> Any:
+        """(B, V) logits with each row's repetition penalty on the tokens of its prompt and reply so far."""
+        import torch
+
+        params = [r.req.params for r in rows]
+        if all(p.repetition_penalty == 1.0 for p in params):
+            return logits
+        return penalize_repeats(logits, [p.repetition_penalty for p in params], torch.stack([r.seen for r in rows]))
 
     def _settle(self, row: _Row, token: int | None) -> bool:
         """`_accept` for one row of a batched step, failing that row alone when it cannot go on; True when the row
