@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -116,12 +117,69 @@ def resolve_model(path: str | Path, what: str = "") -> str:
     return hub.model_ref(str(path), what)
 
 
+@dataclass
+class Adapter:
+    """A LoRA adapter folder (peft's adapter_config.json): the adapters, the base model they were trained on, and
+    where its tokenizer is (the adapter folder when it has tokenizer files, else the base)."""
+
+    folder: Path
+    base: str
+    """The base model as `from_pretrained` takes it (resolve_model of base_model_name_or_path)."""
+    tokenizer: str
+
+
+def find_adapter(source: str | Path) -> Adapter | None:
+    """The LoRA adapter in a folder, or None when it holds no adapter_config.json (a plain model folder, a hub id).
+    The one place an adapter folder's base model is looked up."""
+    folder = Path(source)
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        return None
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+    except ValueError as e:
+        raise RlhfchatError(f"{config}: not JSON ({e})") from None
+    if not base:
+        raise RlhfchatError(f"{config}: no base_model_name_or_path, so the base model is unknown")
+    base = resolve_model(base, f"{config}: base_model_name_or_path")
+    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return Adapter(folder, base, str(folder) if has_tokenizer else base)
+
+
+def load_model_folder(path: str | Path, auto_cls: Any = None, dtype: torch.dtype = torch.float32,
+                      what: str = "a model", **kwargs: Any) -> Any:
+    """`auto_cls.from_pretrained` (AutoModelForCausalLM by default) of a model folder or hub id (resolve_model: a
+    weight delta is refused, offline a hub id is its cached copy), every failure one line naming the folder and
+    `what` it should have held. A LoRA adapter folder (find_adapter) loads its base model with the adapters merged
+    in. The one loader of a model folder: training, the reward scorer, evaluation and the chat engine."""
+    if auto_cls is None:
+        from transformers import AutoModelForCausalLM as auto_cls
+    source = resolve_model(path)
+    adapter = find_adapter(source)
+    if adapter is None:
+        try:
+            return auto_cls.from_pretrained(source, dtype=dtype, **kwargs)
+        except (OSError, ValueError) as e:
+            raise RlhfchatError(f"{path}: cannot load {what} ({str(e).splitlines()[0]})") from None
+    try:
+        model = auto_cls.from_pretrained(adapter.base, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        raise RlhfchatError(f"{path}: cannot load the adapter's base model {adapter.base} "
+                            f"({str(e).splitlines()[0]})") from None
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter.folder).merge_and_unload()
+
+
 def load_tokenizer(path: str | Path, chat_template: str = "model") -> Any:
     """The tokenizer of a model folder with a pad token and its chat template: the folder's own (Vicuna v0 where it
-    has none), or as `chat_template` says (chat_format.choose_template: model, vicuna_v0 or a Jinja file)."""
+    has none), or as `chat_template` says (chat_format.choose_template: model, vicuna_v0 or a Jinja file). A LoRA
+    adapter folder without tokenizer files has its base model's."""
     from transformers import AutoTokenizer
 
     source = resolve_model(path)
+    adapter = find_adapter(source)
+    source = adapter.tokenizer if adapter is not None else source
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:  # ValueError: a folder without tokenizer files
@@ -164,10 +222,7 @@ def load_pretrained(auto_cls: Any, path: str | Path, dtype: torch.dtype, lora: A
     quantize = getattr(lora, "quantize", None) if lora is not None else None
     path = resolve_model(path)
     if not quantize:
-        try:
-            return auto_cls.from_pretrained(str(path), dtype=dtype, **kwargs)
-        except (OSError, ValueError) as e:
-            raise RlhfchatError(f"{path}: cannot load a model ({str(e).splitlines()[0]})") from None
+        return load_model_folder(path, auto_cls, dtype, **kwargs)
     try:
         import bitsandbytes as bnb
     except ImportError:

@@ -508,32 +508,11 @@ def _layers(cache: Any) -> Iterator[tuple[Any, Any]]:
 
 def _load_model(source: str, dtype: Any) -> tuple[Any, str | Path]:
     """The causal LM of a folder (or of a hub id, as models.resolve_model gave it), or of a LoRA adapter folder
-    merged into its base; and where its tokenizer is."""
-    from transformers import AutoModelForCausalLM
+    merged into its base (models.load_model_folder); and where its tokenizer is."""
+    from rlhfchat.models import find_adapter, load_model_folder
 
-    model_dir = Path(source)
-    adapter = model_dir / "adapter_config.json"
-    if not adapter.is_file():
-        try:
-            return AutoModelForCausalLM.from_pretrained(source, dtype=dtype), source
-        except (OSError, ValueError) as e:
-            raise RlhfchatError(f"{model_dir}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
-    from peft import PeftModel
-
-    from rlhfchat.models import resolve_model
-
-    base = json.loads(adapter.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise RlhfchatError(f"{adapter}: no base_model_name_or_path, so the base model is unknown")
-    base = resolve_model(base, f"{adapter}: base_model_name_or_path")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise RlhfchatError(f"{model_dir}: cannot load the adapter's base model {base} "
-                            f"({str(e).splitlines()[0]})") from None
-    model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
-    has_tokenizer = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    return model, model_dir if has_tokenizer else Path(base)
+    adapter = find_adapter(source)
+    return load_model_folder(source, dtype=dtype, what="a causal LM"), adapter.tokenizer if adapter else source
 
 
 def vllm_available() -> bool:

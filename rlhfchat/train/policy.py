@@ -315,13 +315,9 @@ def build_policy(sft_dir: str | Path, share_trunk: bool = True, lora: LoraConfig
 
 
 def _load(auto_cls: Any, path: str | Path, dtype: torch.dtype) -> nn.Module:
-    from rlhfchat.models import resolve_model
+    from rlhfchat.models import load_model_folder
 
-    path = resolve_model(path)  # a folder or hub id; a weight delta is refused
-    try:
-        return auto_cls.from_pretrained(str(path), dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise RlhfchatError(f"{path}: cannot load a model ({str(e).splitlines()[0]})") from None
+    return load_model_folder(path, auto_cls, dtype)
 
 
 class Reference:
