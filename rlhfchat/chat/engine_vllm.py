@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhfchat.chat.request import (
-    EngineBusy, EngineCalls, EngineClosed, GenerationFailed, Request, SamplingParams, check_messages, stop_sequences,
-    stream_safe,
+    EngineBusy, EngineCalls, EngineClosed, GenerationFailed, Request, SamplingParams, chars_per_token_bound,
+    stop_sequences, stream_safe,
 )
 
 
@@ -44,8 +44,6 @@ class VLLMEngine(EngineCalls):
             base, tokenizer = adapter.base, adapter.tokenizer
             self._lora = LoRARequest(self.name, 1, str(self.model_dir))
         self.tokenizer = load_tokenizer(tokenizer)
-        from rlhfchat.chat.engine import chars_per_token_bound
-
         self.chars_per_token = chars_per_token_bound(self.tokenizer)
         cfg = AutoConfig.from_pretrained(base)
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -65,24 +63,6 @@ class VLLMEngine(EngineCalls):
     @staticmethod
     async def _create(cls: Any, args: Any) -> Any:
         return cls.from_engine_args(args)
-
-    # the same prompt handling as the HF backend
-    def render(self, messages: list[dict[str, str]]) -> str:
-        from rlhfchat.chat.engine import ChatEngine
-
-        return ChatEngine.render(self, messages)  # type: ignore[arg-type]
-
-    def encode(self, messages: list[dict[str, str]], limit: int | None = None) -> list[int] | None:
-        from rlhfchat.chat.engine import ChatEngine
-
-        return ChatEngine.encode(self, messages, limit)  # type: ignore[arg-type]
-
-    def fit(self, messages: list[dict[str, str]], max_new_tokens: int | None = None,
-            truncate: bool = True) -> tuple[list[dict[str, str]], list[int], int]:
-        from rlhfchat.chat.engine import ChatEngine
-
-        messages = check_messages(messages)
-        return ChatEngine.fit(self, messages, max_new_tokens, truncate)  # type: ignore[arg-type]
 
     def submit(self, messages: list[dict[str, str]], params: SamplingParams | None = None, *, truncate: bool = True,
                block: bool = False) -> Request:
