@@ -34,7 +34,7 @@ CONVERSATION = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assista
 
 
 def _tokenizer(kind: str):
-    from rlhfchat.models import train_tokenizer
+    from rlhfchat.tiny import train_tokenizer
 
     tok = train_tokenizer(CORPUS, 300)
     if kind == "chatml":

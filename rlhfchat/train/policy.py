@@ -174,11 +174,11 @@ class PolicyWithValueHead(nn.Module):
         critic-free)."""
         from safetensors.torch import save_file
 
-        from rlhfchat.models import merged
+        from rlhfchat.lora import merged
 
         # LoRA: folds the adapters into the weights in place (no second copy); the policy computes the same function
         # afterwards, but the adapters are gone, so this is the last thing a run does. QLoRA: merged into the base
-        # loaded again in full precision (models.merged).
+        # loaded again in full precision (lora.merged).
         self.lm = merged(self.lm)
         self.lm.save_pretrained(out_dir)
         if self.value_head is not None:
