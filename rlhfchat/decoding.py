@@ -123,10 +123,14 @@ def warp(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int
     return x, order
 
 
-def draw(scores: torch.Tensor, order: torch.Tensor | None, generators: Sequence[torch.Generator]) -> torch.Tensor:
+def draw(scores: torch.Tensor, order: torch.Tensor | None, generators: Sequence[torch.Generator],
+         dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """One token per row of warped `scores` (warp's output): one uniform number from each row's own generator (on the
-    CPU, so a seed draws the same numbers on every device), the token where it falls in the row's CDF. -> (B,)."""
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    CPU, so a seed draws the same numbers on every device), the token where it falls in the row's CDF. -> (B,).
+
+    `dtype`: of the uniform numbers. The chat engine draws float32 ones, as it always has, so that a request's
+    `seed` keeps giving the reply it gave before; rollouts and evaluation draw float64 ones."""
+    u = torch.cat([torch.rand(1, generator=g, dtype=dtype) for g in generators])
     idx = inverse_cdf_sample(scores, u).unsqueeze(1)  # (B, 1)
     return (order.gather(1, idx) if order is not None else idx).squeeze(1)
 

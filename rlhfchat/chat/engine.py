@@ -327,7 +327,7 @@ class ChatEngine(EngineCalls):
         if all(p.temperature == 0 for p in params):
             return greedy.tolist()
         scores, order = warp(x, [p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params])
-        sampled = draw(scores, order, [r.generator for r in rows])
+        sampled = draw(scores, order, [r.generator for r in rows], dtype=torch.float32)  # (see draw)
         is_greedy = torch.tensor([p.temperature == 0 for p in params], device=logits.device)
         return torch.where(is_greedy, greedy, sampled.to(logits.device)).tolist()
 
