@@ -55,16 +55,43 @@ class GenerationSettings(GenerationConfig):
     def for_template(self, tokenizer: Any, texts: bool = True) -> "GenerationSettings":
         """These settings with the chat template's end-of-turn tokens added to the stops, and with `texts` its stop
         texts too (data/chat_format.template_stops: EOS, <|im_end|>, Vicuna's "### Human:")."""
-        from rlhfchat.data.chat_format import template_stops
-
-        try:
-            stops = template_stops(tokenizer)
-        except Exception:  # a template that cannot render a plain two-turn chat: EOS alone ends a reply
+        stops = _template_stops(tokenizer)
+        if stops is None:
             return self
         eos = tokenizer.eos_token_id
         ids = list(dict.fromkeys([*self.stop_token_ids, *(t for t in stops.token_ids if t != eos)]))
         strings = list(dict.fromkeys([*self.stop_sequences, *(stops.strings if texts else [])]))
         return dataclasses.replace(self, stop_token_ids=ids, stop_sequences=strings)
+
+
+def _template_stops(tokenizer: Any) -> Any:
+    """data/chat_format.template_stops, or None for a template that cannot render a plain two-turn chat (EOS alone
+    then ends a reply)."""
+    from rlhfchat.data.chat_format import template_stops
+
+    try:
+        return template_stops(tokenizer)
+    except Exception:
+        return None
+
+
+def end_token_ids(tokenizer: Any) -> list[int]:
+    """The tokens that end a reply under the tokenizer's chat template: EOS and the template's end-of-turn token
+    (ChatML's <|im_end|>), as `GenerationSettings.for_template` adds them."""
+    stops = _template_stops(tokenizer)
+    ids = [tokenizer.eos_token_id, *(stops.token_ids if stops is not None else [])]
+    return list(dict.fromkeys(int(t) for t in ids if t is not None))
+
+
+def penalize_repeats(logits: torch.Tensor, repetition_penalty: Sequence[float] | None, seen: torch.Tensor | None
+                     ) -> torch.Tensor:
+    """The repetition penalty (CTRL / transformers' definition), one per row, on the tokens `seen` (B, V) bool:
+    a seen token's positive score is divided by it, a negative one multiplied. (B, V) -> (B, V); no penalty other
+    than 1 leaves the logits as they are."""
+    if repetition_penalty is None or all(p == 1.0 for p in repetition_penalty):
+        return logits
+    pen = torch.tensor(list(repetition_penalty), device=logits.device, dtype=logits.dtype).unsqueeze(1)  # (B, 1)
+    return torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
 
 
 def warp(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int], top_p: Sequence[float],
@@ -78,10 +105,7 @@ def warp(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int
     temperature tends to greedy instead of overflowing to NaN."""
     b, v = logits.shape
     dev = logits.device
-    x = logits
-    if repetition_penalty is not None and any(p != 1.0 for p in repetition_penalty):
-        pen = torch.tensor(list(repetition_penalty), device=dev, dtype=x.dtype).unsqueeze(1)  # (B, 1)
-        x = torch.where(seen, torch.where(x > 0, x / pen, x * pen), x)
+    x = penalize_repeats(logits, repetition_penalty, seen)
     temp = torch.tensor([t or 1.0 for t in temperature], device=dev, dtype=x.dtype).clamp(min=1e-30).unsqueeze(1)
     x = (x - x.max(dim=-1, keepdim=True).values) / temp  # (B, V), each row's best token at 0
     use_k = any(0 < k < v for k in top_k)
@@ -99,10 +123,14 @@ def warp(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int
     return x, order
 
 
-def draw(scores: torch.Tensor, order: torch.Tensor | None, generators: Sequence[torch.Generator]) -> torch.Tensor:
+def draw(scores: torch.Tensor, order: torch.Tensor | None, generators: Sequence[torch.Generator],
+         dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """One token per row of warped `scores` (warp's output): one uniform number from each row's own generator (on the
-    CPU, so a seed draws the same numbers on every device), the token where it falls in the row's CDF. -> (B,)."""
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    CPU, so a seed draws the same numbers on every device), the token where it falls in the row's CDF. -> (B,).
+
+    `dtype`: of the uniform numbers. The chat engine draws float32 ones, as it always has, so that a request's
+    `seed` keeps giving the reply it gave before; rollouts and evaluation draw float64 ones."""
+    u = torch.cat([torch.rand(1, generator=g, dtype=dtype) for g in generators])
     idx = inverse_cdf_sample(scores, u).unsqueeze(1)  # (B, 1)
     return (order.gather(1, idx) if order is not None else idx).squeeze(1)
 

@@ -34,7 +34,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhfchat.models import train_tokenizer
+    from rlhfchat.tiny import train_tokenizer
 
     cfg = _tiny_config()
     out = tmp_path_factory.mktemp("tiny_policy")

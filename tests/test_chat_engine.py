@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from rlhfchat.chat.engine import (
-    ChatEngine, EngineBusy, PromptTooLong, SamplingParams, check_messages, load_engine, stream_safe,
+    ChatEngine, EngineBusy, PromptTooLong, Request, SamplingParams, check_messages, load_engine, stream_safe,
 )
 from rlhfchat.data.chat_format import HUMAN
 from rlhfchat.errors import RlhfchatError
@@ -98,6 +98,40 @@ def test_sampling_settings(engine):
     assert sample(temperature=1.5, top_p=1e-6, seed=3) == greedy_text  # so does a tiny top_p
     c = engine.generate(Q, SamplingParams(temperature=1.0, max_new_tokens=5, ignore_eos=True, seed=1))
     assert c.completion_tokens == 5 and c.finish_reason == "length"
+
+
+def test_the_engine_samples_through_the_decoding_core(engine):
+    """The engine's distribution for a row is decoding.warp's for the same settings (after the repetition penalty on
+    the row's seen tokens), and its draw is decoding.draw's with the same seeded generator."""
+    import torch
+
+    from rlhfchat.chat.engine import _Row
+    from rlhfchat.decoding import draw, warp
+
+    torch.manual_seed(0)
+    v = engine.vocab_size
+    logits = torch.randn(3, v) * 4
+    settings = [dict(temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.3),
+                dict(temperature=1.5, top_k=0, top_p=0.5, repetition_penalty=1.0),
+                dict(temperature=1.0, top_k=40, top_p=1.0, repetition_penalty=0.8)]
+    seen = torch.zeros(3, v, dtype=torch.bool)
+    seen[:, logits[0].topk(3).indices] = True  # the best tokens were seen: the penalty moves them
+    rows = [_Row(Request([], SamplingParams(seed=i, **kw), [], "m", 1), torch.Generator().manual_seed(i), seen[i], [])
+            for i, kw in enumerate(settings)]
+    penalized = engine._penalized(logits, rows)
+    expected, order = warp(logits, [s["temperature"] for s in settings], [s["top_k"] for s in settings],
+                           [s["top_p"] for s in settings], [s["repetition_penalty"] for s in settings], seen)
+    got, got_order = warp(penalized, [s["temperature"] for s in settings], [s["top_k"] for s in settings],
+                          [s["top_p"] for s in settings])
+    assert torch.equal(got_order, order) and torch.equal(got.softmax(-1), expected.softmax(-1))
+    best = int(logits[0].argmax())  # positive (the best of 8k draws at scale 4): divided by the penalty
+    assert penalized[0, best] == logits[0, best] / 1.3 and torch.equal(penalized[1], logits[1])
+    # by hand, row 0: its top-5 after the penalty, renormalised; top_p 0.9 keeps what is needed to reach 0.9
+    probs = expected.softmax(-1)
+    assert int((probs[0] > 0).sum()) <= 5 and int((probs[2] > 0).sum()) == 40
+    sampled = engine._sample(logits.clone(), rows)
+    core = draw(expected, order, [torch.Generator().manual_seed(i) for i in range(3)], dtype=torch.float32).tolist()
+    assert sampled == core
 
 
 @pytest.mark.parametrize("room", [None, 5])

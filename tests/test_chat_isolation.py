@@ -16,7 +16,8 @@ from _chat_server import long_context_copy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlhfchat.chat.engine import ChatEngine, PromptTooLong, SamplingParams, chars_per_token_bound
+from rlhfchat.chat.engine import ChatEngine, PromptTooLong, SamplingParams
+from rlhfchat.chat.request import chars_per_token_bound
 from rlhfchat.errors import RlhfchatError
 
 Q = [{"role": "user", "content": "What is 2 + 3?"}]

@@ -34,7 +34,7 @@ CONVERSATION = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assista
 
 
 def _tokenizer(kind: str):
-    from rlhfchat.models import train_tokenizer
+    from rlhfchat.tiny import train_tokenizer
 
     tok = train_tokenizer(CORPUS, 300)
     if kind == "chatml":
@@ -161,3 +161,32 @@ def test_sft_trains_on_a_chatml_model_and_keeps_its_template(tmp_path):
               if "loss" in json.loads(x)]
     assert len(losses) >= 3 and losses[-1] < losses[0]  # it learns the replies (only they carry the loss)
     assert AutoModelForCausalLM.from_pretrained(run / "sft").config.vocab_size == len(tok)
+
+
+def test_the_chat_engine_ends_a_reply_at_the_templates_end_of_turn_token(tmp_path, monkeypatch):
+    """ChatML's <|im_end|> is not the tokenizer's EOS: the engine still ends the reply there (decoding.end_token_ids),
+    instead of writing on into the next turn."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhfchat.chat.engine import ChatEngine, SamplingParams
+
+    tok = _tokenizer("chatml")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                     ).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    engine = ChatEngine(tmp_path / "m", name="chatml")
+    try:
+        im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        assert im_end != tok.eos_token_id and im_end in engine.eos_ids
+        script = tok("2 + 3 = 5.", add_special_tokens=False)["input_ids"] + [im_end] + tok(
+            "<|im_start|>user\nmore", add_special_tokens=False)["input_ids"]
+        monkeypatch.setattr(engine, "_sample", lambda logits, rows: [script[len(r.tokens)] for r in rows])
+        c = engine.generate([{"role": "user", "content": "What is 2 + 3?"}],
+                            SamplingParams(temperature=0, max_new_tokens=40))
+        assert (c.text, c.finish_reason) == ("2 + 3 = 5.", "stop")
+    finally:
+        engine.close()

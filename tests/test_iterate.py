@@ -121,7 +121,7 @@ def adder_base(tmp_path_factory, one_torch_thread) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhfchat.models import train_tokenizer
+    from rlhfchat.tiny import train_tokenizer
 
     out = tmp_path_factory.mktemp("adder_base")
     rng = random.Random(0)

@@ -281,10 +281,10 @@ def test_trainable_weights_are_copied_out_of_the_checkpoint_mapping(run_dir, ove
 
 
 def test_generation_runs_on_merged_copies_of_the_adapted_weights_and_puts_the_base_back(tiny_model_dir):
-    """models.adapters_merged: the same logits without the adapters' own products, and afterwards the frozen base
+    """lora.adapters_merged: the same logits without the adapters' own products, and afterwards the frozen base
     (the PPO reference) bit for bit as it was, also after an exception."""
     from rlhfchat.config import LoraConfig
-    from rlhfchat.models import adapters_merged
+    from rlhfchat.lora import adapters_merged
     from rlhfchat.train.policy import build_policy
 
     lm = build_policy(tiny_model_dir, lora=LoraConfig(enabled=True)).lm

@@ -173,7 +173,7 @@ def test_qlora_for_sft_reward_and_ppo(tmp_path, trained):
     import bitsandbytes as bnb
     from safetensors.torch import load_file
 
-    from rlhfchat.models import merged
+    from rlhfchat.lora import merged
     from rlhfchat.train import reward, sft
     from rlhfchat.train.ppo import PPO as PPOTrainer
 

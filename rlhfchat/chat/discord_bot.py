@@ -13,9 +13,9 @@ a thumb in the same feedback store as the web page, under a salted hash of the D
 --max-concurrent replies are written at once, and one at a time per thread: past that the bot says it is busy
 instead of queueing. Nothing the bot sends can ping anyone: every send and edit carries AllowedMentions.none().
 
-Which Discord message belongs to which stored reply, and which thread to which conversation, is kept in two tables
-of this module on the feedback store's own Base (discord_messages, discord_threads), so reactions and thread
-history survive a restart.
+Which Discord message belongs to which stored reply, and which thread to which conversation, is kept in the feedback
+store's own tables (feedback.py, which owns the whole schema: discord_messages, discord_threads, discord_settings),
+so reactions and thread history survive a restart.
 
 The file reads top to bottom (the pure pieces, split_message, Gate, build_history, hash_user, are in discord_text.py): the tables
 (DiscordLinks), the handlers (DiscordBot, which tests drive with fake discord objects), and the thin discord.py
@@ -31,12 +31,10 @@ import os
 import secrets
 import time
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable
 
-from sqlalchemy import DateTime, ForeignKey, String, Text, select
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import select
 
 from rlhfchat.chat.discord_text import (  # noqa: F401  (re-exported: the handlers' tests import them from here)
     FENCE,
@@ -51,7 +49,7 @@ from rlhfchat.chat.discord_text import (  # noqa: F401  (re-exported: the handle
     strip_mentions,
     thread_name,
 )
-from rlhfchat.chat.feedback import Base, Thumb
+from rlhfchat.chat.feedback import DiscordMessage, DiscordSetting, DiscordThread, Thumb
 from rlhfchat.chat.request import add_sampling_arguments, sampling_params
 from rlhfchat.data.chat_format import SYSTEM_PROMPT
 from rlhfchat.errors import RlhfchatError
@@ -69,42 +67,12 @@ NOTICE_TTL_S = 20.0
 """Busy and cooldown notices delete themselves after this many seconds."""
 
 
-# ---------------------------------------------------------------------------------------------- tables
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-class DiscordThread(Base):
-    """A thread the bot opened, its conversation in the store, and the question it was opened with."""
-
-    __tablename__ = "discord_threads"
-    thread_id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id"), index=True)
-    opening: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class DiscordMessage(Base):
-    """One Discord message of a bot reply (a reply over 2000 characters has several)."""
-
-    __tablename__ = "discord_messages"
-    message_id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    reply_id: Mapped[str] = mapped_column(ForeignKey("replies.id"), index=True)
-    thread_id: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
-
-
-class DiscordSetting(Base):
-    __tablename__ = "discord_settings"
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
-
-
+# ------------------------------------------------------------------- links (the store owns the tables: feedback.py)
 class DiscordLinks:
-    """Discord ids <-> the feedback store's conversations and replies (the tables above, in the store's database)."""
+    """Discord ids <-> the feedback store's conversations and replies (feedback.py's discord_* tables)."""
 
     def __init__(self, store: Any):
         self.store = store
-        Base.metadata.create_all(store.engine)  # a store opened before this module was imported lacks the tables
 
     def add_thread(self, thread_id: int, conversation_id: str, opening: str) -> None:
         with self.store.Session.begin() as s:

@@ -20,7 +20,9 @@ Isolation: every per-request setting is checked, and the request's random genera
 request can join a batch; a failure that belongs to one request (its prefill, NaN scores in its row) fails that
 request alone, and only a failed decoding step of the whole batch fails every running request.
 
-Stop handling: a reply ends at EOS or at a stop sequence of the chat template ("### Human:"); while streaming, text
+Sampling is the decoding core's (rlhfchat/decoding.py: `penalize_repeats`, `warp`, `draw`), as in PPO's rollouts
+and evaluation. Stop handling: a reply ends at EOS, at the chat template's end-of-turn token (decoding.end_token_ids:
+ChatML's <|im_end|>) or at a stop sequence ("### Human:"); while streaming, text
 that could be the start of a stop sequence (and trailing whitespace) is held back, so no part of it ever leaks.
 
 With vLLM installed and a CUDA GPU present, `load_engine` returns the vLLM backend (engine_vllm.py) instead, with
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import inspect
-import json
 import logging
 import os
 import random
@@ -43,9 +44,9 @@ from typing import Any, Iterator
 
 from rlhfchat.chat.request import (  # noqa: F401  (re-exported: callers import everything from engine)
     DEFAULT_MAX_NEW_TOKENS, Completion, EngineBusy, EngineCalls, EngineClosed, GenerationFailed, PromptTooLong, Request,
-    SamplingParams, check_messages, stop_sequences, stream_safe,
+    SamplingParams, chars_per_token_bound, check_messages, stop_sequences, stream_safe,
 )
-from rlhfchat.decoding import cut_at_stop
+from rlhfchat.decoding import cut_at_stop, draw, end_token_ids, penalize_repeats, warp
 from rlhfchat.errors import RlhfchatError
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ class ChatEngine(EngineCalls):
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = {int(e) for e in [*eos, self.tokenizer.eos_token_id] if e is not None}
+        # EOS (the model's and the tokenizer's) and the chat template's end-of-turn token (ChatML's <|im_end|>)
+        self.eos_ids = {int(e) for e in [*eos, *end_token_ids(self.tokenizer)] if e is not None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -120,46 +122,6 @@ class ChatEngine(EngineCalls):
         self._worker.start()
 
     # ------------------------------------------------------------------ public API
-    def fit(self, messages: list[dict[str, str]], max_new_tokens: int | None = None,
-            truncate: bool = True) -> tuple[list[dict[str, str]], list[int], int]:
-        """The prompt that fits the context window: (messages used, prompt token ids, reply token budget).
-
-        truncate=True keeps the system prompt and the last user message and drops the oldest turns until the prompt
-        plus the reply length fits (or only the last exchange is left); truncate=False (the API) never drops
-        anything and raises PromptTooLong instead."""
-        messages = check_messages(messages)
-        system, turns = (messages[:1], messages[1:]) if messages[0]["role"] == "system" else ([], messages)
-        want = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-        ids = self.encode(system + turns, limit=self.context_window)
-        while truncate and (ids is None or len(ids) + want > self.context_window) and len(turns) > 1:
-            turns = turns[1:]
-            while turns[0]["role"] != "user":  # a kept conversation starts with the user
-                turns = turns[1:]
-            ids = self.encode(system + turns, limit=self.context_window)
-        if ids is None:
-            raise PromptTooLong(f"messages: the prompt is more than {self.context_window} tokens (it is "
-                                f"{len(self.render(system + turns))} characters); {self.name} takes at most "
-                                f"{self.context_window} tokens in all")
-        room = self.context_window - len(ids)
-        if room < 1 or (not truncate and max_new_tokens is not None and max_new_tokens > room):
-            asked = f" plus max_tokens {max_new_tokens}" if max_new_tokens and not truncate else ""
-            raise PromptTooLong(f"messages: the prompt is {len(ids)} tokens{asked}; {self.name} takes at most "
-                                f"{self.context_window} tokens in all")
-        return system + turns, ids, min(want, room)
-
-    def render(self, messages: list[dict[str, str]]) -> str:
-        """The messages through the chat template, ending with the assistant's cue."""
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    def encode(self, messages: list[dict[str, str]], limit: int | None = None) -> list[int] | None:
-        """Token ids of the rendered messages; None, without tokenizing, when `limit` is given and the text is
-        certainly longer than `limit` tokens (`chars_per_token`): a megabyte prompt then costs a character count,
-        not seconds of tokenizer time and a hundred megabytes."""
-        text = self.render(messages)
-        if limit is not None and self.chars_per_token and len(text) > limit * self.chars_per_token:
-            return None
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def submit(self, messages: list[dict[str, str]], params: SamplingParams | None = None, *, truncate: bool = True,
                block: bool = False) -> Request:
         """Queue one reply. Raises PromptTooLong, RlhfchatError (bad messages or settings), EngineBusy (queue full;
@@ -170,7 +132,7 @@ class ChatEngine(EngineCalls):
         params = (params or SamplingParams()).check()
         used, ids, budget = self.fit(messages, params.max_new_tokens, truncate)
         req = Request(used, params, ids, self.name, budget)
-        gen = torch.Generator(device=self.device)
+        gen = torch.Generator()  # on the CPU (decoding.draw): a seed draws the same numbers on every device
         try:  # here, not in the batched step: a seed torch refuses fails this request alone
             gen.manual_seed(params.seed if params.seed is not None else random.randrange(2**63))
         except (RuntimeError, ValueError, TypeError, OverflowError) as e:
@@ -345,13 +307,11 @@ class ChatEngine(EngineCalls):
         """One token per row from (B, V) float logits, each row with its own settings and random generator; None
         for a row whose scores are NaN or +inf (or all -inf): that row fails alone (`_settle`).
 
-        The HF order: repetition penalty, temperature, top-k, then top-p on what top-k left. Vectorised over
-        rows; each row draws one uniform number from its own generator and inverts its CDF, so a seeded request
-        samples the same way alone or in a batch. Scores are shifted so that each row's best is 0 before the
-        temperature divides them: a tiny temperature then tends to greedy instead of overflowing to NaN."""
+        The decoding core's sampler (rlhfchat/decoding.py), as PPO's rollouts and evaluation use it: the repetition
+        penalty (`penalize_repeats`), then `warp` (temperature, top-k, top-p, in transformers' order, one setting
+        per row) and `draw` (one uniform number from the row's own CPU generator, inverted through the row's CDF),
+        so a seeded request samples the same way alone or in a batch. Temperature 0 takes the penalized argmax."""
         import torch
-
-        from rlhfchat.decoding import inverse_cdf_sample
 
         bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)  # (B,)
         if bool(bad.any()):
@@ -362,35 +322,23 @@ class ChatEngine(EngineCalls):
                     out[i] = t
             return out
         params = [r.req.params for r in rows]
-        b, v = logits.shape
-        dev = logits.device
-        x = logits
-        if any(p.repetition_penalty != 1.0 for p in params):
-            pen = torch.tensor([p.repetition_penalty for p in params], device=dev).unsqueeze(1)  # (B, 1)
-            seen = torch.stack([r.seen for r in rows])  # (B, V)
-            x = torch.where(seen, torch.where(x > 0, x / pen, x * pen), x)
+        x = self._penalized(logits, rows)
         greedy = x.argmax(dim=-1)  # (B,)
         if all(p.temperature == 0 for p in params):
             return greedy.tolist()
-        temp = torch.tensor([p.temperature or 1.0 for p in params], device=dev).clamp(min=1e-30).unsqueeze(1)
-        x = (x - x.max(dim=-1, keepdim=True).values) / temp  # (B, V), each row's best token at 0
-        use_k = any(0 < p.top_k < v for p in params)
-        use_p = any(p.top_p < 1.0 for p in params)
-        order = None
-        if use_k or use_p:
-            x, order = torch.sort(x, dim=-1, descending=True)  # (B, V), order maps sorted -> token id
-            if use_k:
-                k = torch.tensor([p.top_k if 0 < p.top_k < v else v for p in params], device=dev).unsqueeze(1)
-                x = x.masked_fill(torch.arange(v, device=dev).unsqueeze(0) >= k, float("-inf"))
-            if use_p:
-                top_p = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
-                probs = x.softmax(dim=-1)
-                x = x.masked_fill(probs.cumsum(dim=-1) - probs > top_p, float("-inf"))  # keeps >= 1 token
-        u = torch.stack([torch.rand((), generator=r.generator, device=dev) for r in rows])
-        idx = inverse_cdf_sample(x, u).unsqueeze(1)  # (B, 1)
-        sampled = (order.gather(1, idx) if order is not None else idx).squeeze(1)
-        is_greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
-        return torch.where(is_greedy, greedy, sampled).tolist()
+        scores, order = warp(x, [p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params])
+        sampled = draw(scores, order, [r.generator for r in rows], dtype=torch.float32)  # (see draw)
+        is_greedy = torch.tensor([p.temperature == 0 for p in params], device=logits.device)
+        return torch.where(is_greedy, greedy, sampled.to(logits.device)).tolist()
+
+    def _penalized(self, logits: Any, rows: list[_Row]) -> Any:
+        """(B, V) logits with each row's repetition penalty on the tokens of its prompt and reply so far."""
+        import torch
+
+        params = [r.req.params for r in rows]
+        if all(p.repetition_penalty == 1.0 for p in params):
+            return logits
+        return penalize_repeats(logits, [p.repetition_penalty for p in params], torch.stack([r.seen for r in rows]))
 
     def _settle(self, row: _Row, token: int | None) -> bool:
         """`_accept` for one row of a batched step, failing that row alone when it cannot go on; True when the row
@@ -444,53 +392,6 @@ class ChatEngine(EngineCalls):
         return True
 
 
-def chars_per_token_bound(tokenizer: Any) -> int | None:
-    """At most how many characters of text one token covers, where the tokenizer makes it certain; else None.
-
-    Byte-level BPE (GPT-2, Llama 3, Qwen) and byte-fallback BPE (Llama 2, Mistral) with every byte in the vocabulary
-    never drop a character: each is at least one byte, and a token covers at most the bytes of the longest
-    vocabulary entry. Normalizers that only add or keep characters are fine; a Unicode normal form may merge up to
-    three characters into one (Hangul jamo), hence a factor 4 then. Anything else (a normalizer or pre-tokenizer
-    that can delete characters, an unknown token) gives None, and every prompt is tokenized."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    cfg = json.loads(backend.to_str())
-    model = cfg.get("model") or {}
-    vocab = tokenizer.get_vocab()
-    pre = _parts(cfg.get("pre_tokenizer"))
-    if any(p.get("type") not in ("ByteLevel", "Metaspace", "Digits", "Punctuation", "Split")
-           or p.get("behavior") == "Removed" for p in pre) or model.get("type") != "BPE":
-        return None
-    if any(p.get("type") == "ByteLevel" for p in pre):
-        complete = all(c in vocab for c in ByteLevel.alphabet())
-    else:
-        complete = bool(model.get("byte_fallback")) and all(f"<0x{b:02X}>" in vocab for b in range(256))
-    factor = 1
-    for n in _parts(cfg.get("normalizer")):
-        kind = n.get("type")
-        if kind in ("NFC", "NFKC", "NFD", "NFKD"):
-            factor = 4
-        elif kind == "Replace" and isinstance(n.get("pattern"), dict) and "String" in n["pattern"]:
-            complete = complete and len(n.get("content", "")) >= len(n["pattern"]["String"])
-        elif kind not in ("Prepend", "Lowercase"):
-            return None
-    longest = max((len(t) for t in vocab), default=0)
-    return factor * longest if complete and longest else None
-
-
-def _parts(component: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """A tokenizer.json normalizer or pre-tokenizer as its list of steps (a Sequence flattened)."""
-    if not component:
-        return []
-    if component.get("type") == "Sequence":
-        steps = component.get("normalizers") or component.get("pretokenizers") or []
-        return [p for step in steps for p in _parts(step)]
-    return [component]
-
-
 def server_threads() -> int:
     """CPU threads for a serving process: all cores but one, which is left to the HTTP server and the tokenizer.
     On a busy machine, intra-op threads that outnumber the free cores spin and wait on each other: we measured
@@ -519,32 +420,11 @@ def _layers(cache: Any) -> Iterator[tuple[Any, Any]]:
 
 def _load_model(source: str, dtype: Any) -> tuple[Any, str | Path]:
     """The causal LM of a folder (or of a hub id, as models.resolve_model gave it), or of a LoRA adapter folder
-    merged into its base; and where its tokenizer is."""
-    from transformers import AutoModelForCausalLM
+    merged into its base (models.load_model_folder); and where its tokenizer is."""
+    from rlhfchat.models import find_adapter, load_model_folder
 
-    model_dir = Path(source)
-    adapter = model_dir / "adapter_config.json"
-    if not adapter.is_file():
-        try:
-            return AutoModelForCausalLM.from_pretrained(source, dtype=dtype), source
-        except (OSError, ValueError) as e:
-            raise RlhfchatError(f"{model_dir}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
-    from peft import PeftModel
-
-    from rlhfchat.models import resolve_model
-
-    base = json.loads(adapter.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise RlhfchatError(f"{adapter}: no base_model_name_or_path, so the base model is unknown")
-    base = resolve_model(base, f"{adapter}: base_model_name_or_path")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise RlhfchatError(f"{model_dir}: cannot load the adapter's base model {base} "
-                            f"({str(e).splitlines()[0]})") from None
-    model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
-    has_tokenizer = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    return model, model_dir if has_tokenizer else Path(base)
+    adapter = find_adapter(source)
+    return load_model_folder(source, dtype=dtype, what="a causal LM"), adapter.tokenizer if adapter else source
 
 
 def vllm_available() -> bool:

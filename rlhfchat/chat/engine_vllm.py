@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import threading
 from pathlib import Path
 from typing import Any
 
 from rlhfchat.chat.request import (
-    EngineBusy, EngineCalls, EngineClosed, GenerationFailed, Request, SamplingParams, check_messages, stop_sequences,
-    stream_safe,
+    EngineBusy, EngineCalls, EngineClosed, GenerationFailed, Request, SamplingParams, chars_per_token_bound,
+    stop_sequences, stream_safe,
 )
 
 
@@ -31,28 +30,25 @@ class VLLMEngine(EngineCalls):
         from vllm import AsyncEngineArgs, AsyncLLMEngine
         from transformers import AutoConfig
 
-        from rlhfchat.models import load_tokenizer
+        from rlhfchat.models import find_adapter, load_tokenizer
 
         self.model_dir = Path(model_dir)
         self.name = name or self.model_dir.name
         self.max_batch, self.max_queue = max_batch, max_queue
-        adapter = self.model_dir / "adapter_config.json"
+        adapter = find_adapter(self.model_dir)  # served on its base through vLLM's LoRA support
         self._lora = None
-        base = self.model_dir
-        if adapter.is_file():
+        base, tokenizer = str(self.model_dir), str(self.model_dir)
+        if adapter is not None:
             from vllm.lora.request import LoRARequest
 
-            base = Path(json.loads(adapter.read_text())["base_model_name_or_path"])
+            base, tokenizer = adapter.base, adapter.tokenizer
             self._lora = LoRARequest(self.name, 1, str(self.model_dir))
-        has_tokenizer = any((self.model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-        self.tokenizer = load_tokenizer(self.model_dir if has_tokenizer else base)
-        from rlhfchat.chat.engine import chars_per_token_bound
-
+        self.tokenizer = load_tokenizer(tokenizer)
         self.chars_per_token = chars_per_token_bound(self.tokenizer)
         cfg = AutoConfig.from_pretrained(base)
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         self.context_window = int(getattr(cfg, "max_position_embeddings", 2048))
-        args = AsyncEngineArgs(model=str(base), tokenizer=str(self.model_dir if has_tokenizer else base),
+        args = AsyncEngineArgs(model=base, tokenizer=tokenizer,
                                max_model_len=self.context_window, max_num_seqs=max_batch,
                                gpu_memory_utilization=gpu_memory_utilization, enable_lora=self._lora is not None)
         self._loop = asyncio.new_event_loop()
@@ -67,24 +63,6 @@ class VLLMEngine(EngineCalls):
     @staticmethod
     async def _create(cls: Any, args: Any) -> Any:
         return cls.from_engine_args(args)
-
-    # the same prompt handling as the HF backend
-    def render(self, messages: list[dict[str, str]]) -> str:
-        from rlhfchat.chat.engine import ChatEngine
-
-        return ChatEngine.render(self, messages)  # type: ignore[arg-type]
-
-    def encode(self, messages: list[dict[str, str]], limit: int | None = None) -> list[int] | None:
-        from rlhfchat.chat.engine import ChatEngine
-
-        return ChatEngine.encode(self, messages, limit)  # type: ignore[arg-type]
-
-    def fit(self, messages: list[dict[str, str]], max_new_tokens: int | None = None,
-            truncate: bool = True) -> tuple[list[dict[str, str]], list[int], int]:
-        from rlhfchat.chat.engine import ChatEngine
-
-        messages = check_messages(messages)
-        return ChatEngine.fit(self, messages, max_new_tokens, truncate)  # type: ignore[arg-type]
 
     def submit(self, messages: list[dict[str, str]], params: SamplingParams | None = None, *, truncate: bool = True,
                block: bool = False) -> Request:

@@ -207,6 +207,33 @@ class ArenaVote(Base):
     user: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
 
 
+# the Discord bot's links (chat/discord_bot.DiscordLinks): which Discord thread and message is which conversation
+# and reply, and the bot's own settings (its salt). One schema, created with the store.
+class DiscordThread(Base):
+    """A thread the bot opened, its conversation in the store, and the question it was opened with."""
+
+    __tablename__ = "discord_threads"
+    thread_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id"), index=True)
+    opening: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class DiscordMessage(Base):
+    """One Discord message of a bot reply (a reply over 2000 characters has several)."""
+
+    __tablename__ = "discord_messages"
+    message_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    reply_id: Mapped[str] = mapped_column(ForeignKey("replies.id"), index=True)
+    thread_id: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
+
+
+class DiscordSetting(Base):
+    __tablename__ = "discord_settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
 class FeedbackStore:
     """Conversations, replies, thumbs and arena votes in SQLite (WAL) or any SQLAlchemy database. Thread-safe."""
 

@@ -1,6 +1,7 @@
 """What one generation request is, for every chat backend (engine.py's HF batcher, engine_vllm.py's vLLM):
 its sampling settings, the handle a caller iterates for streamed text, the finished Completion, the message checks,
-and the stop-sequence hold-back that keeps "### Human:" out of every stream.
+the stop-sequence hold-back that keeps "### Human:" out of every stream, and `EngineCalls`, the base both engines
+share: the prompt that fits the context window (fit/encode/render, `chars_per_token_bound`) and stream/generate.
 
     req = engine.submit(messages, SamplingParams(temperature=0.7))
     for piece in req: ...            # or `async for piece in req`; leaving the loop early cancels the request
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -285,9 +287,55 @@ def stop_sequences(params: SamplingParams) -> list[str]:
     return [] if params.ignore_eos else list(dict.fromkeys([*STOP_SEQUENCES, *params.stop]))
 
 
-
 class EngineCalls:
-    """What both engines (HF and vLLM) offer on top of their own `submit`: streaming, one reply, many replies."""
+    """What both engines (HF and vLLM) share: the prompt that fits the context window (`fit`, `encode`, `render`,
+    from the engine's `tokenizer`, `context_window`, `chars_per_token` and `name`), and on top of their own `submit`:
+    streaming, one reply, many replies."""
+
+    name: str
+    tokenizer: Any
+    context_window: int
+    chars_per_token: int | None
+
+    def fit(self, messages: list[dict[str, str]], max_new_tokens: int | None = None,
+            truncate: bool = True) -> tuple[list[dict[str, str]], list[int], int]:
+        """The prompt that fits the context window: (messages used, prompt token ids, reply token budget).
+
+        truncate=True keeps the system prompt and the last user message and drops the oldest turns until the prompt
+        plus the reply length fits (or only the last exchange is left); truncate=False (the API) never drops
+        anything and raises PromptTooLong instead."""
+        messages = check_messages(messages)
+        system, turns = (messages[:1], messages[1:]) if messages[0]["role"] == "system" else ([], messages)
+        want = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        ids = self.encode(system + turns, limit=self.context_window)
+        while truncate and (ids is None or len(ids) + want > self.context_window) and len(turns) > 1:
+            turns = turns[1:]
+            while turns[0]["role"] != "user":  # a kept conversation starts with the user
+                turns = turns[1:]
+            ids = self.encode(system + turns, limit=self.context_window)
+        if ids is None:
+            raise PromptTooLong(f"messages: the prompt is more than {self.context_window} tokens (it is "
+                                f"{len(self.render(system + turns))} characters); {self.name} takes at most "
+                                f"{self.context_window} tokens in all")
+        room = self.context_window - len(ids)
+        if room < 1 or (not truncate and max_new_tokens is not None and max_new_tokens > room):
+            asked = f" plus max_tokens {max_new_tokens}" if max_new_tokens and not truncate else ""
+            raise PromptTooLong(f"messages: the prompt is {len(ids)} tokens{asked}; {self.name} takes at most "
+                                f"{self.context_window} tokens in all")
+        return system + turns, ids, min(want, room)
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The messages through the chat template, ending with the assistant's cue."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, messages: list[dict[str, str]], limit: int | None = None) -> list[int] | None:
+        """Token ids of the rendered messages; None, without tokenizing, when `limit` is given and the text is
+        certainly longer than `limit` tokens (`chars_per_token`): a megabyte prompt then costs a character count,
+        not seconds of tokenizer time and a hundred megabytes."""
+        text = self.render(messages)
+        if limit is not None and self.chars_per_token and len(text) > limit * self.chars_per_token:
+            return None
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def submit(self, messages: list[dict[str, str]], params: SamplingParams | None = None, **kw: Any) -> Request:
         raise NotImplementedError
@@ -320,3 +368,50 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                           max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                           seed=args.seed)
+
+
+def chars_per_token_bound(tokenizer: Any) -> int | None:
+    """At most how many characters of text one token covers, where the tokenizer makes it certain; else None.
+
+    Byte-level BPE (GPT-2, Llama 3, Qwen) and byte-fallback BPE (Llama 2, Mistral) with every byte in the vocabulary
+    never drop a character: each is at least one byte, and a token covers at most the bytes of the longest
+    vocabulary entry. Normalizers that only add or keep characters are fine; a Unicode normal form may merge up to
+    three characters into one (Hangul jamo), hence a factor 4 then. Anything else (a normalizer or pre-tokenizer
+    that can delete characters, an unknown token) gives None, and every prompt is tokenized."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    cfg = json.loads(backend.to_str())
+    model = cfg.get("model") or {}
+    vocab = tokenizer.get_vocab()
+    pre = _parts(cfg.get("pre_tokenizer"))
+    if any(p.get("type") not in ("ByteLevel", "Metaspace", "Digits", "Punctuation", "Split")
+           or p.get("behavior") == "Removed" for p in pre) or model.get("type") != "BPE":
+        return None
+    if any(p.get("type") == "ByteLevel" for p in pre):
+        complete = all(c in vocab for c in ByteLevel.alphabet())
+    else:
+        complete = bool(model.get("byte_fallback")) and all(f"<0x{b:02X}>" in vocab for b in range(256))
+    factor = 1
+    for n in _parts(cfg.get("normalizer")):
+        kind = n.get("type")
+        if kind in ("NFC", "NFKC", "NFD", "NFKD"):
+            factor = 4
+        elif kind == "Replace" and isinstance(n.get("pattern"), dict) and "String" in n["pattern"]:
+            complete = complete and len(n.get("content", "")) >= len(n["pattern"]["String"])
+        elif kind not in ("Prepend", "Lowercase"):
+            return None
+    longest = max((len(t) for t in vocab), default=0)
+    return factor * longest if complete and longest else None
+
+
+def _parts(component: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A tokenizer.json normalizer or pre-tokenizer as its list of steps (a Sequence flattened)."""
+    if not component:
+        return []
+    if component.get("type") == "Sequence":
+        steps = component.get("normalizers") or component.get("pretokenizers") or []
+        return [p for step in steps for p in _parts(step)]
+    return [component]

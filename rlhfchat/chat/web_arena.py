@@ -20,7 +20,9 @@ from typing import Any
 
 import gradio as gr
 
-from rlhfchat.chat.web import _params, _record, _thumb, as_text, display, dropped_note, sampling_controls
+from rlhfchat.chat.web_parts import (
+    as_text, display, dropped_note, rate_reply, record_reply, sampling_controls, sampling_from,
+)
 from rlhfchat.errors import RlhfchatError
 
 VOTES = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
@@ -75,7 +77,7 @@ def arena_tab(engines: dict[str, Any], store: Any, names: list[str], system_prom
                    for m in state["messages"]]
         reqs: list[Any] = []
         try:
-            params = _params(*sampling)  # a seed out of range is a warning, as a busy model is
+            params = sampling_from(*sampling)  # a seed out of range is a warning, as a busy model is
             for i in (0, 1):  # off the event loop: submit tokenizes
                 reqs.append(await asyncio.to_thread(engines[state["models"][i]].submit, prompts[i], params))
         except RlhfchatError as e:
@@ -133,7 +135,7 @@ def arena_tab(engines: dict[str, Any], store: Any, names: list[str], system_prom
         completions = [await asyncio.to_thread(r.result, 5) for r in reqs]
         for i in (0, 1):
             state["messages"][i][-1] = {"role": "assistant", "content": completions[i].text}
-            await _record(store, state, "arena", completions[i], reply_ids[i])
+            await record_reply(store, state, "arena", completions[i], reply_ids[i])
         state["last"] = reply_ids
         if any(c.finish_reason == "cancelled" for c in completions):
             told = "\n\n".join(n for n in [told, "Stopped: vote on the replies as they are, or Regenerate."] if n)
@@ -207,7 +209,7 @@ def arena_tab(engines: dict[str, Any], store: Any, names: list[str], system_prom
 
     def on_like(side: int) -> Any:
         def handler(state: dict[str, Any], data: gr.LikeData) -> None:
-            _thumb(store, state["reply_ids"][side], data)
+            rate_reply(store, state["reply_ids"][side], data)
         return handler
 
     for side, bot in enumerate(bots):

@@ -25,7 +25,6 @@ import torch
 
 from rlhfchat.data.chat_format import STOP_SEQUENCES
 from rlhfchat.decoding import GenerationSettings, Reply, generate_replies
-from rlhfchat.errors import RlhfchatError
 
 Messages = list[dict[str, str]]
 
@@ -36,16 +35,11 @@ def device_for(device: str | None = None) -> torch.device:
 
 def load_causal_lm(path: str | Path, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
     """(model in eval mode on `device`, tokenizer with our chat template and a pad token) of a folder or hub id."""
-    from transformers import AutoModelForCausalLM
-
-    from rlhfchat.models import load_tokenizer, resolve_model, torch_dtype
+    from rlhfchat.models import load_model_folder, load_tokenizer, resolve_model, torch_dtype
 
     source = resolve_model(path)  # a folder or hub id (offline: one line); a weight delta is refused
     tokenizer = load_tokenizer(source)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(dtype))
-    except OSError as e:
-        raise RlhfchatError(f"{path}: cannot load a causal language model ({str(e).splitlines()[0]})") from None
+    model = load_model_folder(source, dtype=torch_dtype(dtype), what="a causal language model")
     return model.to(device_for(device)).eval(), tokenizer
 
 

@@ -223,7 +223,7 @@ def load_jsonl_dataset(path: Path):
 
 def save_model_folder(model: Any, tokenizer: Any, stage_dir: Path, dtype: Any, metrics: dict[str, Any]) -> None:
     """A finished stage's outputs, written by rank 0: the weights (LoRA merged into the base; a 4-bit base reloaded in
-    `dtype` first, see models.merged), the tokenizer with its chat template, saved to pad on the left as generation
+    `dtype` first, see lora.merged), the tokenizer with its chat template, saved to pad on the left as generation
     needs, in HF layout; then metrics.json. Every rank calls it: under DeepSpeed ZeRO-3 the weights are gathered from
     every rank's partitions first."""
     from rlhfchat.train.distributed import whole_parameters
@@ -232,7 +232,7 @@ def save_model_folder(model: Any, tokenizer: Any, stage_dir: Path, dtype: Any, m
         if not manifest.is_main_process():
             return
         from rlhfchat.atomic import write_json
-        from rlhfchat.models import merged
+        from rlhfchat.lora import merged
 
         model = merged(model, dtype)
         model.save_pretrained(stage_dir, safe_serialization=True)

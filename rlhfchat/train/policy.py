@@ -174,11 +174,11 @@ class PolicyWithValueHead(nn.Module):
         critic-free)."""
         from safetensors.torch import save_file
 
-        from rlhfchat.models import merged
+        from rlhfchat.lora import merged
 
         # LoRA: folds the adapters into the weights in place (no second copy); the policy computes the same function
         # afterwards, but the adapters are gone, so this is the last thing a run does. QLoRA: merged into the base
-        # loaded again in full precision (models.merged).
+        # loaded again in full precision (lora.merged).
         self.lm = merged(self.lm)
         self.lm.save_pretrained(out_dir)
         if self.value_head is not None:
@@ -315,13 +315,9 @@ def build_policy(sft_dir: str | Path, share_trunk: bool = True, lora: LoraConfig
 
 
 def _load(auto_cls: Any, path: str | Path, dtype: torch.dtype) -> nn.Module:
-    from rlhfchat.models import resolve_model
+    from rlhfchat.models import load_model_folder
 
-    path = resolve_model(path)  # a folder or hub id; a weight delta is refused
-    try:
-        return auto_cls.from_pretrained(str(path), dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise RlhfchatError(f"{path}: cannot load a model ({str(e).splitlines()[0]})") from None
+    return load_model_folder(path, auto_cls, dtype)
 
 
 class Reference:

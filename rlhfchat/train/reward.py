@@ -128,14 +128,11 @@ class RewardScorer:
                  share_prefix: bool = True):
         from transformers import AutoModelForSequenceClassification
 
-        from rlhfchat.models import load_tokenizer, resolve_model
+        from rlhfchat.models import load_model_folder, load_tokenizer, resolve_model
 
         if isinstance(path, (str, Path)):
             path = resolve_model(path)  # a folder or hub id; a weight delta is refused
-            try:
-                self.model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
-            except (OSError, ValueError) as e:
-                raise RlhfchatError(f"{path}: cannot load a reward model ({str(e).splitlines()[0]})") from None
+            self.model = load_model_folder(path, AutoModelForSequenceClassification, dtype, "a reward model")
             tokenizer = tokenizer or load_tokenizer(path)
         else:
             self.model = path

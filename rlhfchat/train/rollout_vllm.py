@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from rlhfchat.errors import RlhfchatError
-from rlhfchat.models import merged_lora_weight
+from rlhfchat.lora import merged_lora_weight
 from rlhfchat.decoding import GenerationSettings, finish_responses, left_pad
 from rlhfchat.train.rollout import Rollout, check_backend
 
@@ -41,7 +41,7 @@ def vllm_weights(lm: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     `load_weights` maps onto its own layout (e.g. q/k/v into one qkv_proj).
 
     A peft (LoRA) model yields its base weights with the adapters' delta added out of place, one layer at a time
-    (models.merged_lora_weight; the model is not touched, so no merge/unmerge rounding creeps into the base weights
+    (lora.merged_lora_weight; the model is not touched, so no merge/unmerge rounding creeps into the base weights
     over thousands of syncs). Other tensors are yielded as they are (no copy).
     """
     if not hasattr(lm, "get_base_model"):

@@ -100,7 +100,7 @@ class Runtime:
         """The policy's causal LM, ready to sample from: under ZeRO-3 its weights gathered once for the block (not
         layer by layer at every token), under autocast, and on a CPU with LoRA adapters merged into copies of the
         weights they adapt (one product per layer instead of three; a GPU lacks the memory for the copies)."""
-        from rlhfchat.models import adapters_merged
+        from rlhfchat.lora import adapters_merged
 
         with distributed.gathered_for_generation(policy, self.accelerator) as unwrapped, self.autocast():
             merging = adapters_merged if self.device.type == "cpu" else contextlib.nullcontext

@@ -14,7 +14,8 @@ import math
 
 from rlhfchat import manifest, stage
 from rlhfchat.config import Recipe
-from rlhfchat.models import ensure_base, load_pretrained, load_tokenizer, torch_dtype
+from rlhfchat.models import load_pretrained, load_tokenizer, torch_dtype
+from rlhfchat.tiny import ensure_base
 from rlhfchat.train import hf_stage
 
 
