@@ -217,12 +217,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except RlhfchatError as e:
+        leave_process_group()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
         return 130
+    leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Destroy the process group `accelerate launch` runs under (when a stage made one) before the interpreter ends.
+
+    Left to the interpreter's finalization, gloo's worker threads can outlive it and abort the process (SIGABRT,
+    "terminate called without an active exception") after its work is saved, so a finished run exits non-zero now
+    and then. Called on a normal end or an RlhfchatError (every rank raises it alike), not after an unexpected one,
+    where a rank still waiting in a collective could hang it.
+    """
+    dist = sys.modules.get("torch.distributed")  # never imports torch for commands that did not
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
