@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "optimizer_steps": ppo.optimizer_steps, "threads": args.threads, "share_trunk": cfg.share_trunk,
         "share_prompt_prefix": cfg.share_prompt_prefix, "advantage_estimator": estimator, "samples_per_prompt": group,
         "prompts": args.batch * args.rollouts, "kl_penalty": kl_penalty, "kl_coef": args.kl_coef,
-        "value_head": not cfg.critic_free,
+        "value_head": getattr(ppo.unwrapped, "value_head", None) is not None,
         "lora": args.lora, "num_layers_unfrozen": args.num_layers_unfrozen, "mixed_precision": args.mixed_precision,
         "policy_params_m": round(sum(p.numel() for p in ppo.unwrapped.lm.parameters()) / 1e6, 2),
         "reward_params_m": round(sum(p.numel() for p in ppo.scorer.model.parameters()) / 1e6, 2),
