@@ -50,7 +50,8 @@ def main() -> None:
         for row in rows:
             user = [m for m in row["prompt"] if m["role"] == "user"][:1]
             f.write(json.dumps({"prompt": [{"role": "system", "content": SYSTEM_PROMPT}, *user]}) + "\n")
-    print(json.dumps({"policy": str(out / "policy"), "reward": str(out / "reward"), "prompts": str(out / "prompts.jsonl"),
+    print(json.dumps({"policy": str(out / "policy"), "reward": str(out / "reward"),
+                      "prompts": str(out / "prompts.jsonl"),
                       "reward_params_m": round(sum(p.numel() for p in reward.parameters()) / 1e6, 2)}))
 
 

@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples-per-prompt", type=int, default=1, metavar="G",
                         help="replies to each prompt (the group, ppo.samples_per_prompt); a rollout is --batch x G "
                              "samples (default 1)")
+    parser.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                        help="samples generated, scored and run through the rollout forwards at a time "
+                             "(ppo.chunk_size; default: the whole rollout, --batch x G, as TRL's GRPOTrainer does)")
     parser.add_argument("--kl-coef", type=float, default=0.1, help="the KL coefficient beta (default 0.1)")
     parser.add_argument("--kl-penalty", choices=["reward", "loss"], default=None,
                         help="ppo.kl_penalty (default: loss for grpo and dr_grpo, reward otherwise)")
@@ -104,8 +107,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     estimator, group = args.advantage_estimator, args.samples_per_prompt
     kl_penalty = args.kl_penalty or ("loss" if estimator in ("grpo", "dr_grpo") else "reward")
     samples_per_rollout = args.batch * group  # generated, scored and trained on as one chunk
-    cfg = PPOConfig(num_rollouts=samples_per_rollout, chunk_size=samples_per_rollout, ppo_epochs=args.ppo_epochs,
-                    batch_size=args.minibatch, grad_accum=1, generation=generation,
+    cfg = PPOConfig(num_rollouts=samples_per_rollout, chunk_size=args.chunk_size or samples_per_rollout,
+                    ppo_epochs=args.ppo_epochs, batch_size=args.minibatch, grad_accum=1, generation=generation,
                     share_trunk=not args.separate_critic, share_prompt_prefix=not args.no_share_prefix,
                     lora=LoraConfig(enabled=args.lora), num_layers_unfrozen=args.num_layers_unfrozen,
                     advantage_estimator=estimator, samples_per_prompt=group, kl_penalty=kl_penalty,
@@ -138,7 +141,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "update_s": round(phases["update_s"], 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "optimizer_steps": ppo.optimizer_steps, "threads": args.threads, "share_trunk": cfg.share_trunk,
-        "share_prompt_prefix": cfg.share_prompt_prefix, "advantage_estimator": estimator, "samples_per_prompt": group,
+        "share_prompt_prefix": cfg.share_prompt_prefix, "chunk_size": cfg.chunk_size, "advantage_estimator": estimator,
+        "samples_per_prompt": group,
         "prompts": args.batch * args.rollouts, "kl_penalty": kl_penalty, "kl_coef": args.kl_coef,
         "value_head": getattr(ppo.unwrapped, "value_head", None) is not None,
         "lora": args.lora, "num_layers_unfrozen": args.num_layers_unfrozen, "mixed_precision": args.mixed_precision,
