@@ -473,6 +473,7 @@ def test_bench_ppo_prints_one_json_line(tiny_model_dir, tiny_reward_dir, tmp_pat
     assert len(lines) == 1
     result = json.loads(lines[0])
     assert result["samples"] == 8 and result["optimizer_steps"] == 4
+    assert result["advantage_estimator"] == "gae" and result["value_head"] is True and result["kl_penalty"] == "reward"
     assert result["tokens_per_s"] == pytest.approx(result["samples_per_s"] * 5, rel=0.01)  # exactly 5 tokens each
     for key in ("samples_per_s", "tokens_per_s", "gen_s", "train_s", "peak_rss_mb", "score_s", "forward_s",
                 "update_s"):
@@ -480,6 +481,27 @@ def test_bench_ppo_prints_one_json_line(tiny_model_dir, tiny_reward_dir, tmp_pat
     # the phases split the run: together at most its wall time, and most of it (advantages are the rest)
     phases = result["gen_s"] + result["score_s"] + result["forward_s"] + result["update_s"]
     assert 0.5 * result["total_s"] <= phases <= result["total_s"] + 0.005
+
+
+def test_bench_ppo_runs_grpo_groups_without_a_value_head(tiny_model_dir, tiny_reward_dir, tmp_path, capsys):
+    from rlhfchat.cli import main as cli_main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:2]))
+    threads = torch.get_num_threads()
+    try:
+        assert cli_main(["bench", "ppo", "--policy", str(tiny_model_dir), "--reward", str(tiny_reward_dir),
+                         "--prompts", str(prompts), "--batch", "2", "--samples-per-prompt", "3",
+                         "--advantage-estimator", "grpo", "--new-tokens", "4", "--rollouts", "2",
+                         "--ppo-epochs", "2", "--minibatch", "3", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
+    # 2 rollouts of 2 prompts x 3 replies; 2 epochs of minibatches of 3 over 6 samples
+    assert result["samples"] == 12 and result["prompts"] == 4 and result["optimizer_steps"] == 8
+    assert result["tokens_per_s"] == pytest.approx(result["samples_per_s"] * 4, rel=0.01)
+    assert result["advantage_estimator"] == "grpo" and result["samples_per_prompt"] == 3
+    assert result["kl_penalty"] == "loss" and result["value_head"] is False
 
 
 def test_bench_ppo_names_the_bad_input(tiny_reward_dir, tmp_path, capsys):

@@ -3,10 +3,18 @@
     rlhfchat bench ppo --policy runs/tiny/sft --reward runs/tiny/reward --prompts runs/tiny/data/prompts.train.jsonl \\
         --batch 16 --new-tokens 32 --rollouts 2 --ppo-epochs 4 --minibatch 8
 
+    rlhfchat bench ppo ... --advantage-estimator grpo --samples-per-prompt 4 --ppo-epochs 1
+
 Runs the real PPO iteration of `rlhfchat ppo` (rlhfchat.train.ppo.PPO: make_experience, then update) for
-`--rollouts` iterations of `--batch` prompts each. The work is fixed: every response is exactly --new-tokens long
-(min_new_tokens = max_new_tokens, no stop sequences), so runs and implementations compare like for like
-(scripts/bench_trl_ppo.py runs TRL 1.12's PPOTrainer on the same work and prints the fields both share).
+`--rollouts` iterations of `--batch` prompts each, `--samples-per-prompt` replies to every prompt. The work is
+fixed: every response is exactly --new-tokens long (min_new_tokens = max_new_tokens, no stop sequences), so runs
+and implementations compare like for like (scripts/bench_trl_ppo.py runs TRL 1.12's PPOTrainer on the same work,
+scripts/bench_trl_grpo.py TRL's GRPOTrainer, and each prints the fields both share).
+
+A critic-free `--advantage-estimator` (grpo, dr_grpo, rloo, reinforce_pp) builds no value head; the KL to the
+reference then has a fixed coefficient `--kl-coef` (GRPO's beta) and enters where `--kl-penalty` says (default: the
+loss, GRPO's k3, for grpo and dr_grpo; the reward for the others). gae keeps trlX's adaptive controller from
+`--kl-coef` (target 6), the KL in the reward.
 
 `--prompts` rows have a `prompt`: a string is the model's input verbatim (no template), a list of chat messages
 goes through the policy's chat template. `gen_s` is the time in generation (step 1, with encoding the prompts and
@@ -22,6 +30,8 @@ import json
 import resource
 import time
 from typing import Any
+
+from rlhfchat.config import ESTIMATORS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +53,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "TRL's PPO, which trains every layer")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
                         help="bf16: autocast compute, fp32 policy weights, bf16 frozen reference and reward")
+    parser.add_argument("--advantage-estimator", choices=list(ESTIMATORS), default="gae",
+                        help="ppo.advantage_estimator (default gae: PPO with a value head)")
+    parser.add_argument("--samples-per-prompt", type=int, default=1, metavar="G",
+                        help="replies to each prompt (the group, ppo.samples_per_prompt); a rollout is --batch x G "
+                             "samples (default 1)")
+    parser.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                        help="samples generated, scored and run through the rollout forwards at a time "
+                             "(ppo.chunk_size; default: the whole rollout, --batch x G, as TRL's GRPOTrainer does)")
+    parser.add_argument("--kl-coef", type=float, default=0.1, help="the KL coefficient beta (default 0.1)")
+    parser.add_argument("--kl-penalty", choices=["reward", "loss"], default=None,
+                        help="ppo.kl_penalty (default: loss for grpo and dr_grpo, reward otherwise)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -83,10 +104,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prompts = read_prompts(args.prompts)
     generation = GenerationConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, stop_sequences=[],
                                   max_prompt_length=1024)
-    cfg = PPOConfig(num_rollouts=args.batch, chunk_size=args.batch, ppo_epochs=args.ppo_epochs,
-                    batch_size=args.minibatch, grad_accum=1, generation=generation,
+    estimator, group = args.advantage_estimator, args.samples_per_prompt
+    kl_penalty = args.kl_penalty or ("loss" if estimator in ("grpo", "dr_grpo") else "reward")
+    samples_per_rollout = args.batch * group  # generated, scored and trained on as one chunk
+    cfg = PPOConfig(num_rollouts=samples_per_rollout, chunk_size=args.chunk_size or samples_per_rollout,
+                    ppo_epochs=args.ppo_epochs, batch_size=args.minibatch, grad_accum=1, generation=generation,
                     share_trunk=not args.separate_critic, share_prompt_prefix=not args.no_share_prefix,
-                    lora=LoraConfig(enabled=args.lora), num_layers_unfrozen=args.num_layers_unfrozen)
+                    lora=LoraConfig(enabled=args.lora), num_layers_unfrozen=args.num_layers_unfrozen,
+                    advantage_estimator=estimator, samples_per_prompt=group, kl_penalty=kl_penalty,
+                    init_kl_coef=args.kl_coef, target=6.0 if estimator == "gae" else None)
     rt = Runtime.start(mixed_precision=args.mixed_precision)  # as `rlhfchat ppo` sets the process up
     ppo = PPO.from_folders(args.policy, args.reward, cfg, rt, seed=args.seed, reward_max_length=1024)
 
@@ -97,7 +123,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0, cpu0 = time.perf_counter(), time.process_time()
         for it in range(args.rollouts):
             batch = [prompts[(it * args.batch + i) % len(prompts)] for i in range(args.batch)]
-            exp, stats = ppo.make_experience(batch, seeds=[it * args.batch + i for i in range(args.batch)])
+            seeds = [it * samples_per_rollout + i for i in range(samples_per_rollout)]
+            exp, stats = ppo.make_experience(batch, seeds=seeds)
             t = time.perf_counter()
             ppo.update(exp)
             phases["update_s"] += time.perf_counter() - t
@@ -114,7 +141,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "update_s": round(phases["update_s"], 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "optimizer_steps": ppo.optimizer_steps, "threads": args.threads, "share_trunk": cfg.share_trunk,
-        "share_prompt_prefix": cfg.share_prompt_prefix,
+        "share_prompt_prefix": cfg.share_prompt_prefix, "chunk_size": cfg.chunk_size, "advantage_estimator": estimator,
+        "samples_per_prompt": group,
+        "prompts": args.batch * args.rollouts, "kl_penalty": kl_penalty, "kl_coef": args.kl_coef,
+        "value_head": getattr(ppo.unwrapped, "value_head", None) is not None,
         "lora": args.lora, "num_layers_unfrozen": args.num_layers_unfrozen, "mixed_precision": args.mixed_precision,
         "policy_params_m": round(sum(p.numel() for p in ppo.unwrapped.lm.parameters()) / 1e6, 2),
         "reward_params_m": round(sum(p.numel() for p in ppo.scorer.model.parameters()) / 1e6, 2),
