@@ -171,3 +171,18 @@ def test_nested_sections_take_overrides_and_name_unknown_keys():
         load_recipe(None, ["ppo.max_new_tokens=7"])
     with pytest.raises(RlhfchatError, match=r"ppo.vllm.gpu_memory_utilization: expected a number in \(0, 1\]"):
         load_recipe(None, ["ppo.vllm.gpu_memory_utilization=2"])
+
+
+def test_the_grpo_demo_is_the_demo_with_grpo_on_the_math_check_alone():
+    """recipes/tiny-cpu-grpo.yaml: the same data, base, SFT and reward sections as the demo (so its SFT model is the
+    demo's), then GRPO in groups with the verifiable math reward as the only component (no reward model in RL)."""
+    from pathlib import Path
+
+    recipes = Path(__file__).parents[1] / "recipes"
+    demo, grpo = load_recipe(recipes / "tiny-cpu.yaml"), load_recipe(recipes / "tiny-cpu-grpo.yaml")
+    for section in ("data", "base", "sft", "reward", "eval"):
+        assert config_hash(getattr(grpo, section)) == config_hash(getattr(demo, section)), section
+    assert grpo.seed == demo.seed and grpo.name != demo.name
+    assert grpo.ppo.advantage_estimator == "grpo" and grpo.ppo.samples_per_prompt >= 2
+    assert [c.kind for c in grpo.ppo.rewards] == ["math"]
+    assert demo.ppo.advantage_estimator == "gae" and {c.kind for c in demo.ppo.rewards} == {"reward_model", "math"}
