@@ -192,9 +192,9 @@ def _weighted(records: list[Any], weight: float, seed: str) -> list[Any]:
     """A source's records under its sampling weight, by the data stage's rule (data/mixture.py)."""
     from collections import Counter
 
-    from rlhfchat.data.mixture import _weigh
+    from rlhfchat.data.mixture import weigh
 
-    return _weigh(records, weight, random.Random(seed), Counter())
+    return weigh(records, weight, random.Random(seed), Counter())
 
 
 def build_data(recipe: Recipe, round_dir: Path, k: int, method: str) -> dict[str, Any]:

@@ -25,28 +25,21 @@ decoding the completions), `train_s` the rest of `trainer.train()`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import tempfile
 import time
 
+from trl_bench_args import repeated_prompts, work_parser
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policy", required=True)
-    parser.add_argument("--reward", required=True)
-    parser.add_argument("--prompts", required=True)
-    parser.add_argument("--batch", type=int, default=16, help="prompts per generation batch (default 16)")
+    parser = work_parser(__doc__.splitlines()[0], ppo_epochs=1, ppo_epochs_help="num_iterations (default 1)",
+                         batch_help="prompts per generation batch (default 16)",
+                         rollouts_help="generation batches (default 2)",
+                         minibatch_help="completions per optimizer step (default 8)")
     parser.add_argument("--samples-per-prompt", type=int, default=4, help="num_generations (default 4)")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--rollouts", type=int, default=2, help="generation batches (default 2)")
-    parser.add_argument("--ppo-epochs", type=int, default=1, help="num_iterations (default 1)")
-    parser.add_argument("--minibatch", type=int, default=8, help="completions per optimizer step (default 8)")
     parser.add_argument("--kl-coef", type=float, default=0.1, help="beta (default 0.1)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     import torch
@@ -63,9 +56,7 @@ def main() -> None:
     reward_tokenizer = AutoTokenizer.from_pretrained(args.reward)
 
     # The same prompts in the same order: a list of messages goes through the chat template (TRL applies it).
-    rows = [json.loads(line)["prompt"] for line in open(args.prompts, encoding="utf-8") if line.strip()]
-    needed = args.batch * args.rollouts
-    dataset = Dataset.from_dict({"prompt": [rows[i % len(rows)] for i in range(needed)]})
+    dataset = Dataset.from_dict({"prompt": repeated_prompts(args.prompts, args.batch * args.rollouts)})
 
     policy = AutoModelForCausalLM.from_pretrained(args.policy)
     reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1)
@@ -116,7 +107,7 @@ def main() -> None:
         "cpu_s": round(cpu, 1), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "optimizer_steps": trainer.state.global_step, "threads": args.threads,
         "mixed_precision": "bf16" if args.bf16 else "no", "samples_per_prompt": args.samples_per_prompt,
-        "prompts": needed, "kl_coef": args.kl_coef, "num_iterations": args.ppo_epochs,
+        "prompts": args.batch * args.rollouts, "kl_coef": args.kl_coef, "num_iterations": args.ppo_epochs,
         "policy_params_m": round(sum(p.numel() for p in policy.parameters()) / 1e6, 2),
         "reward_params_m": round(sum(p.numel() for p in reward_model.parameters()) / 1e6, 2),
     }), flush=True)

@@ -17,29 +17,19 @@ generation function, `train_s` the rest of `trainer.train()`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import tempfile
 import time
 
+from trl_bench_args import repeated_prompts, work_parser
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policy", required=True)
-    parser.add_argument("--reward", required=True)
-    parser.add_argument("--prompts", required=True)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--rollouts", type=int, default=2)
-    parser.add_argument("--ppo-epochs", type=int, default=4)
-    parser.add_argument("--minibatch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--bf16", action="store_true")
+    parser = work_parser(__doc__.splitlines()[0], ppo_epochs=4)
     parser.add_argument("--lora", action="store_true",
                         help="LoRA on the policy (r 16, alpha 32, attention projections, as `rlhfchat bench ppo "
                              "--lora`); the reference is the adapter disabled, the value model trains in full")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     import torch
@@ -56,9 +46,7 @@ def main() -> None:
     tokenizer.padding_side = "left"
 
     # The same prompt tokens as ours: a string verbatim, a list of messages through the chat template.
-    rows = [json.loads(line)["prompt"] for line in open(args.prompts, encoding="utf-8") if line.strip()]
-    needed = args.batch * args.rollouts
-    rows = [rows[i % len(rows)] for i in range(needed)]
+    rows = repeated_prompts(args.prompts, args.batch * args.rollouts)
 
     def encode(prompt):
         if isinstance(prompt, str):
@@ -87,7 +75,7 @@ def main() -> None:
         output_dir=tempfile.mkdtemp(prefix="trl_ppo_bench_"),
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
         num_mini_batches=args.batch // args.minibatch, local_rollout_forward_batch_size=args.batch,
-        total_episodes=needed, num_ppo_epochs=args.ppo_epochs, response_length=args.new_tokens,
+        total_episodes=len(rows), num_ppo_epochs=args.ppo_epochs, response_length=args.new_tokens,
         stop_token=None, stop_token_id=None, missing_eos_penalty=None, temperature=1.0,
         learning_rate=1e-6, kl_coef=0.1, cliprange=0.2, cliprange_value=0.2, vf_coef=1.0, gamma=1.0, lam=0.95,
         num_sample_generations=0, report_to="none", save_strategy="no", logging_steps=1, seed=args.seed,

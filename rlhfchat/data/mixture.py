@@ -75,7 +75,7 @@ def _build_kind(kind: str, sources: list[SourceConfig], recipe: Recipe, out: Pat
         records, rows_read, n_records = _read_source(kind, i, src, seen, stats)
         # 2. weight, then cap, with this source's own random stream
         rng = random.Random(f"{recipe.seed}:{kind}:{i}")
-        records = _weigh(records, src.weight, rng, stats)
+        records = weigh(records, src.weight, rng, stats)
         if src.max_examples is not None and len(records) > src.max_examples:
             stats["over max_examples"] += len(records) - src.max_examples
             records = rng.sample(records, src.max_examples)
@@ -150,7 +150,9 @@ def _encode(kind: str, rec: dict[str, Any]) -> _Record:
     return hashlib.sha1(memoryview(data)[len(head.encode()):]).hexdigest(), data
 
 
-def _weigh(records: list[_Record], weight: float, rng: random.Random, stats: Counter) -> list[_Record]:
+def weigh(records: list[Any], weight: float, rng: random.Random, stats: Counter) -> list[Any]:
+    """A source's records under its sampling weight: below 1 a sample without repeats, above 1 with them (the copies
+    a rerun with the same seed draws again); `stats` counts the records left out. The rounds' feedback uses it too."""
     n = len(records)
     if weight == 1.0 or n == 0:
         return records
