@@ -180,7 +180,7 @@ def test_the_grpo_demo_is_the_demo_with_grpo_on_the_math_check_alone():
 
     recipes = Path(__file__).parents[1] / "recipes"
     demo, grpo = load_recipe(recipes / "tiny-cpu.yaml"), load_recipe(recipes / "tiny-cpu-grpo.yaml")
-    for section in ("data", "base", "sft", "reward", "eval"):
+    for section in ("data", "base", "sft", "reward", "dpo", "kto", "eval"):
         assert config_hash(getattr(grpo, section)) == config_hash(getattr(demo, section)), section
     assert grpo.seed == demo.seed and grpo.name != demo.name
     assert grpo.ppo.advantage_estimator == "grpo" and grpo.ppo.samples_per_prompt >= 2
