@@ -32,7 +32,7 @@ def main() -> None:
 
     from rlhfchat.config import TinyModelConfig
     from rlhfchat.data.chat_format import SYSTEM_PROMPT
-    from rlhfchat.models import build_tiny
+    from rlhfchat.tiny import build_tiny
 
     corpus = [data / "sft.train.jsonl", data / "preferences.train.jsonl"]
     build_tiny(out / "policy", corpus, TinyModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408,

@@ -504,6 +504,34 @@ def test_bench_ppo_runs_grpo_groups_without_a_value_head(tiny_model_dir, tiny_re
     assert result["kl_penalty"] == "loss" and result["value_head"] is False
 
 
+def test_the_benchmark_fixtures_build_from_the_sample_data_and_run(tmp_path, capsys):
+    """scripts/bench_models.py (the fixtures docs/benchmarks.md's GRPO table uses): a policy, a one-label reward
+    model on its tokenizer and system + user prompts, which `bench ppo` then runs on."""
+    from transformers import AutoConfig
+
+    from rlhfchat.cli import main as cli_main
+
+    root = Path(__file__).parents[1]
+    out = subprocess.run([sys.executable, str(root / "scripts" / "bench_models.py"), str(tmp_path / "b")],
+                         capture_output=True, text=True, cwd=root, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    paths = json.loads(out.stdout.splitlines()[-1])
+    assert AutoConfig.from_pretrained(paths["reward"]).num_labels == 1
+    rows = [json.loads(line) for line in Path(paths["prompts"]).read_text().splitlines()]
+    assert len(rows) == 64 and all([m["role"] for m in r["prompt"]] == ["system", "user"] for r in rows)
+    threads = torch.get_num_threads()
+    try:
+        assert cli_main(["bench", "ppo", "--policy", paths["policy"], "--reward", paths["reward"], "--prompts",
+                         paths["prompts"], "--batch", "2", "--samples-per-prompt", "2", "--advantage-estimator",
+                         "grpo", "--new-tokens", "4", "--rollouts", "1", "--ppo-epochs", "1", "--minibatch", "2",
+                         "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
+    assert result["samples"] == 4 and result["optimizer_steps"] == 2 and result["policy_params_m"] > 10
+
+
 def test_bench_ppo_names_the_bad_input(tiny_reward_dir, tmp_path, capsys):
     from rlhfchat.cli import main as cli_main
 

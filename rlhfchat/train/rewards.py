@@ -77,7 +77,7 @@ class Rewards:
     def __init__(self, components: Sequence[Any], scorer: Any = None, key: str = "ppo.rewards",
                  checks_only: bool = False):
         """components: objects with `kind`, `weight` and (for `function`) `function`; scorer: the reward model
-        (rollout.RewardScorer), needed when a component is `reward_model`; `checks_only`: leave the reward_model
+        (train/reward.py's RewardScorer), needed when a component is `reward_model`; `checks_only`: leave the reward_model
         components out (eval scores the replies with the reward model itself)."""
         if not components:
             raise RlhfchatError(f"{key}: expected at least one reward component ({', '.join(KINDS)})")
