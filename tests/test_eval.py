@@ -288,7 +288,11 @@ def test_eval_stage_writes_results_and_skips_when_done(tmp_path, tiny_model_dir,
     replies = (run / "eval" / "replies.jsonl").read_text().splitlines()
     assert len(replies) == 8 and set(json.loads(replies[0])["replies"]) == {"base", "sft", "ppo"}
     first = json.loads(replies[0])["replies"]["ppo"]
-    assert set(first) == {"text", "n_tokens", "reward", "judge", "correct"}  # prompt 0 is a math question
+    assert set(first) == {"text", "n_tokens", "reward", "judge", "correct", "rewards"}  # prompt 0 asks math
+    # each reply's value of every check: the function's is the reply's length in characters
+    for line in replies:
+        for reply in json.loads(line)["replies"].values():
+            assert reply["rewards"] == {"math": 0.0, "chars": float(len(reply["text"]))}
     # ppo.rewards' components, each model's mean over the held-out prompts: the reward model's is reward_mean, the
     # function's the mean length of its replies in characters, math 0 (these records carry no reference)
     assert on_disk["settings"]["checks"] == ["math", "chars"]

@@ -10,8 +10,8 @@ and writes `<run>/eval/`:
                      with bootstrap 95% intervals: by the run's own reward model (`win_rates`), and where there is
                      one, by a second judge (`win_rates_by`: the `eval.judge` reward model, exact answers on the math
                      prompts)
-    replies.jsonl    every held-out prompt with each model's reply, its reward (and judge score, and whether a math
-                     answer is right)
+    replies.jsonl    every held-out prompt with each model's reply, its reward (and judge score, whether a math
+                     answer is right, and under `rewards` its value of each of ppo.rewards' checks)
     manifest.json    skipped when complete for the same eval section and inputs
 
 Steps: 1. inputs and skip  2. each model answers the held-out prompts (greedy) and runs the lm-eval tasks
@@ -191,6 +191,7 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
         rows: dict[str, dict[str, Any]] = {}
         replies: dict[str, list[generate.Reply]] = {}
         correct: dict[str, list[float | None]] = {}
+        checked: dict[str, dict[str, list[float]]] = {}  # model -> ppo.rewards' check -> each reply's value
         bs = batch_size()
         for name, path in models:
             model, tokenizer = generate.load_causal_lm(path, recipe.base.dtype)
@@ -200,6 +201,7 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
             texts = [r.text for r in replies[name]]
             correct[name] = math_correct(prompts, texts)
             graded = graders.score(prompts, texts, records)[1]  # {component: (N,)}
+            checked[name] = {k: [float(x) for x in v] for k, v in graded.items()}
             em, n_math = math_exact_match(prompts, texts)
             rows[name] = {
                 "model": name, "path": path, "n_prompts": len(prompts),
@@ -278,6 +280,7 @@ def main(recipe: Recipe, models: list[tuple[str, str]] | None = None,
              "replies": {n: {"text": replies[n][i].text, "n_tokens": replies[n][i].n_tokens,
                              "reward": rewards[n][i] if rewards else None,
                              **({"judge": judged[n][i]} if judged else {}),
+                             **({"rewards": {k: v[i] for k, v in checked[n].items()}} if checked[n] else {}),
                              **({"correct": correct[n][i]} if correct[n][i] is not None else {})} for n in names}}
             for i, rec in enumerate(records)))
         write_json(stage_dir / "results.json", results)
