@@ -61,7 +61,8 @@ def tiny_run(tmp_path) -> Path:
     jsonl(run / "ppo" / "metrics.jsonl",  # the PPO stage's key names
           [{"step": s, "score": 1 - math.exp(-s / 20) + 0.2 * rng.gauss(0, 1), "kl": 0.04 * s, "value_loss":
             math.exp(-s / 15), "response_len": 30 + 5 * rng.random(), "policy_loss": 0.01,
-            "entropy": 3 - s / 40, "clipfrac": 0.1 * rng.random(), "value_clipfrac": 0.2 * rng.random()}
+            "entropy": 3 - s / 40, "clipfrac": 0.1 * rng.random(), "value_clipfrac": 0.2 * rng.random(),
+            "rewards/reward_model": 0.5 + 0.01 * s, "rewards/math": min(1.0, s / 60)}
            for s in range(1, 61)])
     results = {"run": "tiny", "created": "2026-01-01T00:00:00+00:00",
                "settings": {"prompts": len(PROMPTS), "max_new_tokens": 48, "decoding": "greedy",
@@ -112,7 +113,8 @@ def test_report_has_tables_plots_and_examples(tiny_run, capsys):
     text = path.read_text()
 
     pngs = ["comparison.png", "sft_loss.png", "reward_accuracy.png", "ppo_score.png", "ppo_kl.png", "ppo_entropy.png",
-            "ppo_clipfrac.png", "ppo_value_loss.png", "ppo_response_length.png", "ppo_reward_vs_kl.png"]
+            "ppo_clipfrac.png", "ppo_value_loss.png", "ppo_response_length.png", "ppo_rewards.png",
+            "ppo_reward_vs_kl.png"]
     for name in pngs:
         assert f"]({name})" in text
         _assert_real_image(tiny_run / "eval" / name)

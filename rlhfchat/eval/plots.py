@@ -2,6 +2,7 @@
 
     comparison.png            reward scores per model (box) and win rates with 95% intervals, by each judge
     <stage>_<metric>.png      one logged metric over steps (report.TRAINING_PLOTS), with optional marks
+    ppo_rewards.png           each of ppo.rewards' components over steps (rewards/<name> in PPO's log)
     ppo_reward_vs_kl.png      PPO's mean rollout score against its KL, one point per iteration, coloured by step
 """
 

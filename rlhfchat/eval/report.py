@@ -274,6 +274,13 @@ def main(recipe: Recipe, feedback: str | Path | None = None) -> Path:
             marks = _kl_marks(ppo_row, lines) if file == "ppo_kl.png" else []
             plots.plot_training(eval_dir / file, title, ylabel, lines, marks)
             drawn[file] = eval_dir / file
+    # ppo.rewards' components, each unweighted as the PPO stage logs it (`rewards/<name>`; `score` is their weighted sum)
+    components = sorted({k for row in ppo_log for k in row if k.startswith("rewards/")})
+    if components:
+        plots.plot_training(eval_dir / "ppo_rewards.png", "PPO: each reward component (ppo.rewards)",
+                            "mean over the rollouts, before its weight",
+                            [(k.split("/", 1)[1], *series(ppo_log, [k])) for k in components])
+        drawn["ppo_rewards.png"] = eval_dir / "ppo_rewards.png"
     steps, kls = series(ppo_log, ["kl"])
     if steps and len(series(ppo_log, ["score"])[0]) == len(steps):
         plots.plot_reward_vs_kl(eval_dir / "ppo_reward_vs_kl.png", steps, kls, series(ppo_log, ["score"])[1],
@@ -313,6 +320,8 @@ def main(recipe: Recipe, feedback: str | Path | None = None) -> Path:
     for file, stage, title, _, _ in TRAINING_PLOTS:
         if file in drawn:
             md += [f"![{title}]({file})", ""]
+    if "ppo_rewards.png" in drawn:
+        md += ["![PPO: each reward component (ppo.rewards)](ppo_rewards.png)", ""]
     if "ppo_reward_vs_kl.png" in drawn:
         md += ["![PPO: reward-model score against KL](ppo_reward_vs_kl.png)", ""]
     final = {stage: _read_json(run / stage / "metrics.json") for stage in ("sft", "reward", "ppo", "dpo", "kto")}
