@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=_fields_help(name),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("recipe", metavar="RECIPE.yaml", help="recipe file (see recipes/)")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe field, e.g. seed=1")
+        p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                       help="override a recipe field, e.g. seed=1")
         p.set_defaults(func=_stage)
 
     p = sub.add_parser("delta", help="make, apply or verify a weight delta against a base model")

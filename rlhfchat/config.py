@@ -535,8 +535,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not isinstance(loaded, dict):
             raise RlhfchatError(f"{path}: expected a mapping of recipe keys at the top level")
         data = _resolve_paths(loaded, path.resolve().parent)
+    keys = []
     for text in overrides:
         key, value = parse_override(text)
+        keys.append(key)
         tree: dict[str, Any] = {}
         node = tree
         *parents, last = key.split(".")
@@ -546,11 +548,21 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         _resolve_paths(tree, Path.cwd())
         for part in parents:
             tree = tree[part]
-        _set_dotted(data, Recipe, key, tree[last])
+        try:
+            _set_dotted(data, Recipe, key, tree[last])
+        except RlhfchatError as e:
+            raise RlhfchatError(f"override {text}: {e}") from None
     try:
         recipe = from_dict(Recipe, data)
-    except RlhfchatError as e:
-        raise RlhfchatError(f"{path}: {e}" if path is not None else str(e)) from None
+    except RlhfchatError as e:  # named after what set the field: an override, else the file
+        field = str(e).split(":", 1)[0]
+        hit = [t for k, t in zip(keys, overrides) if field == k or field.startswith((k + ".", k + "["))]
+        if hit:
+            raise RlhfchatError(f"override {hit[-1]}: {e}") from None
+        where = str(path) if path is not None else ""
+        if overrides:
+            where += (" with " if where else "") + "overrides " + " ".join(overrides)
+        raise RlhfchatError(f"{where}: {e}" if where else str(e)) from None
     recipe.output_dir = os.path.abspath(recipe.output_dir)
     return recipe
 

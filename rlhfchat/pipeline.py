@@ -69,7 +69,9 @@ def main(recipe: Recipe) -> None:
         importlib.import_module(module).main(recipe)
     print(f"\npipeline finished in {time.perf_counter() - t0:.0f}s; run folder: {run}")
     print(f"report: {run / 'eval' / 'report.md'}")
-    print(f"chat with the {recipe.method.upper()} model as round-1 (web page, OpenAI API, an arena against the SFT "
+    trained = {"ppo": recipe.ppo.advantage_estimator.upper().replace("GAE", "PPO").replace("_PP", "++")
+               }.get(recipe.method, recipe.method.upper())  # the RL stage's estimator names it: PPO, GRPO, RLOO, ...
+    print(f"chat with the {trained} model as round-1 (web page, OpenAI API, an arena against the SFT "
           "model), then open http://127.0.0.1:8000/ :")
     exe = sys.argv[0] if sys.argv and Path(sys.argv[0]).name == "rlhfchat" else "rlhfchat"
     # served as round-1 beside sft: the names `rlhfchat iterate`'s rounds keep, so the arena's votes add up

@@ -186,3 +186,20 @@ def test_the_grpo_demo_is_the_demo_with_grpo_on_the_math_check_alone():
     assert grpo.ppo.advantage_estimator == "grpo" and grpo.ppo.samples_per_prompt >= 2
     assert [c.kind for c in grpo.ppo.rewards] == ["math"]
     assert demo.ppo.advantage_estimator == "gae" and {c.kind for c in demo.ppo.rewards} == {"reward_model", "math"}
+
+
+def test_an_error_names_what_set_the_field_an_override_or_the_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\nppo: {learning_rate: 1.0e-5}\n")
+    with pytest.raises(RlhfchatError, match=r"^override ppo.advantage_estimator=foo: ppo.advantage_estimator: "
+                                            r"expected one of"):
+        load_recipe(recipe, ["ppo.advantage_estimator=foo"])
+    with pytest.raises(RlhfchatError, match=r"^override ppo.learning_rat=1: ppo.learning_rat: unknown key"):
+        load_recipe(recipe, ["ppo.learning_rat=1"])
+    # the field at fault (samples_per_prompt, 1 from the file's defaults) broken by an override of another: both named
+    with pytest.raises(RlhfchatError, match=r"r.yaml with overrides ppo.advantage_estimator=grpo: "
+                                            r"ppo.samples_per_prompt: grpo compares"):
+        load_recipe(recipe, ["ppo.advantage_estimator=grpo"])
+    recipe.write_text("name: t\nppo: {advantage_estimator: foo}\n")
+    with pytest.raises(RlhfchatError, match=r"r.yaml with overrides seed=1: ppo.advantage_estimator: expected one of"):
+        load_recipe(recipe, ["seed=1"])

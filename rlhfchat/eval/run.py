@@ -336,7 +336,8 @@ def format_table(results: dict[str, Any]) -> str:
     for r in rows:
         cells = [r["model"], _fmt(r["reward_mean"]), _fmt(r["reward_std"]),
                  *([_fmt(r.get("judge_mean"))] if has_judge else []), _fmt(r["mean_length"], ".1f"),
-                 _fmt(r["math_exact_match"]) + (f" /{r['math_n']}" if r.get("math_n") else ""),
+                 (f"{round(r['math_exact_match'] * r['math_n'])}/{r['math_n']}" if r.get("math_n")
+                  and r.get("math_exact_match") is not None else _fmt(r["math_exact_match"])),
                  _fmt(r.get("kl_to_ref")), _fmt(r.get("kl_trlx")), *(_fmt(r.get("rewards", {}).get(c)) for c in checks)]
         for t in task_cols:
             s = r.get("tasks", {}).get(t, {})
@@ -344,9 +345,10 @@ def format_table(results: dict[str, Any]) -> str:
         table.append(cells)
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = [(f"held-out prompts: {results['settings']['prompts']}  (reward: the run's reward model's score, the "
-              "model PPO was trained against" + ("; judge: eval.judge's score" if has_judge else "") + "; length: "
-              "reply tokens; math EM: exact answers /math prompts; KL to the reference per reply: k1 = sum of "
-              "log-ratios, trlX = sum of e^r-1-r as PPO logs it)")]
+              "model the RL stage trains against" + ("; judge: eval.judge's score" if has_judge else "") + "; length: "
+              "reply tokens; math EM: exact answers / math prompts; KL to the reference per reply: k1 = sum of "
+              "log-ratios, trlX = sum of e^r-1-r as PPO logs it"
+              + (f"; {', '.join(checks)}: ppo.rewards' checks, mean per reply" if checks else "") + ")")]
     for k, row in enumerate(table):
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if k == 0:

@@ -515,8 +515,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
             ppo.tokenizer.save_pretrained(out_dir)
             write_json(out_dir / "metrics.json", metrics)
     if accelerator.is_main_process:
-        accelerator.print(f"[ppo] held-out reward {before['reward']} -> {after['reward']}; KL {metrics['kl']}; "
-                          f"{iterations} steps; model in {out_dir}")
+        r0, r1, kl = (f"{x:.4g}" if isinstance(x, float) else x for x in (before["reward"], after["reward"],
+                                                                           metrics["kl"]))
+        accelerator.print(f"[ppo] held-out reward {r0} -> {r1}; KL {kl}; {iterations} steps; model in {out_dir}")
     accelerator.wait_for_everyone()
     if cfg.report_to:
         accelerator.end_training()
