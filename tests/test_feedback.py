@@ -55,7 +55,7 @@ def postgres_url():
     subprocess.run([*as_user, f"{pg}/pg_ctl", "-D", data, "-l", f"{root}/server.log", "-w", "-t", "60",
                     "-o", f"-p {port} -h 127.0.0.1 -k {root} -F", "start"], check=True, capture_output=True)
     try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"  # as a user writes it: the installed driver is found
     finally:
         subprocess.run([*as_user, f"{pg}/pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
@@ -173,7 +173,14 @@ def test_serve_keeps_feedback_in_the_run_folder_by_default(tmp_path, monkeypatch
     assert default_db([run / "ppo", run / "sft"]) == run / "feedback.db"
     monkeypatch.chdir(tmp_path)
     assert default_db([tmp_path / "some-model"]) == tmp_path / "feedback.db"  # not a run: the current folder
-    assert db_url("fb.db") == f"sqlite:///{tmp_path / 'fb.db'}" and db_url("postgresql://h/db") == "postgresql://h/db"
+    assert db_url("fb.db") == f"sqlite:///{tmp_path / 'fb.db'}"
+    # a PostgreSQL URL without a driver gets the installed one (SQLAlchemy alone would take psycopg 3); a named one
+    # stays as it is
+    import importlib.util
+
+    driver = "psycopg" if importlib.util.find_spec("psycopg") else "psycopg2"  # the postgres extra brings psycopg2
+    assert db_url("postgresql://h/db") == db_url("postgres://h/db") == f"postgresql+{driver}://h/db"
+    assert db_url("postgresql+psycopg://h/db") == "postgresql+psycopg://h/db"
 
 
 def test_thumb_comments_and_a_store_made_before_them(store):

@@ -117,8 +117,19 @@ def db_url(db: str | Path) -> str:
     """A SQLAlchemy URL from a URL or a file path (a path means SQLite)."""
     db = str(db)
     if "://" in db:
+        scheme, rest = db.split("://", 1)
+        if scheme in ("postgresql", "postgres"):  # no driver named: the one installed (the postgres extra's psycopg2)
+            return f"postgresql+{_postgres_driver()}://{rest}"
         return db
     return f"sqlite:///{Path(db).expanduser().resolve()}"
+
+
+def _postgres_driver() -> str:
+    """psycopg (3) where it is installed, else psycopg2 (what `pip install 'rlhfchat[postgres]'` brings); SQLAlchemy
+    alone would take psycopg for a plain postgresql:// URL and fail where only psycopg2 is there."""
+    import importlib.util
+
+    return next((name for name in ("psycopg", "psycopg2") if importlib.util.find_spec(name)), "psycopg")
 
 
 def default_db(model_dirs: list[str | Path]) -> Path:
