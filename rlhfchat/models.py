@@ -78,6 +78,7 @@ def load_model_folder(path: str | Path, auto_cls: Any = None, dtype: torch.dtype
     source = resolve_model(path)
     adapter = find_adapter(source)
     if adapter is None:
+        _refuse_a_scorer_as_a_generator(path, source, auto_cls, what)
         try:
             return auto_cls.from_pretrained(source, dtype=dtype, **kwargs)
         except (OSError, ValueError) as e:
@@ -90,6 +91,21 @@ def load_model_folder(path: str | Path, auto_cls: Any = None, dtype: torch.dtype
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, adapter.folder).merge_and_unload()
+
+
+def _refuse_a_scorer_as_a_generator(path: str | Path, source: str | Path, auto_cls: Any, what: str) -> None:
+    """A reward model's folder (a ...ForSequenceClassification) opened to generate text: transformers would load its
+    trunk under a new, random LM head and the chat would answer in noise; one line instead."""
+    config = Path(source) / "config.json"
+    if getattr(auto_cls, "__name__", "") != "AutoModelForCausalLM" or not config.is_file():
+        return
+    try:
+        archs = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return  # from_pretrained says what is wrong with it
+    if archs and all(a.endswith("ForSequenceClassification") for a in archs):
+        raise RlhfchatError(f"{path}: a reward model ({archs[0]}: one score per text), not {what}; give a folder "
+                            "that generates text, e.g. RUN/sft or RUN/ppo")
 
 
 def load_tokenizer(path: str | Path, chat_template: str = "model") -> Any:

@@ -48,3 +48,14 @@ def test_a_folder_that_does_not_load_is_one_line_naming_it_and_what_it_should_ho
     (tmp_path / "lonely" / "adapter_config.json").write_text(json.dumps(gone))
     with pytest.raises(RlhfchatError, match="base_model_name_or_path.*gone: no such folder"):
         load_model_folder(tmp_path / "lonely")
+
+
+def test_a_reward_model_folder_is_refused_where_text_is_generated(tiny_reward_dir):
+    """A reward model opened as a causal LM (e.g. `rlhfchat chat RUN/reward`) would get a random LM head and answer in
+    noise: one line naming the folder instead. Opened as what it is, it loads."""
+    from transformers import AutoModelForSequenceClassification
+
+    with pytest.raises(RlhfchatError, match=r"reward model \(\w+ForSequenceClassification: one score per text\), "
+                                            r"not a causal LM"):
+        load_model_folder(tiny_reward_dir, what="a causal LM")
+    assert load_model_folder(tiny_reward_dir, AutoModelForSequenceClassification).config.num_labels == 1
