@@ -522,6 +522,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            found = sorted(p.name for p in path.glob("*.yaml"))
+            names = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+            raise RlhfchatError(f"{path}: a folder; expected a recipe file" + (f" (here: {names})" if found else ""))
         if not path.is_file():
             raise RlhfchatError(f"{path}: recipe file not found")
         try:

@@ -356,12 +356,17 @@ class EngineCalls:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
     """The sampling flags every front end takes (chat, discord); `sampling_params(args)` reads them back."""
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=0.7,
+                        help="sampling temperature; 0 picks the likeliest token (greedy) (default 0.7)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling: the smallest set of tokens holding this much probability (default 1.0)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: all (default 0)")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help=f"most tokens in a reply (default {max_new_tokens})")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="above 1, tokens already in the text are less likely (CTRL's penalty; default 1.0)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the sampling, for the same reply again (default: a new one each time)")
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
