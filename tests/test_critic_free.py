@@ -177,12 +177,12 @@ def test_configuration_errors_are_one_line_naming_the_field(toy_run, tmp_path, c
 
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator, kl_penalty, layout", [("grpo", "loss", "ddp"), ("reinforce_pp", "reward", "ddp"),
-                                                            ("grpo", "loss", "zero3")])
+                                                            ("grpo", "loss", "zero3"), ("rloo", "reward", "zero2")])
 def test_critic_free_on_two_processes_matches_one(tmp_path, trained, estimator, kl_penalty, layout):
     """4 prompts x 2 replies an iteration: on one process, or 2 prompts' groups on each of two (a group never
     straddles processes; REINFORCE++ whitens over both processes' tokens), the same replies, figures and final
-    weights, up to float rounding. zero3: DeepSpeed ZeRO-3 (configs/accelerate/cpu-zero3.yaml), each process's
-    minibatch of 4 in 2 accumulated micro-batches of 2."""
+    weights, up to float rounding. zero2, zero3: DeepSpeed ZeRO-2 or -3 (configs/accelerate/cpu-zero{2,3}.yaml), each
+    process's minibatch of 4 in 2 accumulated micro-batches of 2."""
     import shutil
 
     from safetensors.torch import load_file
@@ -195,8 +195,8 @@ def test_critic_free_on_two_processes_matches_one(tmp_path, trained, estimator, 
     grpo = [*PPO_PARITY, f"ppo.advantage_estimator={estimator}", "ppo.samples_per_prompt=2",
             f"ppo.kl_penalty={kl_penalty}"]
     runs = {}
-    two = TWO_PROCS if layout == "ddp" else [*launcher(3), "-m", "rlhfchat.cli"]
-    micro = ["ppo.batch_size=2", "ppo.grad_accum=2"] if layout == "zero3" else []
+    two = TWO_PROCS if layout == "ddp" else [*launcher(int(layout[-1])), "-m", "rlhfchat.cli"]
+    micro = ["ppo.batch_size=2", "ppo.grad_accum=2"] if layout != "ddp" else []
     for name, cmd, per_process in (("one", ONE_PROC, 8), ("two", two, 4)):
         run = runs[name] = tmp_path / name
         shutil.copytree(trained, run)

@@ -223,9 +223,11 @@ def test_qlora_errors_name_the_field(monkeypatch, tiny_model_dir):
     from rlhfchat.errors import RlhfchatError
     from rlhfchat.models import load_pretrained
 
-    with pytest.raises(RlhfchatError, match=r"^reward.lora.quantize: a 4bit base trains only through LoRA"):
+    with pytest.raises(RlhfchatError, match=r"^override reward.lora.quantize=4bit: reward.lora.quantize: a 4bit base "
+                                            r"trains only through LoRA"):
         load_recipe(None, ["reward.lora.quantize=4bit"])
-    with pytest.raises(RlhfchatError, match=r"^ppo.lora.quantize: expected one of '4bit'"):
+    with pytest.raises(RlhfchatError, match=r"^override ppo.lora.quantize=8bit: ppo.lora.quantize: expected one of "
+                                            r"'4bit'"):
         load_recipe(None, ["ppo.lora.enabled=true", "ppo.lora.quantize=8bit"])
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if the qlora extra were not installed
     lora = load_recipe(None, ["sft.lora.enabled=true", "sft.lora.quantize=4bit"]).sft.lora
