@@ -30,7 +30,7 @@ import resource
 import tempfile
 import time
 
-from trl_bench_args import repeated_prompts, work_parser
+from trl_bench_args import repeated_prompts, timed, work_parser
 
 
 def main() -> None:
@@ -86,16 +86,7 @@ def main() -> None:
         raise SystemExit("TRL built no reference model (beta 0?)")
 
     # Time generation by wrapping the trainer's _generate (encode, generate, decode: the one place it generates).
-    gen_s = [0.0]
-    generate = trainer._generate
-
-    def timed(*a, **k):
-        t = time.perf_counter()
-        out = generate(*a, **k)
-        gen_s[0] += time.perf_counter() - t
-        return out
-
-    trainer._generate = timed
+    trainer._generate, gen_s = timed(trainer._generate)
     t0, cpu0 = time.perf_counter(), time.process_time()
     trainer.train()
     total, cpu = time.perf_counter() - t0, time.process_time() - cpu0

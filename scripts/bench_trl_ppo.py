@@ -22,7 +22,7 @@ import resource
 import tempfile
 import time
 
-from trl_bench_args import repeated_prompts, work_parser
+from trl_bench_args import repeated_prompts, timed, work_parser
 
 
 def main() -> None:
@@ -86,16 +86,7 @@ def main() -> None:
                          eval_dataset=dataset, peft_config=peft_config)
 
     # Time generation by wrapping TRL's batch_generation (the only place it generates during training).
-    gen_s = [0.0]
-    batch_generation = trl_ppo.batch_generation
-
-    def timed(*a, **k):
-        t = time.perf_counter()
-        out = batch_generation(*a, **k)
-        gen_s[0] += time.perf_counter() - t
-        return out
-
-    trl_ppo.batch_generation = timed
+    trl_ppo.batch_generation, gen_s = timed(trl_ppo.batch_generation)
     t0, cpu0 = time.perf_counter(), time.process_time()
     trainer.train()
     total, cpu = time.perf_counter() - t0, time.process_time() - cpu0

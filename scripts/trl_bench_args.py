@@ -1,4 +1,5 @@
-"""What the two TRL baselines (bench_trl_ppo.py, bench_trl_grpo.py) share: the flags that fix the work, the prompts.
+"""What the two TRL baselines (bench_trl_ppo.py, bench_trl_grpo.py) share: the flags that fix the work, the prompts,
+the timer around TRL's generation.
 
 Both run in their own virtual environment with only TRL and torch, so this imports nothing from rlhfchat; they find it
 beside them (a script's folder is the first entry of sys.path).
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
+from typing import Any, Callable
 
 
 def work_parser(description: str, *, ppo_epochs: int, ppo_epochs_help: str | None = None,
@@ -34,3 +37,17 @@ def repeated_prompts(path: str, needed: int) -> list:
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line)["prompt"] for line in f if line.strip()]
     return [rows[i % len(rows)] for i in range(needed)]
+
+
+def timed(fn: Callable[..., Any]) -> tuple[Callable[..., Any], list[float]]:
+    """`fn` wrapped to add the wall seconds of each call to the list it comes with (its one item): the baselines put
+    it in place of the one function TRL generates through, to split generation from the rest of training."""
+    spent = [0.0]
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        spent[0] += time.perf_counter() - t
+        return out
+
+    return wrapper, spent
