@@ -165,9 +165,14 @@ def label_and_text(bot) -> tuple[str, str]:
 
 
 def set_number(page, selector: str, value: int) -> None:
+    """Type `value` into a slider's number box and wait until the slider shows it: the page has taken the value
+    before the test goes on (a send right after a change the page had not taken yet sampled with the old setting)."""
     box = page.locator(f"{selector} input[type='number']").first
     box.fill(str(value))
     box.press("Enter")
+    slider = page.locator(f"{selector} input[type='range']")
+    if slider.count():
+        wait_for(lambda: float(slider.first.input_value()) == float(value), timeout=10, what=f"{selector} at {value}")
 
 
 def test_each_reply_names_its_model_the_slider_follows_the_context_and_dropped_turns_are_said(page, site, shots):
