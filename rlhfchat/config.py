@@ -23,6 +23,14 @@ from rlhfchat.config_inputs import (  # noqa: F401  (the recipe's sections, re-e
 from rlhfchat.errors import RlhfchatError
 from rlhfchat.typed import _set_dotted, from_dict, parse_override, to_dict  # noqa: F401  (the recipe's own API)
 
+def function_path(path: str | None, where: str) -> tuple[str, str]:
+    """A `module:function` path split in two; any other form is a one-line error naming `where` (the recipe key)."""
+    module, sep, name = (path or "").partition(":")
+    if not (sep and module and name):
+        raise RlhfchatError(f"{where}: expected module:function (e.g. mypkg.rewards:brevity), got {path!r}")
+    return module, name
+
+
 @dataclass
 class LoraConfig:
     """LoRA adapters (peft) for a training stage: only the adapters train; the saved folder has them merged in."""
@@ -378,10 +386,8 @@ class PPOConfig:
         if not self.rewards:
             raise RlhfchatError("ppo.rewards: expected at least one component (reward_model, math or function)")
         for i, c in enumerate(self.rewards):  # the path's form here; the import when the PPO stage starts
-            module, sep, name = (c.function or "").partition(":")
-            if c.kind == "function" and not (sep and module and name):
-                raise RlhfchatError(f"ppo.rewards[{i}].function: expected module:function (e.g. "
-                                    f"mypkg.rewards:brevity), got {c.function!r}")
+            if c.kind == "function":
+                function_path(c.function, f"ppo.rewards[{i}].function")
         if self.num_layers_unfrozen < -1:
             raise RlhfchatError(f"ppo.num_layers_unfrozen: expected -1 (all layers) or a number of top layers >= 0, "
                                 f"got {self.num_layers_unfrozen}")

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from rlhfchat.config import function_path
 from rlhfchat.data.answers import answers_match
 from rlhfchat.errors import RlhfchatError
 
@@ -40,9 +41,7 @@ RewardFunction = Callable[[list, str, dict], float]
 
 def load_function(path: str, where: str) -> RewardFunction:
     """The function `module:function` names; a bad path is a one-line error naming `where` (the recipe key)."""
-    module_name, sep, name = path.partition(":")
-    if not sep or not module_name or not name:
-        raise RlhfchatError(f"{where}: expected module:function (e.g. mypkg.rewards:brevity), got {path!r}")
+    module_name, name = function_path(path, where)
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # ImportError, or the module's own error at import
