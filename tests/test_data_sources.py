@@ -321,6 +321,38 @@ def test_reader_formats_folders_and_splits(tmp_path):
         (["line", "1"], {"a": 1}), (["line", "3"], {"a": 2})]
 
 
+@pytest.mark.parametrize("split", ["train[:50%]", "train[50%:]", "train[10%:35%]", "train[:7]", "train[3:]",
+                                   "train[-4:]", "train[2:-3]", "train[33%:-20%]", "train[5%:-9]", "train[:100%]", "train[-15%:]"])
+def test_a_sliced_split_cuts_the_rows_as_datasets_does(tmp_path, split):
+    """`split: train[:50%]` on a local clone: the rows `datasets.load_dataset` gives for the same slice of the same
+    files, each with its own row number in its file."""
+    import datasets
+
+    folder = tmp_path / "clone" / "main"
+    folder.mkdir(parents=True)
+    rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(23)]
+    pq.write_table(pa.Table.from_pylist(rows[:13]), folder / "train-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[13:]), folder / "train-00001-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:2]), folder / "test-00000-of-00001.parquet")
+    files = sorted(str(p) for p in folder.glob("train-*.parquet"))
+    want = [r["question"] for r in datasets.load_dataset("parquet", data_files={"train": files}, split=split,
+                                                          cache_dir=str(tmp_path / "cache"))]
+    got = list(read_rows(str(tmp_path / "clone"), split=split, subset="main"))
+    assert [r["question"] for _, r in got] == want and want  # "train[5%:-9]": 5% to -9%, both bounds in percent
+    first = int(want[0][1:])  # the row's own number in its file
+    assert got[0][0].endswith(f"train-0000{0 if first < 13 else 1}-of-00002.parquet row {first % 13 + 1}")
+
+
+def test_two_slices_of_one_split_share_no_row_and_a_bad_slice_is_one_line(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"p{i}", "response": "r"} for i in range(10)])
+    halves = [[r["prompt"] for _, r in read_rows(str(tmp_path / "train.jsonl"), split=s)]
+              for s in ("train[:50%]", "train[50%:]")]
+    assert halves == [[f"p{i}" for i in range(5)], [f"p{i}" for i in range(5, 10)]]
+    for bad in ("train[:50]%", "train[a:b]", "train[1:2:3]", "train[:150%]"):
+        with pytest.raises(RlhfchatError, match=r"split 'train\[.*(expected a split name or a slice|percentage)"):
+            list(read_rows(str(tmp_path / "train.jsonl"), split=bad))
+
+
 def test_reader_errors(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"a": 1}\n{"a": 2,,}\n')
     with pytest.raises(RlhfchatError, match=r"broken.jsonl line 2: invalid JSON"):

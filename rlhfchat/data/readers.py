@@ -9,6 +9,11 @@ name a split (`train-00000-of-00001.parquet`, `helpful-base/test.jsonl.gz`, `dat
 `split` are read, so a clone of a hub repository can be given as is. A path that is not local is read through
 `datasets.load_dataset` (needs the network, or the hub cache). `where` counts lines and rows from 1.
 
+A split may be sliced as in `datasets` (`train[:50%]`, `train[50%:]`, `train[100:200]`, `test[-10:]`): local rows
+are cut the same way (a percentage of the split's rows rounded to the closest row, as `datasets` does), so one
+published split can feed two kinds of record without sharing a row (SFT on the first half, RL prompts from the
+second). `where` keeps each row's number in its file.
+
 The row helpers at the bottom (`text_field`, `field`) check a field's presence and type and raise a one-line
 `RlhfchatError` naming `where` and the field.
 """
@@ -33,13 +38,50 @@ _BATCH_ROWS = 4096
 
 def read_rows(path: str, *, split: str = "train", subset: str | None = None, columns: list[str] | None = None,
               source: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield `(where, row)` for every row of `path` (file, folder or hub id); `columns` limits what is read."""
-    files = local_files(path, split, subset)
+    """Yield `(where, row)` for every row of `path` (file, folder or hub id); `columns` limits what is read.
+    `split` may carry a slice (`train[:50%]`: see the module's docstring)."""
+    name, cut = split_slice(split, source)
+    files = local_files(path, name, subset)
     if files is None:
         yield from _read_hub(path, split, subset, columns, source)
         return
-    for file in files:
-        yield from read_file(file, columns)
+    rows = (row for file in files for row in read_file(file, columns))
+    if cut is None:
+        yield from rows
+        return
+    rows = list(rows)
+    yield from rows[cut(len(rows))]
+
+
+_SLICE = re.compile(r"^([\w.-]+)\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\]$")
+
+
+def split_slice(split: str, source: str = "") -> tuple[str, Any]:
+    """`train[10%:50%]` -> ("train", a function of the split's row count giving the python slice of its rows);
+    a plain split name -> (the name, None). As in `datasets`: a bound with % makes both bounds percentages, which
+    round to the closest row."""
+    if "[" not in split:
+        return split, None
+    m = _SLICE.match(split.strip())
+    if m is None:
+        where = f"{source}: " if source else ""
+        raise RlhfchatError(f"{where}split {split!r}: expected a split name or a slice of one such as 'train[:50%]', "
+                            "'train[50%:]' or 'train[100:200]'")
+    name, start, stop = m.groups()
+    percent = any(b is not None and b.endswith("%") for b in (start, stop))  # then both are, as in `datasets`
+
+    def bound(text: str | None, n: int) -> int | None:
+        if text is None:
+            return None
+        value = int(text.rstrip("%"))
+        if not percent:
+            return value
+        if not -100 <= value <= 100:
+            raise RlhfchatError(f"{source + ': ' if source else ''}split {split!r}: a percentage must be in "
+                                "[-100%, 100%]")
+        return int(round(value * n / 100))
+
+    return name, lambda n: slice(bound(start, n), bound(stop, n))
 
 
 def local_files(path: str, split: str = "train", subset: str | None = None) -> list[Path] | None:
