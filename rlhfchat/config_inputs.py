@@ -28,7 +28,9 @@ class SourceConfig:
     path: str
     """A local file or folder (.parquet, .jsonl, .jsonl.gz, .json; folders searched recursively) or a hub id."""
     split: str = "train"
-    """Split to read when `path` is a hub id."""
+    """Split to read: of a hub id, or the files of a local folder that name it (`train-00000-of-00001.parquet`). A
+    slice as in `datasets` takes part of it: `train[:50%]`, `train[50%:]`, `train[100:200]` (so that SFT and RL
+    prompts can take two halves of one published split)."""
     subset: str | None = None
     """Hub configuration name or data_dir (e.g. `helpful-base` for hh-rlhf, `main` for gsm8k); for a local folder,
     its subfolder of that name when it has one."""
