@@ -40,8 +40,8 @@ def read_rows(path: str, *, split: str = "train", subset: str | None = None, col
               source: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield `(where, row)` for every row of `path` (file, folder or hub id); `columns` limits what is read.
     `split` may carry a slice (`train[:50%]`: see the module's docstring)."""
-    name, cut = split_slice(split, source)
-    files = local_files(path, name, subset)
+    cut = split_slice(split, source)[1]
+    files = local_files(path, split, subset)
     if files is None:
         yield from _read_hub(path, split, subset, columns, source)
         return
@@ -88,8 +88,10 @@ def local_files(path: str, split: str = "train", subset: str | None = None) -> l
     """The local data files `path` names, or None when it is a hub id; a missing local path is an error.
 
     A local folder with a subfolder named `subset` (a clone of a hub repository with several configurations, such
-    as openai/gsm8k's main/ and socratic/) is read from that subfolder.
+    as openai/gsm8k's main/ and socratic/) is read from that subfolder. A sliced split (`train[:50%]`) names the
+    files of its split; read_rows cuts their rows.
     """
+    split = split_slice(split)[0]
     local = Path(path).expanduser()
     if local.exists():
         if subset and local.is_dir() and (local / subset).is_dir():
