@@ -152,3 +152,31 @@ def test_the_data_stage_writes_gsm8k_prompts_with_references(clone, tmp_path):
     assert card["prompts"]["train"] == 2 and card["sft"]["train"] == 2
     prompts = list(read_jsonl(tmp_path / "run" / "data" / "prompts.train.jsonl", "prompts"))
     assert sorted(p["reference"] for p in prompts) == ["2100", "72"]
+
+
+
+def test_the_data_stage_gives_sft_and_prompts_two_halves_of_one_split(tmp_path):
+    """`split: "train[:50%]"` for SFT and `"train[50%:]"` for prompts: each row in exactly one, in order."""
+    from rlhfchat.config import load_recipe
+    from rlhfchat.data import mixture
+    from rlhfchat.data.schema import read_jsonl
+    from rlhfchat.errors import RlhfchatError
+
+    rows = [{"question": f"Tom has {i} apples and buys 2 more. How many now?",
+             "answer": f"Tom has {i} + 2 = <<{i}+2={i + 2}>>{i + 2} apples.\n#### {i + 2}"} for i in range(7)]
+    root = tmp_path / "gsm8k"
+    _parquet(root / "main" / "train-00000-of-00001.parquet", rows)
+    half = lambda kind, s: f'data.{kind}=[{{source: gsm8k, path: {root}, subset: main, split: "{s}"}}]'
+    recipe = load_recipe(None, ["name=g", f"output_dir={tmp_path / 'run'}", "data.eval_fraction=0",
+                                half("sft", "train[:50%]"), half("prompts", "train[50%:]")])
+    mixture.build(recipe)
+    data = tmp_path / "run" / "data"
+    sft = [c["messages"][0]["content"] for c in read_jsonl(data / "sft.train.jsonl", "sft")]
+    prompts = {p["prompt"][0]["content"]: p["reference"] for p in read_jsonl(data / "prompts.train.jsonl", "prompts")}
+    # 50% of 7 rows rounds to 4 (as datasets rounds): rows 0-3 are SFT's, 4-6 the prompts'
+    assert sorted(sft) == sorted(r["question"] for r in rows[:4])
+    assert prompts == {r["question"]: str(i + 2) for i, r in enumerate(rows) if i >= 4}
+    bad = load_recipe(None, ["name=g", f"output_dir={tmp_path / 'bad'}", half("sft", "train[:half]")])
+    with pytest.raises(RlhfchatError, match=r"data\.sft\[0\] \(gsm8k\): split 'train\[:half\]': expected a split "
+                                            r"name or a slice"):
+        mixture.build(bad)
