@@ -229,7 +229,7 @@ def main(recipe: Recipe) -> dict[str, Any]:
     for kind in KINDS:
         parts = ", ".join(f"{s['source']} {s['kept']}" for s in card[kind]["sources"]) or "no sources"
         print(f"{kind:12s} {card[kind]['train']:>8d} train {card[kind]['eval']:>7d} eval   ({parts})")
-    print(f"written to {recipe.run_dir / 'data'}")
+    print(f"records in {recipe.run_dir / 'data'}")  # written now, or by the run the stage was skipped for
     return card
 
 
