@@ -200,7 +200,7 @@ def test_cli_runs_the_stage_and_has_help(sources, tmp_path, capsys):
     recipe = recipe_file(tmp_path, mix(sources))
     assert cli.main(["data", str(recipe), "data.eval_fraction=0.5"]) == 0
     out = capsys.readouterr().out
-    assert "written to" in out and "sft" in out
+    assert f"records in {tmp_path / 'run' / 'data'}" in out and "sft" in out
     card = json.loads((tmp_path / "run" / "data" / "card.json").read_text())
     assert card["eval_fraction"] == 0.5 and card["sft"]["eval"] == 12
     help_run = subprocess.run([sys.executable, "-m", "rlhfchat.cli", "data", "--help"], capture_output=True,
