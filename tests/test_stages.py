@@ -116,7 +116,9 @@ def test_two_processes_match_one(run_dir, tmp_path):
     two_run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                               "-m", "rlhfchat.cli", "sft", str(recipe_file), f"output_dir={two}", *common,
                               "sft.batch_size=4"], capture_output=True, text=True, env=env, timeout=300)
-    assert two_run.returncode == 0, two_run.stderr[-2000:]
+    # the ranks' own complaints first (an abort's "terminate called ..."), then the launcher's report
+    said = [line for line in two_run.stderr.splitlines() if any(w in line for w in ("terminate", "Error", "abort"))]
+    assert two_run.returncode == 0, "\n".join(said[:20]) + "\n" + two_run.stderr[-2000:]
 
     def losses(run):
         lines = [json.loads(x) for x in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
