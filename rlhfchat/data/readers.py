@@ -62,26 +62,18 @@ def split_slice(split: str, source: str = "") -> tuple[str, Any]:
     round to the closest row."""
     if "[" not in split:
         return split, None
+    where = f"{source}: " if source else ""
     m = _SLICE.match(split.strip())
     if m is None:
-        where = f"{source}: " if source else ""
         raise RlhfchatError(f"{where}split {split!r}: expected a split name or a slice of one such as 'train[:50%]', "
                             "'train[50%:]' or 'train[100:200]'")
-    name, start, stop = m.groups()
-    percent = any(b is not None and b.endswith("%") for b in (start, stop))  # then both are, as in `datasets`
-
-    def bound(text: str | None, n: int) -> int | None:
-        if text is None:
-            return None
-        value = int(text.rstrip("%"))
-        if not percent:
-            return value
-        if not -100 <= value <= 100:
-            raise RlhfchatError(f"{source + ': ' if source else ''}split {split!r}: a percentage must be in "
-                                "[-100%, 100%]")
-        return int(round(value * n / 100))
-
-    return name, lambda n: slice(bound(start, n), bound(stop, n))
+    name, *texts = m.groups()
+    bounds = [None if t is None else int(t.rstrip("%")) for t in texts]
+    if not any(t is not None and t.endswith("%") for t in texts):  # one bound with % makes both percentages
+        return name, lambda n: slice(*bounds)
+    if any(b is not None and not -100 <= b <= 100 for b in bounds):
+        raise RlhfchatError(f"{where}split {split!r}: a percentage must be in [-100%, 100%]")
+    return name, lambda n: slice(*(None if b is None else int(round(b * n / 100)) for b in bounds))
 
 
 def local_files(path: str, split: str = "train", subset: str | None = None) -> list[Path] | None:
