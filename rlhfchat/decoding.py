@@ -20,6 +20,7 @@ chat engine alike.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from dataclasses import dataclass, field
@@ -295,7 +296,13 @@ def hf_generate(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, prompt_mas
     settings.share_prefix: the leading prompt tokens all rows share (a system prompt) are prefilled once and their
     KV cache repeated for the rows; generate gets [prefix | each row's left-padded rest] with that cache, and the
     positions it counts from the attention mask are the same as in the plain left-padded layout.
+
+    Rows that come in consecutive groups of one prompt (PPO's samples_per_prompt > 1) generate from a grouped cache
+    (train/group_cache.py): each group's prompt is prefilled once and its keys and values are kept once for the
+    group's rows; the samples are the plain layout's (up to float rounding). Models the grouped attention does not
+    cover (a sliding window, a flash kernel) keep the plain cache.
     """
+    from rlhfchat.train.group_cache import group_size, groupable, grouped_attention, grouped_prefill
     from rlhfchat.train.trunk import cache_argument, causal_parts, split_shared_prefix
 
     ends = [t for t in [tokenizer.eos_token_id, *settings.stop_token_ids] if t is not None]
@@ -322,24 +329,33 @@ def hf_generate(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, prompt_mas
     hook = None
     was_training = model.training
     model.eval()
+    attention: contextlib.AbstractContextManager = contextlib.nullcontext()
     try:
         with torch.no_grad():
-            split = None
-            if settings.share_prefix and cache_arg is not None:
-                split = split_shared_prefix(trunk, prompt_ids, prompt_mask, prompt_ids.shape[1] - 1)
-            cache = None
-            if split is not None:
-                cache = split.cache(trunk)
-                prompt_ids = torch.cat([split.prefix.expand(split.rest_ids.shape[0], -1), split.rest_ids], 1)
-                prompt_mask = split.full_mask()
-            elif cache_arg is not None:
-                cache = _new_cache(model)
-            if cache is not None:  # written in place, no copy of the whole cache per generated token
-                kwargs[cache_arg] = reserve_cache(cache, settings.max_new_tokens)
+            group = group_size(prompt_ids, prompt_mask) if _new_cache(model) is not None and groupable(trunk) else 1
+            if group > 1:  # each group's prompt prefilled once and its cache kept once (train/group_cache.py)
+                cache, prompt_ids, prompt_mask = grouped_prefill(trunk, prompt_ids, prompt_mask, group,
+                                                                 settings.max_new_tokens + 1, settings.share_prefix)
+                kwargs[cache_arg] = cache
+                attention = grouped_attention(trunk, cache)
+            else:
+                split = None
+                if settings.share_prefix and cache_arg is not None:
+                    split = split_shared_prefix(trunk, prompt_ids, prompt_mask, prompt_ids.shape[1] - 1)
+                cache = None
+                if split is not None:
+                    cache = split.cache(trunk)
+                    prompt_ids = torch.cat([split.prefix.expand(split.rest_ids.shape[0], -1), split.rest_ids], 1)
+                    prompt_mask = split.full_mask()
+                elif cache_arg is not None:
+                    cache = _new_cache(model)
+                if cache is not None:  # written in place, no copy of the whole cache per generated token
+                    kwargs[cache_arg] = reserve_cache(cache, settings.max_new_tokens)
             if capture:
                 # one trunk call per generated token (the prefill, then one per step); keep its last position
                 hook = trunk.register_forward_hook(lambda module, args, out: hidden.append(out[0][:, -1].detach()))
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+            with attention:
+                out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
     finally:
         model.train(was_training)
         if hook is not None:

@@ -101,3 +101,75 @@ def test_only_modules_running_llamas_norm_code_are_swapped_and_inference_keeps_t
     x = torch.randn(2, 3, llama.config.hidden_size)
     with torch.no_grad():
         assert norm(x).grad_fn is None and torch.equal(norm(x), type(norm).forward(norm, x))
+
+
+def _mlp(bias: bool = False, hidden: int = 16, intermediate: int = 40):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    return LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, mlp_bias=bias,
+                                num_attention_heads=2, num_key_value_heads=2))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_the_fused_mlp_equals_transformers_mlp_and_its_gradient(bias, frozen):
+    """cpu.fuse_mlps: down(silu(gate) up) and every gradient as autograd's, with two of the four intermediate
+    tensors kept for the backward instead of four; a frozen down projection gets no gradient."""
+    from rlhfchat.train.cpu import fuse_mlps
+
+    plain, fused = _mlp(bias), _mlp(bias)
+    assert fuse_mlps(fused) == 1 and fuse_mlps(fused) == 0
+    x = torch.randn(3, 5, 16)
+    grad = torch.randn(3, 5, 16)
+    results, kept = [], []
+    for mlp in (plain, fused):
+        mlp.down_proj.requires_grad_(not frozen)
+        xi = x.clone().requires_grad_(True)
+        wide = []  # the (3, 5, 40) tensors (or their (15, 40) views) saved for the backward
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: wide.append(t.numel() == 600 and t.shape[-1] == 40) or t, lambda t: t):
+            out = mlp(xi)
+        kept.append(sum(wide))
+        out.backward(grad)
+        results.append([out.detach(), xi.grad] + [p.grad for p in mlp.parameters()])
+    assert kept == [3 if frozen else 4, 2]  # autograd keeps the product only for a trained down projection
+    assert type(fused(x.clone().requires_grad_(True)).grad_fn).__name__ == "_SwiGLUDownBackward"
+    for a, b in zip(*results):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6, rtol=1e-5))
+    assert (fused.down_proj.weight.grad is None) == frozen
+
+
+def test_the_fused_mlps_gradient_by_hand():
+    """One token, hidden 1, intermediate 1: gate g = 2, up u = 3, down weight w = 0.5, dy = 1. With s = sigmoid(2),
+    y = w u g s; dL/du = w g s, dL/dg = w u s (1 + g (1 - s)), dL/dw = u g s."""
+    from rlhfchat.train.cpu import _SwiGLUDown
+
+    gate, up = torch.tensor([[2.0]], requires_grad=True), torch.tensor([[3.0]], requires_grad=True)
+    weight = torch.tensor([[0.5]], requires_grad=True)
+    y = _SwiGLUDown.apply(gate, up, weight, None)
+    y.backward(torch.ones_like(y))
+    s = 1 / (1 + torch.exp(torch.tensor(-2.0))).item()
+    assert y.item() == pytest.approx(0.5 * 3 * 2 * s)
+    assert up.grad.item() == pytest.approx(0.5 * 2 * s)
+    assert gate.grad.item() == pytest.approx(0.5 * 3 * s * (1 + 2 * (1 - s)))
+    assert weight.grad.item() == pytest.approx(3 * 2 * s)
+
+
+def test_only_llama_mlps_of_plain_linear_layers_are_fused_and_autocast_and_inference_keep_their_own(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhfchat.train.cpu import fuse_mlps
+
+    llama = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert fuse_mlps(llama) == llama.config.num_hidden_layers
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=2, target_modules=["down_proj"]))
+    assert fuse_mlps(lora) == 0  # a LoRA layer is not a plain linear layer
+    mlp = llama.model.layers[0].mlp
+    x = torch.randn(2, 3, llama.config.hidden_size, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(mlp(x).grad_fn).__name__ != "_SwiGLUDownBackward"
+    with torch.no_grad():
+        assert mlp(x).grad_fn is None and torch.equal(mlp(x), type(mlp).forward(mlp, x))
