@@ -87,3 +87,38 @@ def test_startup_objects_stay_frozen_inside_the_block_after_their_garbage_is_col
     proc = subprocess.run([sys.executable, "-c", FREEZE], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "True", "True", "True"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adamw_stepped_from_its_state_made_up_front_steps_as_from_scratch(fused, amsgrad):
+    """cpu.optimizer_state_up_front: step 0 and zero moments before the first step, and then the same weights and
+    state after three steps as an AdamW that made its own state; other optimizers and a second call are left alone."""
+    import torch
+
+    from rlhfchat.train.cpu import optimizer_state_up_front
+
+    torch.manual_seed(0)
+    start = [torch.randn(3, 4), torch.randn(5)]
+    grads = [[torch.randn_like(w) for w in start] for _ in range(3)]
+    runs = []
+    for up_front in (False, True):
+        params = [w.clone().requires_grad_(True) for w in start]
+        opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.01, amsgrad=amsgrad, fused=fused)
+        if up_front:
+            assert optimizer_state_up_front(opt) and not optimizer_state_up_front(opt)
+            state = opt.state[params[0]]
+            assert float(state["step"]) == 0 and not state["exp_avg"].any() and ("max_exp_avg_sq" in state) == amsgrad
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        runs.append((params, [opt.state[p] for p in params]))
+    (plain, plain_state), (front, front_state) = runs
+    for a, b in zip(plain, front):
+        assert torch.equal(a, b)
+    for a, b in zip(plain_state, front_state):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert a["step"].dtype == b["step"].dtype
+    sgd = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1)
+    assert not optimizer_state_up_front(sgd) and not sgd.state

@@ -3,6 +3,7 @@ training, the saved folder, and resume after SIGKILL."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -559,3 +560,23 @@ def test_the_update_picks_the_math_attention_kernel_only_for_bf16_on_a_cpu():
     for device, precision in (("cpu", "no"), ("cuda", "bf16")):
         with training_attention(torch.device(device), precision):
             assert torch.backends.cuda.flash_sdp_enabled()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_a_run_without_deepspeed_does_not_import_it(tiny_model_dir, tiny_reward_dir):
+    """Where deepspeed is installed but not selected, a PPO run on one process never imports it (accelerate's
+    unwrap_model would: about 20 MB of a CPU run's memory)."""
+    script = (
+        "import sys\n"
+        "from rlhfchat.config import PPOConfig\n"
+        "from rlhfchat.train.ppo import PPO\n"
+        "from rlhfchat.train.runtime import Runtime\n"
+        "ppo = PPO.from_folders(sys.argv[1], sys.argv[2], PPOConfig(num_rollouts=4, chunk_size=4), Runtime.start())\n"
+        "ppo.update(ppo.make_experience(['Hello there'] * 4, seeds=[0, 1, 2, 3])[0])\n"
+        "print('deepspeed' in sys.modules, ppo.unwrapped is ppo.policy)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    proc = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir), str(tiny_reward_dir)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["False", "True"]

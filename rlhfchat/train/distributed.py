@@ -147,6 +147,16 @@ def frozen_forward(model: nn.Module) -> contextlib.AbstractContextManager:
     return torch.no_grad() if is_partitioned(model) else torch.inference_mode()
 
 
+def unwrap(model: Any, accelerator: Any) -> Any:
+    """The module inside the layout's wrapper. Without DeepSpeed or FSDP the only wrapper is DDP's, taken off here:
+    accelerate's unwrap_model imports deepspeed wherever it is installed (about 20 MB of a CPU run's memory)."""
+    if zero_stage(accelerator) is None and accelerator.distributed_type.value != "FSDP":
+        while isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        return model
+    return accelerator.unwrap_model(model)
+
+
 @contextlib.contextmanager
 def gathered_for_generation(model: Any, accelerator: Any) -> Iterator[Any]:
     """The unwrapped model, with its parameters gathered once for the whole block under DeepSpeed ZeRO-3.
@@ -156,13 +166,13 @@ def gathered_for_generation(model: Any, accelerator: Any) -> Iterator[Any]:
     once (deepspeed.zero.GatheredParameters), the hooks are taken off for the block and put back after, as TRL's
     unwrap_model_for_generation does (its hook helpers are reused). Costs a full copy of the weights per GPU for
     the duration (26 GB for 13B in bf16). Every rank must enter the block (the gather is a collective).
-    Anything else (DDP, FSDP, ZeRO-1/2, one process): a no-op yielding `accelerator.unwrap_model(model)`.
+    Anything else (DDP, FSDP, ZeRO-1/2, one process): a no-op yielding `unwrap(model, accelerator)`.
 
         with gathered_for_generation(policy, accelerator) as unwrapped:
             rollout = generate_rollout(unwrapped.lm, tokenizer, ids, settings, device=device, capture=True)
     """
     if zero_stage(accelerator) != 3:
-        yield accelerator.unwrap_model(model)
+        yield unwrap(model, accelerator)
         return
     try:
         import deepspeed

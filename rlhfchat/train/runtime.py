@@ -69,9 +69,12 @@ class Runtime:
         if self.zero is not None:  # the engine clips and steps; see micro_batch
             distributed.configure_deepspeed(self.accelerator, cfg.batch_size, cfg.max_grad_norm)
         params = [p for p in policy.parameters() if p.requires_grad]
-        return StepOptimizer.prepare(policy, params, self.accelerator, lr=cfg.learning_rate,
-                                     betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
-                                     max_norm=cfg.max_grad_norm)
+        policy, optimizer = StepOptimizer.prepare(policy, params, self.accelerator, lr=cfg.learning_rate,
+                                                  betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                                  weight_decay=cfg.weight_decay, max_norm=cfg.max_grad_norm)
+        if self.cpu:
+            cpu.optimizer_state_up_front(optimizer.torch_optimizer)  # a compact heap (see cpu.py)
+        return policy, optimizer
 
     def prepare_frozen_reference(self, reference: Any) -> Any:
         return reference.prepare(self.accelerator)  # ZeRO-3: an inference engine of its own
@@ -90,13 +93,7 @@ class Runtime:
         return distributed.whole_on_load(self.accelerator) if whole else contextlib.nullcontext()
 
     def unwrap(self, model: Any) -> Any:
-        """The module inside the layout's wrapper. Without DeepSpeed or FSDP the only wrapper is DDP's, taken off
-        here: accelerate's unwrap_model imports deepspeed wherever it is installed (about 20 MB of a CPU run's memory)."""
-        if self.zero is None and not self.sharded:
-            while isinstance(model, torch.nn.parallel.DistributedDataParallel):
-                model = model.module
-            return model
-        return self.accelerator.unwrap_model(model)
+        return distributed.unwrap(model, self.accelerator)
 
     # -- running them --------------------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
