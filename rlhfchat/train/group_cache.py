@@ -153,6 +153,9 @@ def grouped_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
     cache = _active.get()
     if cache is None:
         raise RlhfchatError(f"{GROUPED} attention runs only inside grouped_attention")
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or kwargs.get("sliding_window"):
+        raise RlhfchatError(f"{GROUPED} attention: {type(module).__name__} needs a soft cap, attention sinks or a "
+                            "sliding window, which it does not compute")
     kp, vp = cache.layers[module.layer_idx].prompt
     b, heads, q, d = query.shape
     u, kv_heads, p = kp.shape[:3]
