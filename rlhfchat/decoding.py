@@ -332,7 +332,8 @@ def hf_generate(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, prompt_mas
     attention: contextlib.AbstractContextManager = contextlib.nullcontext()
     try:
         with torch.no_grad():
-            group = group_size(prompt_ids, prompt_mask) if _new_cache(model) is not None and groupable(trunk) else 1
+            fresh = _new_cache(model)
+            group = group_size(prompt_ids, prompt_mask) if fresh is not None and groupable(trunk, fresh) else 1
             if group > 1:  # each group's prompt prefilled once and its cache kept once (train/group_cache.py)
                 cache, prompt_ids, prompt_mask = grouped_prefill(trunk, prompt_ids, prompt_mask, group,
                                                                  settings.max_new_tokens + 1, settings.share_prefix)

@@ -103,9 +103,11 @@ def test_the_grouped_cache_refuses_edits_and_the_trunk_is_left_as_it_was(tiny_mo
     from rlhfchat.errors import RlhfchatError
     from rlhfchat.train.group_cache import GROUPED, groupable, grouped_attention, grouped_prefill
 
+    from rlhfchat.decoding import _new_cache
+
     tok = load_tokenizer(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert groupable(model.model)
+    assert groupable(model.model, _new_cache(model))
     ids, mask = left_pad([encode_prompt(tok, [message("user", "Hi there")])] * 2, tok.pad_token_id)
     with torch.no_grad():
         cache, rows_ids, rows_mask = grouped_prefill(model.model, ids, mask, 2, room=4)
@@ -116,6 +118,30 @@ def test_the_grouped_cache_refuses_edits_and_the_trunk_is_left_as_it_was(tiny_mo
     assert model.config._attn_implementation == "sdpa"
     assert GROUPED not in ALL_ATTENTION_FUNCTIONS and GROUPED not in ALL_MASK_ATTENTION_FUNCTIONS
     model.config._attn_implementation = "eager"
-    assert groupable(model.model)
+    assert groupable(model.model, _new_cache(model))
     model.config.sliding_window = 4
-    assert not groupable(model.model)
+    assert not groupable(model.model, _new_cache(model))
+
+
+def test_a_hybrid_models_repeated_prompts_generate_from_the_plain_cache():
+    """LFM2's convolution blocks keep no keys and values: its cache is not only dynamic layers, so repeated prompts
+    take the plain cache (they crashed in the grouped prefill) and sample as unrepeated ones do."""
+    from transformers import AutoModelForCausalLM, Lfm2Config
+
+    from rlhfchat.decoding import _new_cache
+    from rlhfchat.train.group_cache import groupable
+    from rlhfchat.train.trunk import causal_parts
+
+    class Tok:
+        eos_token_id, pad_token_id = 3, 0
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Lfm2Config(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, layer_types=["conv", "full_attention", "conv", "full_attention"]))
+    assert not groupable(causal_parts(model)[0], _new_cache(model))
+    ids, mask = left_pad([[5, 6, 7, 8]] * 2 + [[9, 10, 11]] * 2, 0)
+    settings = GenerationSettings(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    repeated = hf_generate(model, Tok(), ids, mask, settings).tokens
+    once = hf_generate(model, Tok(), ids[::2], mask[::2], settings).tokens
+    assert torch.equal(repeated[::2], once) and torch.equal(repeated[1::2], once)

@@ -198,13 +198,17 @@ def test_generation_with_the_reserved_cache_matches_the_stock_cache(lm, monkeypa
 
 def _fake_accelerator(stage):
     plugin = None if stage is None else types.SimpleNamespace(zero_stage=stage)
-    return types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin), unwrap_model=lambda m: m.module)
+    kind = types.SimpleNamespace(value="NO" if stage is None else "DEEPSPEED")
+    return types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin), distributed_type=kind,
+                                 unwrap_model=lambda m: m.module)
 
 
 @pytest.mark.parametrize("stage", [None, 2])
 def test_gathering_is_a_no_op_without_zero3(lm, stage):
+    """ZeRO-2: accelerate's unwrap_model takes DeepSpeed's engine off; one process without DeepSpeed: no wrapper,
+    and accelerate's unwrap_model (which imports deepspeed wherever it is installed) is not called."""
     model, _ = lm
-    wrapper = types.SimpleNamespace(module=model)  # what accelerate's prepare would wrap
+    wrapper = model if stage is None else types.SimpleNamespace(module=model)  # what accelerate's prepare wraps
     with gathered_for_generation(wrapper, _fake_accelerator(stage)) as unwrapped:
         assert unwrapped is model
 

@@ -13,7 +13,8 @@ read their group's prompt keys (one copy, never repeated in memory) and their ow
 (`grouped_attention_forward`). The result is the plain layout's, up to float rounding.
 
 Applies where a trunk's attention goes through transformers' attention interface as sdpa or eager, without a
-sliding window, with a plain dynamic cache (`groupable`); elsewhere generation keeps its plain cache.
+sliding window, with a cache of plain dynamic layers (`groupable`: not a hybrid model's convolution states);
+elsewhere generation keeps its plain cache.
 """
 
 from __future__ import annotations
@@ -49,12 +50,18 @@ def group_size(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
     return g if bool((rows == rows[:, :1]).all()) else 1
 
 
-def groupable(trunk: nn.Module) -> bool:
-    """Whether a trunk can generate from a grouped cache: its attention goes through transformers' attention interface
-    as sdpa or eager in every config its modules read (none with sub-configs or a sliding window), its attention
-    modules know their block (`layer_idx`), and it takes a cache argument."""
+def groupable(trunk: nn.Module, cache: Any) -> bool:
+    """Whether a trunk can generate from a grouped cache: the cache generate would make for it (`cache`) has only
+    plain dynamic layers (not a hybrid model's convolution or linear-attention states), its attention goes through
+    transformers' attention interface as sdpa or eager in every config its modules read (none with sub-configs or a
+    sliding window), its attention modules know their block (`layer_idx`), and it takes a cache argument."""
+    from transformers.cache_utils import DynamicLayer
+
     configs = _configs(trunk)
     if not (getattr(trunk, "_supports_attention_backend", False) and configs and cache_argument(trunk)):
+        return False
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
         return False
     if any(c._attn_implementation not in ("sdpa", "eager") or getattr(c, "sub_configs", None)
            or getattr(c, "sliding_window", None) or getattr(c, "attn_logit_softcapping", None) for c in configs):
@@ -74,6 +81,8 @@ def _grouped_layer() -> type:
     from transformers.cache_utils import DynamicLayer
 
     class GroupedLayer(DynamicLayer):
+        is_croppable = False  # generate's deferred stop check (MPS) would crop after every step
+
         def __init__(self, prompt_keys: torch.Tensor, prompt_values: torch.Tensor, rows: int, room: int):
             super().__init__()
             self.prompt = (prompt_keys, prompt_values)  # (U, kv heads, P', D)
@@ -181,8 +190,8 @@ def grouped_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
         scores[..., p:] = scores[..., p:].masked_fill(later, float("-inf"))
     probs = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
     on_prompt, on_own = probs.split([p, n], -1)
-    out = unfold(fold(on_prompt) @ vp) + (own(on_own) @ value).reshape(b, heads, q, dv)
-    return out.transpose(1, 2).contiguous(), None
+    out = unfold(fold(on_prompt) @ vp).float() + (own(on_own) @ value).reshape(b, heads, q, dv).float()
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
 @contextlib.contextmanager
