@@ -6,7 +6,6 @@ helps on any device and is used on every one.)
 - `own_trainable_weights`: trainable weights copied out of the checkpoint's file mapping before the first step.
 - `optimizer_state_up_front`: AdamW's moments made before the first rollout, not in its first step.
 - `fuse_norms`: a fused backward for RMSNorms running transformers' Llama RMSNorm code.
-- `fuse_mlps`: a backward for Llama-style MLPs that keeps half of their activations (the product recomputed).
 - `training_attention`: the attention kernel for a bf16 update's backward.
 
 Memory settings
@@ -189,77 +188,6 @@ def own_trainable_weights(model: nn.Module) -> None:
         for param in model.parameters():  # tied weights are one parameter: copied once, still tied
             if param.requires_grad:
                 param.data = param.data.clone()
-
-
-class _SwiGLUDown(torch.autograd.Function):
-    """down(silu(gate) * up), saving only gate and up (and the weight) for the backward, which recomputes the product.
-
-    Autograd's own graph of transformers' LlamaMLP keeps four (tokens, intermediate) tensors per block for its backward
-    (gate, silu(gate), up and their product); this keeps two. With s = silu(gate) = gate sigmoid(gate) and h = s up:
-    dh = dy W, dW = dy^T h, db = sum dy, dup = dh s, dgate = dh up sigmoid(gate) (1 + gate (1 - sigmoid(gate))).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(gate, up, weight)
-        ctx.has_bias = bias is not None
-        return torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, weight, bias)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        gate, up, weight = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        grad_h = grad @ weight
-        grad_weight = grad_bias = grad_gate = grad_up = None
-        if ctx.needs_input_grad[2]:
-            grad_weight = grad.flatten(0, -2).T @ (silu * up).flatten(0, -2)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad.flatten(0, -2).sum(0)
-        if ctx.needs_input_grad[1]:
-            grad_up = grad_h * silu
-        if ctx.needs_input_grad[0]:
-            grad_gate = grad_h.mul_(up).mul_(sig).mul_(gate - silu + 1)
-        return grad_gate, grad_up, grad_weight, grad_bias
-
-
-@lru_cache(maxsize=None)
-def _runs_llama_mlp(cls: type) -> bool:
-    from transformers.models.llama.modeling_llama import LlamaMLP
-
-    if cls.forward is LlamaMLP.forward:
-        return True
-    try:
-        return inspect.getsource(cls.forward) == inspect.getsource(LlamaMLP.forward)
-    except (OSError, TypeError):
-        return False
-
-
-def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    down = self.down_proj
-    if (torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
-            and (x.requires_grad or down.weight.requires_grad)):
-        return _SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), down.weight, down.bias)
-    return type(self).forward(self, x)
-
-
-def fuse_mlps(model: nn.Module) -> int:
-    """Give every MLP of `model` that runs transformers' Llama MLP code (SiLU, plain linear layers: not LoRA's) the
-    product-free backward of _SwiGLUDown, in float32 (under autocast the module's own forward runs); returns how many.
-    """
-    from transformers.activations import SiLUActivation
-
-    count = 0
-    for module in model.modules():
-        parts = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-        if (all(type(part) is nn.Linear for part in parts) and isinstance(getattr(module, "act_fn", None),
-                                                                          (SiLUActivation, nn.SiLU))
-                and "forward" not in vars(module) and _runs_llama_mlp(type(module))):
-            module.forward = types.MethodType(_fused_mlp_forward, module)
-            count += 1
-    return count
 
 
 def training_attention(device: torch.device, mixed_precision: str | None) -> contextlib.AbstractContextManager:

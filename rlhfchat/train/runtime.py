@@ -58,7 +58,6 @@ class Runtime:
         if self.cpu:
             cpu.own_trainable_weights(policy)  # the optimizer would copy-on-write them from the file mapping
             cpu.fuse_norms(policy)  # a CPU's update spends as long in the RMSNorms' backward as in the attention
-            cpu.fuse_mlps(policy)  # half the MLPs' activations kept for the backward
         return policy
 
     def prepare_training(self, policy: torch.nn.Module, cfg: Any) -> tuple[Any, StepOptimizer]:
