@@ -53,8 +53,8 @@ def test_grouped_generation_samples_what_the_plain_cache_samples(tiny_model_dir,
     with the plain cache; the prompts' prefill runs on 4 rows (with a shared system prompt: after its own one-row
     prefill), and every layer of the cache holds 4 rows of prompt keys."""
     tok, model = _model(tiny_model_dir, tmp_path, arch)
-    prompts = [([message("system", SYSTEM)] if system else []) + [message("user", f"What is {a} + {a}?" + " Please." * a)]
-               for a in range(4)]
+    system_turn = [message("system", SYSTEM)] if system else []
+    prompts = [system_turn + [message("user", f"What is {a} + {a}?" + " Please." * a)] for a in range(4)]
     ids, mask = left_pad([encode_prompt(tok, p) for p in prompts for _ in range(3)], tok.pad_token_id)
     assert group_size(ids, mask) == 3 and mask[:, 0].tolist().count(0) >= 3  # some rows padded
     made = []
@@ -85,9 +85,8 @@ def test_grouped_generation_samples_what_the_plain_cache_samples(tiny_model_dir,
     assert len(made) == 2  # one grouped cache per grouped call
     cache, rows_ids, _ = made[0]
     for layer in cache.layers:  # the prompts' keys once per group, the rows' own after them
-        assert layer.prompt[0].shape[:3] == (4, model.config.num_key_value_heads if arch == "llama-gqa"
-                                              else layer.prompt[0].shape[1], rows_ids.shape[1] - 1)
-        assert layer.keys.shape[:3] == (12, layer.prompt[0].shape[1], 6)  # the last prompt column, 5 of the 6 new
+        assert layer.prompt[0].shape[:3] == (4, 2, rows_ids.shape[1] - 1)  # 2 key/value heads in all three models
+        assert layer.keys.shape[:3] == (12, 2, 6)  # the last prompt column, 5 of the 6 new
     for do_sample in (True, False):
         plain, grouped = out[False, do_sample], out[True, do_sample]
         assert torch.equal(plain.tokens, grouped.tokens)

@@ -8,9 +8,11 @@ prefilled once and its keys and values are kept once for all of the group's rows
 
 The cache of B rows of P prompt columns generating R new tokens holds B/g x (P - 1) + B x (R + 1) positions instead
 of B x (P + R): for the benchmark's first 16 prompts (61 columns) x 4 samples of 32 tokens on its 6-block, 512-wide
-Llama, 22.5 + 49.5 MB instead of 139.5 MB, and the prompts' prefill runs on 16 rows instead of 64. Generate then runs the prompts' last column and every new token on all B rows; in each block the rows' queries
-read their group's prompt keys (one copy, never repeated in memory) and their own new ones, under one softmax
-(`grouped_attention_forward`). The result is the plain layout's, up to float rounding.
+Llama, 22.5 + 49.5 MB instead of 139.5 MB, and the prompts' prefill runs on 16 rows instead of 64. Generate then
+runs the prompts' last column and every new token on all B rows; in each block the rows' queries read their group's
+prompt keys (one copy, never repeated in memory) and their own new ones, under one softmax
+(`grouped_attention_forward`). The result is the plain layout's, up to float rounding (which can change a sample
+where a draw falls at a token boundary, and so a seeded run's path).
 
 Applies where a trunk's attention goes through transformers' attention interface as sdpa or eager, without a
 sliding window, with a cache of plain dynamic layers (`groupable`: not a hybrid model's convolution states);
