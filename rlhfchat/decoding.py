@@ -13,7 +13,8 @@ chat engine alike.
   the row's CDF (`inverse_cdf_sample`). A seeded row then samples the same tokens alone or in any batch, on any
   number of processes. HF generate runs them as a logits processor (`SeededSampler`); the chat engine calls them
   on its own batched decode step.
-- The KV cache: `reserve_cache` gives each layer room for the tokens to come, written in place.
+- The KV cache: `reserve_cache` gives each layer room for the tokens to come, written in place; `grouped_cache`
+  keeps one copy of each prompt's keys for a group of its replies (train/group_cache.py).
 - Stops: `cut_at_stop` cuts a text at its first stop sequence; `finish_responses` finds where each reply ends (an
   end-of-turn token, kept, or the first stop text, cut and replaced by EOS as trlX v0.6.0 does) and pads the rest.
 """
@@ -335,21 +336,18 @@ def hf_generate(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, prompt_mas
             fresh = _new_cache(model)
             group = group_size(prompt_ids, prompt_mask) if fresh is not None and groupable(trunk, fresh) else 1
             if group > 1:  # each group's prompt prefilled once and its cache kept once (train/group_cache.py)
+                rows = prompt_ids.shape[0]
                 cache, prompt_ids, prompt_mask = grouped_prefill(trunk, prompt_ids, prompt_mask, group,
-                                                                 settings.max_new_tokens + 1, settings.share_prefix)
-                kwargs[cache_arg] = cache
+                                                                 settings.share_prefix, fresh)
+                kwargs[cache_arg] = cache = grouped_cache(cache, rows, settings.max_new_tokens)
                 attention = grouped_attention(trunk, cache)
             else:
                 split = None
                 if settings.share_prefix and cache_arg is not None:
                     split = split_shared_prefix(trunk, prompt_ids, prompt_mask, prompt_ids.shape[1] - 1)
-                cache = None
+                cache = fresh if cache_arg is not None else None
                 if split is not None:
-                    cache = split.cache(trunk)
-                    prompt_ids = torch.cat([split.prefix.expand(split.rest_ids.shape[0], -1), split.rest_ids], 1)
-                    prompt_mask = split.full_mask()
-                elif cache_arg is not None:
-                    cache = _new_cache(model)
+                    cache, prompt_ids, prompt_mask = split.cache(trunk), split.full_ids(), split.full_mask()
                 if cache is not None:  # written in place, no copy of the whole cache per generated token
                     kwargs[cache_arg] = reserve_cache(cache, settings.max_new_tokens)
             if capture:
@@ -411,7 +409,7 @@ def _reserving_layer() -> type:
                    ) -> tuple[torch.Tensor, torch.Tensor]:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-            n, new = self.get_seq_length(), key_states.shape[-2]
+            n, new = DynamicLayer.get_seq_length(self), key_states.shape[-2]  # its own keys' positions
             room = self.room
             if (room is None or n + new > room[0].shape[-2] or self.keys.data_ptr() != room[0].data_ptr()
                     or self.keys.shape[:2] != room[0].shape[:2] or self.keys.dtype != key_states.dtype):
@@ -428,6 +426,47 @@ def _reserving_layer() -> type:
             return self.keys, self.values
 
     return ReservingLayer
+
+
+@functools.cache
+def _grouped_layer() -> type:
+    """A ReservingLayer (above) holding one copy of each group's prompt keys and values besides the rows' own.
+
+    It reports the whole length (prompt + the rows' tokens), so generate counts positions and builds masks as for the
+    plain layout, and returns only the rows' own keys and values from `update` (written in place into reserved room,
+    decoding only): train/group_cache.py's attention reads the prompt part from the layer.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class GroupedLayer(_reserving_layer()):
+        is_croppable = False  # generate's deferred stop check (MPS) would crop after every step
+
+        def __init__(self, prompt_keys: torch.Tensor, prompt_values: torch.Tensor, rows: int, reserve: int):
+            super().__init__(reserve)
+            self.prompt = (prompt_keys, prompt_values)  # (U, kv heads, P', D)
+            self.lazy_initialization(prompt_keys, prompt_values)
+            self.keys = prompt_keys.new_empty(rows, prompt_keys.shape[1], 0, prompt_keys.shape[3])
+            self.values = prompt_values.new_empty(rows, prompt_values.shape[1], 0, prompt_values.shape[3])
+
+        def get_seq_length(self) -> int:
+            return self.prompt[0].shape[-2] + DynamicLayer.get_seq_length(self)
+
+        def _unsupported(self, *args: Any, **kwargs: Any) -> None:
+            raise RlhfchatError("a grouped prompt cache serves sampling and greedy decoding only "
+                                "(no beam search, assisted decoding or cache edits)")
+
+        crop = batch_repeat_interleave = batch_select_indices = reorder_cache = reset = _unsupported
+
+    return GroupedLayer
+
+
+def grouped_cache(cache: Any, rows: int, reserve: int) -> Any:
+    """A dynamic cache filled on one row per group of prompts, made the cache of `rows` rows in those groups: each
+    layer's keys and values become a GroupedLayer's prompt part (train/group_cache.py), with room for `reserve` more
+    positions on every row. Returns the cache."""
+    layer_class = _grouped_layer()
+    cache.layers = [layer_class(layer.keys, layer.values, rows, reserve) for layer in cache.layers]
+    return cache
 
 
 def reserve_cache(cache: Any, tokens: int) -> Any:

@@ -102,14 +102,15 @@ def test_the_grouped_cache_refuses_edits_and_the_trunk_is_left_as_it_was(tiny_mo
     from rlhfchat.errors import RlhfchatError
     from rlhfchat.train.group_cache import GROUPED, groupable, grouped_attention, grouped_prefill
 
-    from rlhfchat.decoding import _new_cache
+    from rlhfchat.decoding import _new_cache, grouped_cache
 
     tok = load_tokenizer(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert groupable(model.model, _new_cache(model))
     ids, mask = left_pad([encode_prompt(tok, [message("user", "Hi there")])] * 2, tok.pad_token_id)
     with torch.no_grad():
-        cache, rows_ids, rows_mask = grouped_prefill(model.model, ids, mask, 2, room=4)
+        prefilled, _, _ = grouped_prefill(model.model, ids, mask, 2, True, _new_cache(model))
+        cache = grouped_cache(prefilled, 2, 3)
     with pytest.raises(RlhfchatError, match="sampling and greedy decoding only"):
         cache.layers[0].batch_repeat_interleave(2)
     with grouped_attention(model.model, cache):

@@ -108,11 +108,10 @@ def optimizer_state_up_front(optimizer: torch.optim.Optimizer) -> bool:
     if type(optimizer) is not torch.optim.AdamW or optimizer.state:
         return False
     zeros = functools.partial(torch.zeros_like, memory_format=torch.preserve_format)
-    moments = [("exp_avg", "exp_avg_sq", "max_exp_avg_sq")[: 3 if group["amsgrad"] else 2]
-               for group in optimizer.param_groups for _ in group["params"]]
-    params = [param for group in optimizer.param_groups for param in group["params"]]
-    state = {i: {"step": torch.tensor(0.0), **{name: zeros(param) for name in moments[i]}}
-             for i, param in enumerate(params)}
+    state = dict(enumerate(
+        {"step": torch.tensor(0.0), **{name: zeros(param) for name in
+                                       ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")[: 3 if group["amsgrad"] else 2]}}
+        for group in optimizer.param_groups for param in group["params"]))
     optimizer.load_state_dict({**optimizer.state_dict(), "state": state})  # its own placement of `step`
     return True
 

@@ -2,7 +2,8 @@
 prefilled once and its keys and values are kept once for all of the group's rows.
 
     g = group_size(prompt_ids, prompt_mask)        # rows in consecutive runs of g identical prompts (1: none)
-    cache, ids, mask = grouped_prefill(trunk, prompt_ids, prompt_mask, g, room, share_prefix=True)
+    cache, ids, mask = grouped_prefill(trunk, prompt_ids, prompt_mask, g, True, empty_cache)  # one row per group
+    cache = decoding.grouped_cache(cache, rows=prompt_ids.shape[0], reserve=max_new_tokens)
     with grouped_attention(trunk, cache):
         model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, ...)
 
@@ -11,8 +12,8 @@ of B x (P + R): for the benchmark's first 16 prompts (61 columns) x 4 samples of
 Llama, 22.5 + 49.5 MB instead of 139.5 MB, and the prompts' prefill runs on 16 rows instead of 64. Generate then
 runs the prompts' last column and every new token on all B rows; in each block the rows' queries read their group's
 prompt keys (one copy, never repeated in memory) and their own new ones, under one softmax
-(`grouped_attention_forward`). The result is the plain layout's, up to float rounding (which can change a sample
-where a draw falls at a token boundary, and so a seeded run's path).
+(`grouped_attention_forward`, reading decoding.grouped_cache's layers). The result is the plain layout's, up to
+float rounding (which can change a sample where a draw falls at a token boundary, and so a seeded run's path).
 
 Applies where a trunk's attention goes through transformers' attention interface as sdpa or eager, without a
 sliding window, with a cache of plain dynamic layers (`groupable`: not a hybrid model's convolution states);
@@ -23,14 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from rlhfchat.errors import RlhfchatError
-from rlhfchat.train.trunk import (_configs, _registered, cache_argument, position_ids_from_mask,
+from rlhfchat.train.trunk import (_configs, attention_switched, cache_argument, position_ids_from_mask,
                                   split_shared_prefix)
 
 GROUPED = "rlhfchat_grouped"
@@ -72,82 +72,25 @@ def groupable(trunk: nn.Module, cache: Any) -> bool:
     return bool(attentions) and all(isinstance(getattr(m, "layer_idx", None), int) for m in attentions)
 
 
-@functools.cache
-def _grouped_layer() -> type:
-    """A transformers DynamicLayer holding one group's prompt keys and values per group and the rows' own after them.
-
-    It reports the whole length (prompt + the rows' tokens), so generate counts positions and builds masks as for the
-    plain layout, and returns only the rows' own keys and values from `update`: grouped_attention_forward reads the
-    prompt part from the layer. The rows' part is written in place into room reserved ahead (decoding only).
+def grouped_prefill(trunk: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, g: int,
+                    share_prefix: bool, empty: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """Prefill each group's prompt but its last column, once: one row per group. `empty`: the cache generate would
+    make, filled when no shared prefix is split off. -> (cache, input_ids, attention_mask): the cache, for
+    decoding.grouped_cache to make grouped, and the rows' prompts for generate in the layout it was filled in (with
+    share_prefix, the tokens all prompts share are prefilled once: split_shared_prefix).
     """
-    from transformers.cache_utils import DynamicLayer
-
-    class GroupedLayer(DynamicLayer):
-        is_croppable = False  # generate's deferred stop check (MPS) would crop after every step
-
-        def __init__(self, prompt_keys: torch.Tensor, prompt_values: torch.Tensor, rows: int, room: int):
-            super().__init__()
-            self.prompt = (prompt_keys, prompt_values)  # (U, kv heads, P', D)
-            self.rows, self.room_size = rows, room
-            self.room: tuple[torch.Tensor, torch.Tensor] | None = None
-            self.filled = 0
-            self.lazy_initialization(prompt_keys, prompt_values)
-            self.keys = prompt_keys.new_empty(rows, prompt_keys.shape[1], 0, prompt_keys.shape[3])
-            self.values = prompt_values.new_empty(rows, prompt_values.shape[1], 0, prompt_values.shape[3])
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-            n, new = self.filled, key_states.shape[-2]
-            if self.room is None or n + new > self.room[0].shape[-2]:
-                b, h, _, d = key_states.shape
-                room = (key_states.new_empty(b, h, max(self.room_size, n + new), d),
-                        value_states.new_empty(b, h, max(self.room_size, n + new), value_states.shape[-1]))
-                if n:
-                    room[0][:, :, :n], room[1][:, :, :n] = self.keys, self.values
-                self.room = room
-            self.room[0][:, :, n : n + new] = key_states
-            self.room[1][:, :, n : n + new] = value_states
-            self.filled = n + new
-            self.keys, self.values = self.room[0][:, :, : n + new], self.room[1][:, :, : n + new]
-            return self.keys, self.values
-
-        def get_seq_length(self) -> int:
-            return self.prompt[0].shape[-2] + self.filled
-
-        def _unsupported(self, *args: Any, **kwargs: Any) -> None:
-            raise RlhfchatError("a grouped prompt cache serves sampling and greedy decoding only "
-                                "(no beam search, assisted decoding or cache edits)")
-
-        crop = batch_repeat_interleave = batch_select_indices = reorder_cache = reset = _unsupported
-
-    return GroupedLayer
-
-
-def grouped_prefill(trunk: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, g: int, room: int,
-                    share_prefix: bool = True) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """Prefill each group's prompt but its last column, once, and make the grouped cache for generating `room` - 1
-    new tokens on every row. -> (cache, input_ids, attention_mask) for generate: the rows' prompts in the layout the
-    cache was filled in (with share_prefix, the tokens all prompts share are prefilled once: split_shared_prefix).
-    """
-    b, p = prompt_ids.shape
     ids, mask = prompt_ids[::g], prompt_mask[::g]  # (U, P): one row per group
-    split = split_shared_prefix(trunk, ids, mask, p - 1) if share_prefix else None
-    arg = cache_argument(trunk)
+    split = split_shared_prefix(trunk, ids, mask, prompt_ids.shape[1] - 1) if share_prefix else None
     if split is not None:
         cache, s = split.cache(trunk), split.prefix.shape[1]
         ids, mask = split.rest_ids, split.full_mask()
-        rows_ids = torch.cat([split.prefix.expand(b, -1), split.rest_ids.repeat_interleave(g, 0)], 1)
-        rows_mask = mask.repeat_interleave(g, 0)
+        rows_ids, rows_mask = split.full_ids().repeat_interleave(g, 0), mask.repeat_interleave(g, 0)
     else:
-        from transformers import DynamicCache
-
-        cache, s, rows_ids, rows_mask = DynamicCache(config=trunk.config), 0, prompt_ids, prompt_mask
+        cache, s, rows_ids, rows_mask = empty, 0, prompt_ids, prompt_mask
     if ids.shape[1] > 1:  # the prompt columns after the shared prefix, but the last
         positions = position_ids_from_mask(mask)[:, s:-1]
         trunk(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions, use_cache=True,
-              **{arg: cache})
-    layer_class = _grouped_layer()
-    cache.layers = [layer_class(layer.keys, layer.values, b, room) for layer in cache.layers]
+              **{cache_argument(trunk): cache})
     return cache, rows_ids, rows_mask
 
 
@@ -196,22 +139,9 @@ def grouped_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-@contextlib.contextmanager
-def grouped_attention(trunk: nn.Module, cache: Any) -> Iterator[None]:
-    """Inside this block the trunk's attention is grouped_attention_forward over `cache` (its masks sdpa's boolean
-    ones) in every config its modules read; the registration, the configs' setting and the cache are undone after."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+def grouped_attention(trunk: nn.Module, cache: Any) -> contextlib.AbstractContextManager:
+    """Inside this block the trunk's attention is grouped_attention_forward over `cache`, with sdpa's boolean masks
+    (trunk.attention_switched)."""
+    from transformers.masking_utils import sdpa_mask
 
-    switched = [(config, config._attn_implementation) for config in _configs(trunk)]
-    token = _active.set(cache)
-    try:
-        with _registered(AttentionInterface, GROUPED, grouped_attention_forward), \
-                _registered(AttentionMaskInterface, GROUPED, sdpa_mask):
-            for config, _ in switched:
-                config._attn_implementation = GROUPED
-            yield
-    finally:
-        for config, inner in switched:
-            config._attn_implementation = inner
-        _active.reset(token)
+    return attention_switched(trunk, GROUPED, grouped_attention_forward, sdpa_mask, _active, cache)

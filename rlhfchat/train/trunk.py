@@ -96,6 +96,10 @@ class SharedPrefix:
         cache.batch_repeat_interleave(self.rest_ids.shape[0])
         return cache
 
+    def full_ids(self) -> torch.Tensor:
+        """The rows' ids over prefix + rest (what `full_mask` masks). (B, S + T - left - S)."""
+        return torch.cat([self.prefix.expand(self.rest_ids.shape[0], -1), self.rest_ids], 1)
+
     def full_mask(self) -> torch.Tensor:
         """The attention mask over prefix + rest. (B, S + T - left - S)."""
         return torch.cat([self.rest_mask.new_ones(self.rest_mask.shape[0], self.prefix.shape[1]), self.rest_mask], 1)
@@ -294,24 +298,30 @@ def _registered(interface: Any, name: str, function: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def packed_forward(trunk: nn.Module, layout: PackedRows) -> Iterator[None]:
-    """Inside this block the trunk's attention is packed_attention over `layout`, in every config its modules read;
-    the registration, the configs' attention setting and the layout are all undone when it ends."""
+def attention_switched(trunk: nn.Module, name: str, attention: Any, mask: Any, var: contextvars.ContextVar,
+                       value: Any) -> Iterator[None]:
+    """Inside this block the trunk's attention is `attention` (and its mask function `mask`), registered with
+    transformers under `name` in every config its modules read, with `var` set to `value` for it to read; the
+    registrations, the configs' attention setting and `var` are all undone when it ends."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     switched = [(config, config._attn_implementation) for config in _configs(trunk)]
-    token = _packed_rows.set(layout)
+    token = var.set(value)
     try:
-        with _registered(AttentionInterface, PACKED, packed_attention), \
-                _registered(AttentionMaskInterface, PACKED, _no_mask):
+        with _registered(AttentionInterface, name, attention), _registered(AttentionMaskInterface, name, mask):
             for config, _ in switched:
-                config._attn_implementation = PACKED
+                config._attn_implementation = name
             yield
     finally:
         for config, inner in switched:
             config._attn_implementation = inner
-        _packed_rows.reset(token)
+        var.reset(token)
+
+
+def packed_forward(trunk: nn.Module, layout: PackedRows) -> contextlib.AbstractContextManager:
+    """Inside this block the trunk's attention is packed_attention over `layout` (attention_switched)."""
+    return attention_switched(trunk, PACKED, packed_attention, _no_mask, _packed_rows, layout)
 
 
 PACK_PADDING_FROM = 0.1
