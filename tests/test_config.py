@@ -164,6 +164,34 @@ def test_each_stage_help_lists_its_fields_with_type_default_and_docstring(capsys
     assert "data.sft[i].path: str = (required)" in capsys.readouterr().out
 
 
+def test_a_command_builds_only_its_own_options_and_help_still_lists_every_command():
+    """`rlhfchat bench ppo` does not import what the chat commands' options need (sqlalchemy, asyncio: 20 MB of
+    the bench's peak memory); `rlhfchat --help` names every command, and a chosen one still gets all its options."""
+    import subprocess
+    import sys
+
+    from rlhfchat import cli
+
+    code = ("import sys\nfrom rlhfchat import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('loaded:', 'sqlalchemy' in sys.modules, 'asyncio' in sys.modules, file=sys.stderr)")
+    def run(*argv):
+        done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+        return done.stdout, done.stderr
+
+    out, loaded = run("bench", "ppo", "--help")
+    assert "--samples-per-prompt G" in out and loaded.endswith("loaded: False False\n")
+    out, loaded = run("feedback", "stats", "--help")
+    assert "--db" in out and loaded.endswith("loaded: True True\n")  # the chosen command is built in full
+    out, _ = run("--help")
+    commands = [*cli.STAGES, "delta", "chat", "serve", "discord", "feedback", "iterate", "bench"]
+    assert all(f"\n    {name} " in out for name in commands), out
+    _, error = run("chta")
+    assert "invalid choice: 'chta'" in error and "'serve'" in error
+    # the whole parser (no command named) still builds every option, for tools that read it
+    full = cli.build_parser()
+    assert full.parse_args(["bench", "ppo", "--policy", "p", "--reward", "r", "--prompts", "x.jsonl"]).batch == 16
+
+
 def test_nested_sections_take_overrides_and_name_unknown_keys():
     r = load_recipe(None, ["ppo.generation.max_new_tokens=7", "ppo.vllm.sleep=false"])
     assert (r.ppo.generation.max_new_tokens, r.ppo.vllm.sleep) == (7, False)
