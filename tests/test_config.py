@@ -186,7 +186,7 @@ def test_a_command_builds_only_its_own_options_and_help_still_lists_every_comman
     commands = [*cli.STAGES, "delta", "chat", "serve", "discord", "feedback", "iterate", "bench"]
     assert all(f"\n    {name} " in out for name in commands), out
     _, error = run("chta")
-    assert "invalid choice: 'chta'" in error and "'serve'" in error
+    assert "invalid choice" in error and "chta" in error and "serve" in error  # quoting varies by Python
     # the whole parser (no command named) still builds every option, for tools that read it
     full = cli.build_parser()
     assert full.parse_args(["bench", "ppo", "--policy", "p", "--reward", "r", "--prompts", "x.jsonl"]).batch == 16
