@@ -122,3 +122,54 @@ def test_adamw_stepped_from_its_state_made_up_front_steps_as_from_scratch(fused,
         assert a["step"].dtype == b["step"].dtype
     sgd = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1)
     assert not optimizer_state_up_front(sgd) and not sgd.state
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or not os.access("/proc/self/pagemap", os.R_OK),
+                    reason="reads the process's page map (Linux)")
+def test_frozen_weights_leave_residence_after_their_module_runs_and_written_pages_stay(tmp_path):
+    """cpu.FrozenPages: a frozen model read from its safetensors mapping gives the same output with its pages
+    released after each module's forward, almost none of the file's pages stay resident after it (none after
+    `release()`), the next forward maps them back, and a weight the process wrote to (its own copy-on-write pages)
+    keeps what was written."""
+    import mmap
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from rlhfchat.models import load_model_folder
+    from rlhfchat.train.cpu import FrozenPages, _file_mappings, file_mapped_pages
+    from tests._pagemap import resident_file_bytes as _resident_file_bytes
+
+    assert mmap.PAGESIZE == 4096
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+                     ).save_pretrained(tmp_path)
+    ids = torch.randint(0, 512, (2, 9))
+
+    def frozen_edited() -> torch.nn.Module:
+        model = load_model_folder(tmp_path, AutoModelForCausalLM, torch.float32).requires_grad_(False).eval()
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight.add_(1.0)  # written in place: copy-on-write pages
+        return model
+
+    plain, model = frozen_edited(), frozen_edited()
+    with torch.inference_mode():
+        expected = plain(ids).logits
+    pages = FrozenPages()
+    weight_bytes = sum(t.nbytes for t in model.state_dict().values())
+    assert 0.9 * weight_bytes < pages.add(model) <= weight_bytes
+    spans, written = pages._spans, model.model.layers[1].mlp.down_proj.weight
+    file_bytes, own_bytes = _resident_file_bytes(spans)
+    assert own_bytes >= written.nbytes - 2 * 4096  # the edit's pages are the process's own
+    for _ in range(2):  # the second forward reads the pages released by the first
+        with torch.inference_mode():
+            assert torch.equal(model(ids).logits, expected)
+        # what stays is what the kernel's fault-around mapped beside a later module's pages (64 KB windows)
+        file_bytes, own_bytes = _resident_file_bytes(spans)
+        assert file_bytes < 0.1 * weight_bytes and own_bytes >= written.nbytes - 2 * 4096
+        assert pages.release() == file_bytes and _resident_file_bytes(spans) == (0, own_bytes)
+    assert torch.equal(written, plain.model.layers[1].mlp.down_proj.weight)
+    # the control: without FrozenPages the file's pages a forward read stay resident
+    plain_spans = file_mapped_pages(list(plain.parameters()), _file_mappings())
+    assert _resident_file_bytes(plain_spans)[0] > 0.8 * (weight_bytes - written.nbytes)

@@ -281,6 +281,37 @@ def test_trainable_weights_are_copied_out_of_the_checkpoint_mapping(run_dir, ove
     assert frozen and all(str(_mapped_file(p)).endswith("model.safetensors") for p in frozen)
 
 
+@pytest.mark.skipif(not os.access("/proc/self/pagemap", os.R_OK), reason="reads the process's page map (Linux)")
+@pytest.mark.parametrize("overrides", [(), ("ppo.lora.enabled=true",)], ids=["reference-copy", "lora"])
+def test_the_frozen_networks_weights_are_not_resident_in_generation_or_the_update(run_dir, overrides, monkeypatch):
+    """On a CPU the reference copy's and the reward model's file-mapped weights leave the process's resident memory
+    (runtime.frozen_pages): none is resident when generation starts or in any backward of the update. Under LoRA the
+    reference is the policy, whose weights are not given up."""
+    from rlhfchat.train import rollout as rollout_module
+    from rlhfchat.train.cpu import _file_mappings, file_mapped_pages
+    from tests._pagemap import resident_file_bytes
+
+    ppo = make_ppo(run_dir, *overrides)
+    maps = _file_mappings()
+    spans = ppo.rt.frozen_pages._spans
+    networks = [ppo.scorer.model] + ([] if overrides else [ppo.reference.lm])
+    for network in networks:  # every page of theirs that can be released is one FrozenPages holds
+        assert set(file_mapped_pages(list(network.parameters()), maps)) <= set(spans)
+    policy_pages = file_mapped_pages([p for p in ppo.unwrapped.parameters() if not p.requires_grad], maps)
+    assert bool(policy_pages) == bool(overrides) and not set(policy_pages) & set(spans)
+    seen = []
+    generate, backward = rollout_module.generate_rollout, ppo.rt.backward
+    monkeypatch.setattr("rlhfchat.train.ppo.generate_rollout",
+                        lambda *a, **k: (seen.append(("gen", resident_file_bytes(spans)[0])), generate(*a, **k))[1])
+    monkeypatch.setattr(ppo.rt, "backward",
+                        lambda loss: (seen.append(("backward", resident_file_bytes(spans)[0])), backward(loss))[1])
+    for _ in range(2):  # the second rollout reads the pages the first released
+        exp, _ = ppo.make_experience(PROMPTS * 2)
+        assert resident_file_bytes(spans)[0] < sum(hi - lo for lo, hi in spans)  # released after their modules ran
+        ppo.update(exp)
+    assert [kind for kind, _ in seen].count("backward") == 4 and all(size == 0 for _, size in seen), seen
+
+
 def test_generation_runs_on_merged_copies_of_the_adapted_weights_and_puts_the_base_back(tiny_model_dir):
     """lora.adapters_merged: the same logits without the adapters' own products, and afterwards the frozen base
     (the PPO reference) bit for bit as it was, also after an exception."""

@@ -4,14 +4,15 @@ helps on any device and is used on every one.)
 
 - `keep_freed_memory`, `startup_objects_frozen`: the process's memory settings (glibc's malloc, Python's collector).
 - `own_trainable_weights`: trainable weights copied out of the checkpoint's file mapping before the first step.
+- `FrozenPages`: the frozen networks' file-mapped weights resident only while their module runs.
 - `optimizer_state_up_front`: AdamW's moments made before the first rollout, not in its first step.
 - `fuse_norms`: a fused backward for RMSNorms running transformers' Llama RMSNorm code.
 - `training_attention`: the attention kernel for a bf16 update's backward.
 
 Memory settings
 ---------------
-glibc's malloc is set to keep the memory a CPU training step frees for the next step (`keep_freed_memory`), and the objects built at start-up taken out of Python's garbage collection
-(`startup_objects_frozen`).
+glibc's malloc is set to keep the memory a CPU training step frees for the next step (`keep_freed_memory`), and
+the objects built at start-up taken out of Python's garbage collection (`startup_objects_frozen`).
 
 glibc serves a large allocation from a fresh memory mapping (above its mmap threshold: 128 KB at first, raised
 towards 32 MB as it sees such blocks freed) and gives memory back to the kernel once more than its trim threshold
@@ -25,6 +26,18 @@ the peak stays with the process.
 
 Nothing changes on other C libraries, or where the environment already chose (MALLOC_* or GLIBC_TUNABLES set, or
 an allocator preloaded with LD_PRELOAD).
+
+Frozen weights resident while they run
+--------------------------------------
+from_pretrained leaves a frozen network's weights in the copy-on-write mapping of its safetensors file, and every
+page a forward reads stays in the process's resident memory until the process ends: in PPO on a CPU the reference
+and the reward model (152 MB for the bench's models) stay resident through the update and the generation, which
+read neither, and each stays while the other runs. `FrozenPages` drops a module's pages from the process
+(`madvise(MADV_DONTNEED)`) as its forward ends, so of the frozen networks only the layer running is resident. The
+files stay in the kernel's page cache (memory it may reclaim, not the process's), from which the next forward maps
+the pages back: no disk read while the kernel keeps them. Only pages still backed by the file are dropped (read in
+/proc/self/pagemap): a page the process wrote to is its own copy, which dropping would lose, and it stays. On GPUs
+OpenRLHF offers the like for the same two networks (`--ref_reward_offload`, which offloads them).
 
 Fused RMSNorm
 -------------
@@ -42,6 +55,7 @@ import ctypes
 import functools
 import gc
 import inspect
+import mmap
 import os
 import platform
 import types
@@ -114,6 +128,117 @@ def optimizer_state_up_front(optimizer: torch.optim.Optimizer) -> bool:
         for group in optimizer.param_groups for param in group["params"]))
     optimizer.load_state_dict({**optimizer.state_dict(), "state": state})  # its own placement of `step`
     return True
+
+
+PAGE = mmap.PAGESIZE
+_FILE_PAGE = 1 << 61  # /proc/PID/pagemap: the page is a file page or shared-anonymous
+_PRESENT = 1 << 63
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """The process's mappings of files (address ranges), from /proc/self/maps."""
+    spans = []
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/"):
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                spans.append((lo, hi))
+    return spans
+
+
+def file_mapped_pages(tensors: list[torch.Tensor], maps: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The whole pages of `tensors` that lie in one of `maps` (the file mappings), as merged address ranges."""
+    spans = []
+    for tensor in tensors:
+        if tensor.device.type != "cpu":
+            continue
+        storage = tensor.untyped_storage()
+        lo = -(-storage.data_ptr() // PAGE) * PAGE  # inward to whole pages: a neighbour's bytes are not ours
+        hi = (storage.data_ptr() + storage.nbytes()) // PAGE * PAGE
+        if hi > lo and any(m_lo <= lo and hi <= m_hi for m_lo, m_hi in maps):
+            spans.append((lo, hi))
+    merged: list[list[int]] = []
+    for lo, hi in sorted(spans):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return [(lo, hi) for lo, hi in merged]
+
+
+@lru_cache(maxsize=1)
+def _madvise() -> Any:
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
+def release_file_pages(spans: list[tuple[int, int]]) -> int:
+    """Drop the pages in `spans` that are still the file's (not the process's own copies) from the process's
+    resident memory; returns the bytes dropped. Nothing is dropped where /proc/self/pagemap cannot be read."""
+    import numpy as np
+
+    try:
+        pagemap = open("/proc/self/pagemap", "rb", buffering=0)
+    except OSError:
+        return 0
+    madvise = _madvise()
+    dropped = 0
+    with pagemap:
+        for lo, hi in spans:
+            n = (hi - lo) // PAGE
+            pagemap.seek(lo // PAGE * 8)
+            entries = np.frombuffer(pagemap.read(n * 8), dtype=np.uint64)
+            present = (entries & np.uint64(_PRESENT)) != 0
+            own = present & ((entries & np.uint64(_FILE_PAGE)) == 0)  # written to: the process's own copy
+            # runs of pages that are not the process's own: [starts[k], ends[k])
+            edges = np.flatnonzero(np.diff(np.concatenate(([True], own, [True])).astype(np.int8)))
+            for start, end in zip(edges[::2], edges[1::2]):
+                resident = int(present[start:end].sum())
+                if resident:
+                    madvise(lo + int(start) * PAGE, int(end - start) * PAGE, mmap.MADV_DONTNEED)
+                    dropped += resident * PAGE
+    return dropped
+
+
+def _released_after(spans: list[tuple[int, int]], module: nn.Module, args: Any, output: Any) -> None:
+    release_file_pages(spans)  # a forward hook: returning None keeps the module's output
+
+
+class FrozenPages:
+    """Frozen networks whose weights are file-mapped pages, each module's resident only while it runs (see above).
+
+    `add(model)` hooks the end of the forward of every module holding some of the model's weights: their pages are
+    released then. `release()` (before generation, before each update) releases them all, for weights read outside
+    their module's forward (a head tied to the embedding, say). A page read after its release is mapped back by the
+    kernel: the hooks choose only when pages leave.
+    """
+
+    def __init__(self) -> None:
+        self._spans: list[tuple[int, int]] = []
+
+    def add(self, model: nn.Module) -> int:
+        """Release `model`'s file-mapped weights after each forward of the module holding them; returns their bytes."""
+        if platform.system() != "Linux":
+            return 0
+        try:
+            maps = _file_mappings()
+        except OSError:
+            return 0
+        added = 0
+        for module in model.modules():
+            spans = file_mapped_pages([*module.parameters(recurse=False), *module.buffers(recurse=False)], maps)
+            if spans:
+                module.register_forward_hook(functools.partial(_released_after, spans))
+                new = [span for span in spans if span not in self._spans]  # a tied weight is in two modules
+                self._spans += new
+                added += sum(hi - lo for lo, hi in new)
+        return added
+
+    def release(self) -> int:
+        """Drop every added network's pages from residence; returns the bytes dropped."""
+        return release_file_pages(self._spans)
 
 
 class _RMSNorm(torch.autograd.Function):

@@ -15,7 +15,8 @@ What stays behind this door, so the loop reads as the algorithm:
 - the layout (train/distributed.py): one process, DDP, DeepSpeed ZeRO-2/3 or FSDP, GPU or CPU over gloo; under
   ZeRO-3 the frozen networks become inference engines, generation gathers the weights once, saves gather them;
 - CPU speed-ups (train/cpu.py): on a CPU the process's malloc settings, the math attention kernel for a bf16
-  backward and LoRA adapters merged into copies of their weights for generation; where the policy also trains
+  backward, LoRA adapters merged into copies of their weights for generation, and the frozen networks' weights
+  resident in the process only while their layer runs; where the policy also trains
   outside DeepSpeed, trainable weights copied out of the file mapping and the fused RMSNorm backward; on any device,
   the objects loaded at start-up taken out of the garbage collector's generations for the loop;
 - the optimizer step (train/optim.py): fused AdamW with the clip folded in, float32 master weights for a 16-bit
@@ -42,6 +43,7 @@ class Runtime:
         self.zero = distributed.zero_stage(accelerator)
         self.cpu = self.device.type == "cpu" and self.zero is None  # the CPU speed-ups apply
         self.sharded = accelerator.distributed_type.value == "FSDP" or self.zero == 3
+        self.frozen_pages = cpu.FrozenPages()  # on a CPU: frozen weights resident only while their module runs
 
     @classmethod
     def start(cls, **accelerator_kwargs: Any) -> "Runtime":
@@ -76,7 +78,10 @@ class Runtime:
         return policy, optimizer
 
     def prepare_frozen_reference(self, reference: Any) -> Any:
-        return reference.prepare(self.accelerator)  # ZeRO-3: an inference engine of its own
+        reference = reference.prepare(self.accelerator)  # ZeRO-3: an inference engine of its own
+        if self.cpu and reference.lm is not None:  # a copy of its own (not the policy under LoRA or a branch)
+            self.frozen_pages.add(reference.lm)
+        return reference
 
     def prepare_frozen(self, model: torch.nn.Module, device: str | None = None) -> torch.nn.Module:
         """A frozen network (the reward model) on `device` outside the layout (a GPU of its own, loaded whole), or
@@ -85,6 +90,8 @@ class Runtime:
             return model.to(device)
         if not distributed.is_partitioned(model):
             model = model.to(self.device)
+        if self.cpu:
+            self.frozen_pages.add(model)
         return distributed.prepare_frozen(model, self.accelerator)
 
     def loading_whole(self, whole: bool) -> contextlib.AbstractContextManager:
@@ -105,6 +112,7 @@ class Runtime:
         weights they adapt (one product per layer instead of three; a GPU lacks the memory for the copies)."""
         from rlhfchat.lora import adapters_merged
 
+        self.frozen_pages.release()  # generation reads none of them
         with distributed.gathered_for_generation(policy, self.accelerator) as unwrapped, self.autocast():
             merging = adapters_merged if self.device.type == "cpu" else contextlib.nullcontext
             with merging(unwrapped.lm) as lm:
@@ -122,6 +130,7 @@ class Runtime:
         DeepSpeed's accumulation boundary (its engine ignores no_sync and steps inside that backward), so one
         optimizer step per minibatch; its backward finishes the gradients, whose norms are taken then."""
         self.accelerator.sync_gradients = last
+        self.frozen_pages.release()  # nor does the update
         sync = contextlib.nullcontext() if last else self.accelerator.no_sync(policy)
         if last:
             optimizer.before_last_backward()
