@@ -30,7 +30,7 @@ an allocator preloaded with LD_PRELOAD).
 Frozen weights resident while they run
 --------------------------------------
 from_pretrained leaves a frozen network's weights in the copy-on-write mapping of its safetensors file, and every
-page a forward reads stays in the process's resident memory until the process ends: in PPO on a CPU the reference
+page a forward reads stays in the process's resident memory unless the kernel reclaims it: in PPO on a CPU the reference
 and the reward model (152 MB for the bench's models) stay resident through the update and the generation, which
 read neither, and each stays while the other runs. `FrozenPages` drops a module's pages from the process
 (`madvise(MADV_DONTNEED)`) as its forward ends, so of the frozen networks only the layer running is resident. The
@@ -59,6 +59,7 @@ import mmap
 import os
 import platform
 import types
+import weakref
 from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
@@ -132,6 +133,7 @@ def optimizer_state_up_front(optimizer: torch.optim.Optimizer) -> bool:
 
 PAGE = mmap.PAGESIZE
 _FILE_PAGE = 1 << 61  # /proc/PID/pagemap: the page is a file page or shared-anonymous
+_SWAPPED = 1 << 62  # swapped out, or a migration entry: anonymous memory on its way somewhere
 _PRESENT = 1 << 63
 
 
@@ -174,31 +176,38 @@ def _madvise() -> Any:
     return madvise
 
 
-def release_file_pages(spans: list[tuple[int, int]]) -> int:
-    """Drop the pages in `spans` that are still the file's (not the process's own copies) from the process's
-    resident memory; returns the bytes dropped. Nothing is dropped where /proc/self/pagemap cannot be read."""
+def file_page_runs(entries: Any) -> list[tuple[int, int, int]]:
+    """From pagemap entries (uint64 array, one per page): the runs of pages that are not the process's own copies,
+    as (first page, end page, pages resident). Its own: resident, swapped out or being moved (a migration entry),
+    and not the file's page."""
     import numpy as np
 
-    try:
-        pagemap = open("/proc/self/pagemap", "rb", buffering=0)
-    except OSError:
+    present = (entries & np.uint64(_PRESENT)) != 0
+    own = ((entries & np.uint64(_PRESENT | _SWAPPED)) != 0) & ((entries & np.uint64(_FILE_PAGE)) == 0)
+    edges = np.flatnonzero(np.diff(np.concatenate(([True], own, [True])).astype(np.int8)))
+    return [(int(start), int(end), int(present[start:end].sum())) for start, end in zip(edges[::2], edges[1::2])]
+
+
+def release_file_pages(spans: list[tuple[int, int]]) -> int:
+    """Drop the pages in `spans` that are still the file's (not the process's own copies) from the process's
+    resident memory; returns the bytes dropped. Nothing more is dropped once /proc/self/pagemap cannot be read."""
+    import numpy as np
+
+    if not spans:
         return 0
     madvise = _madvise()
     dropped = 0
-    with pagemap:
-        for lo, hi in spans:
-            n = (hi - lo) // PAGE
-            pagemap.seek(lo // PAGE * 8)
-            entries = np.frombuffer(pagemap.read(n * 8), dtype=np.uint64)
-            present = (entries & np.uint64(_PRESENT)) != 0
-            own = present & ((entries & np.uint64(_FILE_PAGE)) == 0)  # written to: the process's own copy
-            # runs of pages that are not the process's own: [starts[k], ends[k])
-            edges = np.flatnonzero(np.diff(np.concatenate(([True], own, [True])).astype(np.int8)))
-            for start, end in zip(edges[::2], edges[1::2]):
-                resident = int(present[start:end].sum())
-                if resident:
-                    madvise(lo + int(start) * PAGE, int(end - start) * PAGE, mmap.MADV_DONTNEED)
-                    dropped += resident * PAGE
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+            for lo, hi in spans:
+                pagemap.seek(lo // PAGE * 8)
+                entries = np.frombuffer(pagemap.read((hi - lo) // PAGE * 8), dtype=np.uint64)
+                for start, end, resident in file_page_runs(entries):
+                    if resident:
+                        madvise(lo + start * PAGE, (end - start) * PAGE, mmap.MADV_DONTNEED)
+                        dropped += resident * PAGE
+    except OSError:
+        pass
     return dropped
 
 
@@ -216,7 +225,7 @@ class FrozenPages:
     """
 
     def __init__(self) -> None:
-        self._spans: list[tuple[int, int]] = []
+        self._spans: weakref.WeakKeyDictionary[nn.Module, list[tuple[int, int]]] = weakref.WeakKeyDictionary()
 
     def add(self, model: nn.Module) -> int:
         """Release `model`'s file-mapped weights after each forward of the module holding them; returns their bytes."""
@@ -226,19 +235,22 @@ class FrozenPages:
             maps = _file_mappings()
         except OSError:
             return 0
-        added = 0
+        held = self._spans.setdefault(model, [])
         for module in model.modules():
             spans = file_mapped_pages([*module.parameters(recurse=False), *module.buffers(recurse=False)], maps)
             if spans:
                 module.register_forward_hook(functools.partial(_released_after, spans))
-                new = [span for span in spans if span not in self._spans]  # a tied weight is in two modules
-                self._spans += new
-                added += sum(hi - lo for lo, hi in new)
-        return added
+                held += [span for span in spans if span not in held]  # a tied weight is in two modules
+        return sum(hi - lo for lo, hi in held)
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        """The address ranges of the weights added, of the networks still alive."""
+        return [span for spans in list(self._spans.values()) for span in spans]
 
     def release(self) -> int:
         """Drop every added network's pages from residence; returns the bytes dropped."""
-        return release_file_pages(self._spans)
+        return release_file_pages(self.spans)
 
 
 class _RMSNorm(torch.autograd.Function):
